@@ -1,0 +1,87 @@
+"""Array plumbing shared by every decomposition: numpy or torch in, same kind out.
+
+All math runs on torch tensors in a compute dtype (float64 by default); results are
+converted back to the caller's array kind and dtype.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+DEFAULT_COMPUTE_DTYPE = torch.float64
+
+
+@dataclass(frozen=True)
+class ArrayKind:
+    """Remembers what the caller passed, so results come back the same way."""
+
+    is_numpy: bool
+    dtype: object  # numpy dtype or torch dtype
+    device: torch.device
+
+    def restore(self, tensor: torch.Tensor):
+        """Convert a compute tensor back to the caller's kind, dtype and device."""
+        if self.is_numpy:
+            return tensor.detach().cpu().numpy().astype(self.dtype, copy=False)
+        return tensor.detach().to(device=self.device, dtype=self.dtype)
+
+
+def describe(array) -> str:
+    """Short description of an array for error messages."""
+    kind = "numpy array" if isinstance(array, np.ndarray) else "tensor"
+    return f"{kind} of shape {tuple(array.shape)}"
+
+
+def as_compute_tensor(array, *, name: str = "input", ndim=None, compute_dtype=None):
+    """Validate ``array`` and return ``(tensor, kind)``.
+
+    ``tensor`` is a detached torch tensor in ``compute_dtype`` (float64 by default);
+    ``kind`` restores results to the input's array type. Raises TypeError for
+    non-arrays and integer/complex data, ValueError for a wrong number of
+    dimensions, empty arrays and NaN/Inf entries.
+    """
+    if isinstance(array, np.ndarray):
+        if not np.issubdtype(array.dtype, np.floating):
+            raise TypeError(f"{name}: expected a floating-point array, got dtype {array.dtype}")
+        kind = ArrayKind(True, array.dtype, torch.device("cpu"))
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+    elif isinstance(array, torch.Tensor):
+        if not array.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor, got dtype {array.dtype}")
+        kind = ArrayKind(False, array.dtype, array.device)
+        tensor = array.detach()
+    else:
+        raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(array).__name__}")
+    allowed = (ndim,) if isinstance(ndim, int) else ndim
+    if allowed is not None and tensor.ndim not in allowed:
+        want = " or ".join(f"{d}-D" for d in allowed)
+        raise ValueError(f"{name}: expected a {want} array, got {describe(array)}")
+    if tensor.numel() == 0:
+        raise ValueError(f"{name}: got an empty {describe(array)}")
+    tensor = tensor.to(compute_dtype or DEFAULT_COMPUTE_DTYPE)
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{name}: {describe(array)} contains NaN or Inf entries")
+    return tensor, kind
+
+
+def to_torch(array) -> torch.Tensor:
+    """View a numpy array or tensor as a torch tensor (no copy where possible)."""
+    if isinstance(array, np.ndarray):
+        return torch.from_numpy(array)
+    return array
+
+
+def make_generator(random_state, device=None) -> torch.Generator:
+    """A torch.Generator from an int seed, an existing Generator, or None (seed 0).
+
+    None maps to a fixed seed so that results are reproducible by default.
+    """
+    if isinstance(random_state, torch.Generator):
+        return random_state
+    if random_state is not None and not isinstance(random_state, (int, np.integer)):
+        raise TypeError(f"random_state must be an int, a torch.Generator or None, got {type(random_state).__name__}")
+    generator = torch.Generator(device=device or "cpu")
+    generator.manual_seed(int(random_state) if random_state is not None else 0)
+    return generator

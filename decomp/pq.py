@@ -1,0 +1,309 @@
+"""Product quantization of weight matrices and conv kernels (k-means on sub-vectors).
+
+References: Gong et al. 2014 (k-means / PQ of dense layers), Wu et al. 2016 (Q-CNN),
+Stock et al. 2020 ("And the bit goes down"); ``block_size=1`` is the scalar weight
+sharing of Deep Compression (Han et al. 2016).
+
+Layout (Stock et al.): a weight ``W`` of shape ``(rows, *rest)`` (a Linear weight
+``(out, in)``, or a conv weight ``(N, C/groups, *kernel)``) is viewed as the matrix
+``W.reshape(rows, -1)``; each row is cut into ``n_sub = row_length / block_size``
+contiguous sub-vectors. For a k x k conv this order is ``(channel, ky, kx)``, so
+``block_size = k*k`` makes one sub-vector per (filter, input channel) kernel slice, and
+``block_size = 2*k*k`` two consecutive channels' slices; for a 1x1 conv a block is
+``block_size`` consecutive input channels. Sub-space ``j`` is column block ``j``.
+
+* ``shared_codebook=True`` (default, Stock et al.): one k-means over all
+  ``rows * n_sub`` sub-vectors, one codebook ``(1, k, d)`` per layer;
+* ``shared_codebook=False`` (Gong/Jegou PQ): one k-means per sub-space over its
+  ``rows`` sub-vectors, codebooks ``(n_sub, k, d)``.
+
+K-means: k-means++ seeding, Lloyd iterations vectorized in torch (batched over sub-spaces,
+chunked distances), seeded by ``random_state``, empty clusters re-seeded at the points
+with the largest residual (which lowers the objective). The objective
+``sum ||x - c(x)||^2`` is recorded after every assignment step (``history``) and never
+increases. ``error_bound`` is the measured residual ``||W - to_tensor()||_F`` (exact, a
+posteriori: it is the square root of the final k-means objective, recomputed in float64).
+
+Size accounting (:func:`pq_size_bits`, used by REFERENCES.md's Stock et al. sizes):
+codes cost ``ceil(log2 k)`` bits each, codebook entries ``codebook_bits`` (16 = fp16 by
+default) bits each; the dense reference is fp32. MB in Stock et al. are MiB (2**20 bytes).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ._backend import as_compute_tensor, describe, make_generator
+from .factors import ProductQuantized
+
+DEFAULT_MAX_CENTROIDS = 256
+_CHUNK_ELEMENTS = 1 << 23  # distance-matrix entries per chunk of the assignment step
+
+
+# ----------------------------------------------------------------------------- accounting
+
+def code_bits_for(n_centroids: int) -> int:
+    """Bits of one code: ``ceil(log2 k)`` (0 for k = 1)."""
+    return max(0, math.ceil(math.log2(n_centroids))) if n_centroids > 1 else 0
+
+
+def code_dtype(n_centroids: int, numpy: bool = False):
+    """The smallest unsigned integer dtype that holds codes ``0 .. k-1``."""
+    for bits, tdt, ndt in ((8, torch.uint8, np.uint8), (16, torch.uint16, np.uint16), (32, torch.uint32, np.uint32)):
+        if n_centroids <= 1 << bits:
+            return ndt if numpy else tdt
+    raise ValueError(f"n_centroids={n_centroids} needs more than 32-bit codes")
+
+
+def pq_size_bits(shape, block_size: int, n_centroids: int, *, code_bits: int | None = None,
+                 codebook_bits: int = 16, shared_codebook: bool = True, pad: bool = False) -> int:
+    """Storage in bits of a product-quantized weight of ``shape`` (codes + codebooks).
+
+    ``shape`` is ``(rows, *rest)``; the row length ``prod(rest)`` is cut into blocks of
+    ``block_size`` (rounded up when ``pad``). Codes take ``code_bits`` bits each
+    (default ``ceil(log2 n_centroids)``), codebooks ``n_books * k * block_size`` entries of
+    ``codebook_bits`` bits, ``n_books`` = 1 if shared else the number of sub-spaces.
+    Bias and other parameters are not included.
+    """
+    rows, row_length = int(shape[0]), math.prod(int(s) for s in shape[1:])
+    if row_length % block_size and not pad:
+        raise ValueError(f"block_size={block_size} does not divide the row length {row_length} of shape "
+                         f"{tuple(shape)}; pass pad=True or a divisor")
+    n_sub = -(-row_length // block_size)
+    bits = code_bits_for(n_centroids) if code_bits is None else int(code_bits)
+    n_books = 1 if shared_codebook else n_sub
+    return rows * n_sub * bits + n_books * n_centroids * block_size * codebook_bits
+
+
+# ----------------------------------------------------------------------------- k-means
+
+def _sq_norms(X):
+    return (X * X).sum(-1)
+
+
+def _assign(X, C):
+    """Nearest centroid of every point: X (B, n, d), C (B, k, d) -> (codes (B, n), dist2 (B, n))."""
+    B, n, d = X.shape
+    k = C.shape[1]
+    c2 = _sq_norms(C)[:, None, :]
+    step = max(1, _CHUNK_ELEMENTS // max(1, B * k))
+    codes = torch.empty(B, n, dtype=torch.long, device=X.device)
+    dist = torch.empty(B, n, dtype=X.dtype, device=X.device)
+    for start in range(0, n, step):
+        x = X[:, start:start + step]
+        d2 = (_sq_norms(x)[..., None] - 2 * x @ C.transpose(1, 2) + c2).clamp_min_(0)
+        value, index = d2.min(-1)
+        codes[:, start:start + step] = index
+        dist[:, start:start + step] = value
+    # exact squared distances of the chosen centroids (the expansion above loses digits)
+    chosen = torch.gather(C, 1, codes[..., None].expand(B, n, d))
+    return codes, _sq_norms(X - chosen)
+
+
+def _kmeans_pp(X, k, generator):
+    """k-means++ seeding (Arthur & Vassilvitskii 2007), batched over B independent sets."""
+    B, n, d = X.shape
+    rows = torch.arange(B, device=X.device)
+    first = torch.randint(n, (B,), generator=generator).to(X.device)
+    C = torch.empty(B, k, d, dtype=X.dtype, device=X.device)
+    C[:, 0] = X[rows, first]
+    d2 = _sq_norms(X - C[:, :1])
+    for j in range(1, k):
+        weights = d2.clone()
+        flat = weights.sum(-1) <= 0          # every point already a centroid: pick uniformly
+        weights[flat] = 1.0
+        pick = torch.multinomial(weights.cpu(), 1, generator=generator)[:, 0].to(X.device)
+        C[:, j] = X[rows, pick]
+        d2 = torch.minimum(d2, _sq_norms(X - C[:, j:j + 1]))
+    return C
+
+
+def kmeans(X, n_centroids: int, *, n_iter: int = 50, rel_tol: float = 1e-6, random_state=None):
+    """Batched k-means on ``X (B, n, d)`` (a float tensor); returns ``(C, codes, history)``.
+
+    ``C (B, k, d)`` centroids, ``codes (B, n)`` int64, ``history`` the objective
+    ``sum_b sum_i ||x_bi - C_b[codes_bi]||^2`` after every assignment step (non-increasing;
+    the last entry is the objective of the returned pair). Stops after ``n_iter`` Lloyd
+    steps or when the relative decrease is <= ``rel_tol``.
+    """
+    B, n, d = X.shape
+    k = int(n_centroids)
+    generator = make_generator(random_state)
+    C = _kmeans_pp(X, k, generator)
+    history = []
+    offsets = (torch.arange(B, device=X.device) * k)[:, None]
+    for it in range(n_iter + 1):
+        codes, dist = _assign(X, C)
+        history.append(float(dist.sum()))
+        if it == n_iter or (it > 0 and history[-2] - history[-1] <= rel_tol * history[-2]):
+            break
+        counts = torch.bincount((codes + offsets).reshape(-1), minlength=B * k).reshape(B, k)
+        _repair_empty(codes, dist, counts)
+        flat = (codes + offsets).reshape(-1)
+        sums = torch.zeros(B * k, d, dtype=X.dtype, device=X.device).index_add_(0, flat, X.reshape(-1, d))
+        counts = torch.bincount(flat, minlength=B * k).reshape(B, k)
+        means = sums.reshape(B, k, d) / counts.clamp_min(1)[..., None]
+        C = torch.where(counts[..., None] > 0, means, C)
+    return C, codes, history
+
+
+def _repair_empty(codes, dist, counts):
+    """Move every empty cluster to the point of largest residual (in place on codes/dist)."""
+    for b, j in (counts == 0).nonzero().tolist():
+        worst = int(dist[b].argmax())
+        if dist[b, worst] <= 0:
+            return  # every point already sits on a centroid: nothing to gain
+        codes[b, worst] = j
+        dist[b, worst] = 0.0
+
+
+# ----------------------------------------------------------------------------- PQ
+
+def default_block_size(shape) -> int:
+    """Stock et al.'s small-block default: the kernel area for k x k convs, else 4."""
+    area = math.prod(int(s) for s in shape[2:]) if len(shape) > 2 else 1
+    return area if area > 1 else 4
+
+
+def block_for_bits(row_length: int, rows: int, bits: float, *, max_centroids=DEFAULT_MAX_CENTROIDS, pad=False):
+    """``(block_size, k)`` with ``log2(k) / block_size == bits`` code bits per weight.
+
+    Takes the largest block size ``d`` (a divisor of the row length unless ``pad``) for
+    which ``k = 2**(bits*d)`` is an integer, ``<= max_centroids`` and ``<= rows * n_sub``
+    (the number of sub-vectors). Raises ValueError if no block size fits.
+    """
+    best = None
+    for d in range(1, row_length + 1):
+        if row_length % d and not pad:
+            continue
+        exponent = bits * d
+        if abs(exponent - round(exponent)) > 1e-9:
+            continue
+        k = 2 ** int(round(exponent))
+        if k > max_centroids or k > rows * -(-row_length // d):
+            continue
+        best = (d, k)
+    if best is None:
+        raise ValueError(f"bits={bits!r}: no block size d with 2**(bits*d) an integer number of centroids "
+                         f"<= {max_centroids} and <= the number of sub-vectors fits rows of length {row_length}; "
+                         f"pass block_size= and n_centroids= explicitly")
+    return best
+
+
+def _sub_vectors(M, d, shared):
+    """M (rows, n_sub*d) -> X (B, n, d): one set per sub-space, or one shared set."""
+    rows, length = M.shape
+    n_sub = length // d
+    blocks = M.reshape(rows, n_sub, d)
+    return blocks.reshape(1, rows * n_sub, d) if shared else blocks.transpose(0, 1).contiguous()
+
+
+def pq(W, block_size: int | None = None, n_centroids: int | None = None, *, bits: float | None = None,
+       tol: float | None = None, shared_codebook: bool = True, pad: bool = False, n_iter: int = 50,
+       max_centroids: int = DEFAULT_MAX_CENTROIDS, codebook_bits: int = 16, random_state=None,
+       compute_dtype=None, context: str = "") -> ProductQuantized:
+    """Product-quantize ``W`` (rows, *rest) with k-means on sub-vectors (see module docstring).
+
+    Exactly one of ``n_centroids`` (k), ``bits`` (code bits per weight,
+    ``log2(k) / block_size``) or ``tol`` (relative Frobenius error target) sets k:
+
+    * ``n_centroids=k``: ``block_size`` defaults to :func:`default_block_size`;
+    * ``bits=b``: with ``block_size`` given, ``k = 2**(b * block_size)``; without it,
+      :func:`block_for_bits` picks the largest block size whose k fits ``max_centroids``;
+    * ``tol=t``: the smallest ``k = 2**j`` (or k = the number of sub-vectors, which is
+      exact) whose measured relative error ``||W - W^||_F / ||W||_F <= t``.
+
+    ``pad=True`` zero-pads rows to a multiple of ``block_size`` (padding is dropped on
+    decoding); otherwise a non-dividing block size is an error. ``random_state`` seeds
+    k-means (same seed, same codes). Returns :class:`~decomp.factors.ProductQuantized`.
+    """
+    context = context or "pq"
+    given = {k: v for k, v in dict(n_centroids=n_centroids, bits=bits, tol=tol).items() if v is not None}
+    if len(given) != 1:
+        what = "none" if not given else " and ".join(f"{k}={v!r}" for k, v in given.items())
+        raise ValueError(f"{context}: pass exactly one of n_centroids=, bits=, tol= (got {what})")
+    T, kind = as_compute_tensor(W, name=context, compute_dtype=compute_dtype)
+    if T.ndim < 2:
+        raise ValueError(f"{context}: expected a weight with >= 2 dims (rows, ...), got {describe(W)}")
+    shape = tuple(T.shape)
+    rows, row_length = shape[0], math.prod(shape[1:])
+    if block_size is not None:
+        _check_positive_int(block_size, "block_size", context)
+    if n_centroids is not None:
+        _check_positive_int(n_centroids, "n_centroids", context)
+    if bits is not None and (isinstance(bits, bool) or not isinstance(bits, (int, float)) or not bits > 0):
+        raise ValueError(f"{context}: bits={bits!r} must be a positive number of code bits per weight")
+    if tol is not None and not 0 <= tol < 1:
+        raise ValueError(f"{context}: tol={tol!r} is outside [0, 1)")
+    if bits is not None and block_size is None:
+        block_size, n_centroids = block_for_bits(row_length, rows, bits, max_centroids=max_centroids, pad=pad)
+    if block_size is None:
+        block_size = default_block_size(shape)
+    if block_size > row_length:
+        raise ValueError(f"{context}: block_size={block_size} exceeds the row length {row_length} of {describe(W)}")
+    if row_length % block_size and not pad:
+        raise ValueError(f"{context}: block_size={block_size} does not divide the row length {row_length} of "
+                         f"{describe(W)}; pass a divisor or pad=True to zero-pad the rows")
+    if bits is not None and n_centroids is None:
+        exponent = bits * block_size
+        if abs(exponent - round(exponent)) > 1e-9:
+            raise ValueError(f"{context}: bits={bits!r} * block_size={block_size} is not an integer number of "
+                             f"code bits; pick them so that 2**(bits*block_size) is an integer")
+        n_centroids = 2 ** int(round(exponent))
+    n_sub = -(-row_length // block_size)
+    M = T.reshape(rows, row_length)
+    if n_sub * block_size != row_length:
+        M = torch.nn.functional.pad(M, (0, n_sub * block_size - row_length))
+    X = _sub_vectors(M, block_size, shared_codebook)
+    n_points = X.shape[1]
+    where = "the layer" if shared_codebook else "each sub-space"
+    norm = float(torch.linalg.norm(T))
+
+    def run(k):
+        C, codes, history = kmeans(X, k, n_iter=n_iter, random_state=random_state)
+        return C, codes, history
+
+    if tol is None:
+        if n_centroids > n_points:
+            raise ValueError(f"{context}: n_centroids={n_centroids} exceeds the {n_points} sub-vectors of {where} "
+                             f"({describe(W)}, block_size={block_size}); pass at most {n_points}")
+        k = int(n_centroids)
+        C, codes, history = run(k)
+    else:
+        candidates = sorted({min(2 ** j, n_points) for j in range(0, math.ceil(math.log2(n_points)) + 1)})
+        for k in candidates:
+            C, codes, history = run(k)
+            if math.sqrt(max(history[-1], 0.0)) <= tol * norm or k == n_points:
+                break
+    # codes back to (rows, n_sub), codebooks (n_books, k, d)
+    codes = codes.reshape(rows, n_sub) if shared_codebook else codes.transpose(0, 1)
+    approx = _decode(C, codes, rows, n_sub, block_size)[:, :row_length]
+    error = float(torch.linalg.norm(M[:, :row_length] - approx))
+    numpy_kind = kind.is_numpy
+    dtype = code_dtype(k, numpy=numpy_kind)
+    codes_out = codes.cpu().numpy().astype(dtype) if numpy_kind else codes.to(dtype=dtype, device=kind.device)
+    return ProductQuantized(codebooks=kind.restore(C), codes=codes_out, shape=shape, block_size=int(block_size),
+                            error_bound=error, norm=norm, codebook_bits=int(codebook_bits),
+                            history=history, shared_codebook=bool(shared_codebook))
+
+
+def _decode(C, codes, rows, n_sub, d):
+    """Codebooks C (n_books, k, d) and codes (rows, n_sub) -> padded matrix (rows, n_sub*d)."""
+    codes = codes.long()
+    if C.shape[0] == 1:
+        blocks = C[0][codes]
+    else:
+        blocks = C[torch.arange(n_sub, device=codes.device)[None, :], codes]
+    return blocks.reshape(rows, n_sub * d)
+
+
+def _check_positive_int(value, name, context):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{context}: {name}= must be an int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{context}: {name}={value} must be >= 1")
+
+
+__all__ = ["pq", "kmeans", "pq_size_bits", "code_bits_for", "code_dtype", "block_for_bits", "default_block_size"]

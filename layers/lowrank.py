@@ -1,0 +1,231 @@
+"""Low-rank (truncated SVD) layers: method ``"svd"``.
+
+* ``LowRankLinear``        W (out, in) ~= U (out, k) @ V (k, in): two matmuls, bias on the second.
+* ``LowRankConv``          channel scheme (Zhang et al. 2016): a k x k conv C -> g*r (carries
+                           stride, padding, padding_mode, dilation, groups) then a 1x1 conv
+                           g*r -> N with the bias; per group the (N/g, C/g*k*k) matrix is
+                           truncated at the shared rank r. Conv1d/2d/3d.
+* ``SpatialLowRankConv``   spatial scheme (Jaderberg et al. 2014, scheme 2), Conv2d only:
+                           a kh x 1 conv C -> g*K then a 1 x kw conv g*K -> N; per group the
+                           matrix M[(c, y), (n, x)] = W[n, c, y, x] is truncated at rank K.
+
+Guarantee: ``||W - to_dense().weight||_F`` equals the Eckart–Young optimum for the
+rank (exact solver), reported by the SVD factors' ``error_bound``.
+"""
+from __future__ import annotations
+
+
+import torch
+import torch.nn as nn
+
+from decomp import svd
+
+from ._validate import conv_config, linear_config
+from .base import DENSE_TYPES, FactorizedChain
+from .registry import register
+
+SOLVERS = ("exact", "randomized")
+
+
+def _factorize(matrix, *, rank, energy, tol, ratio, context, solver, random_state):
+    """Truncated SVD of ``matrix`` (g, m, n) in float64; returns balanced factors A, B."""
+    factors = svd(matrix, rank=rank, energy=energy, tol=tol, ratio=ratio, method=solver,
+                  random_state=random_state, context=context)
+    A, B = factors.balanced_factors()
+    return A, B, factors
+
+
+def _attach_report(module, factors):
+    module.error_bound = factors.error_bound
+    module.weight_norm = factors.norm
+    return module
+
+
+class LowRankLinear(FactorizedChain):
+    """``y = U (V x) + b``: ``reduce`` Linear(in, rank), ``expand`` Linear(rank, out, bias)."""
+
+    def __init__(self, in_features, out_features, rank, bias=True, device=None, dtype=None):
+        super().__init__()
+        self.dense_config = dict(in_features=in_features, out_features=out_features)
+        self.rank = rank
+        kw = dict(device=device, dtype=dtype)
+        self.reduce = nn.Linear(in_features, rank, bias=False, **kw)
+        self.expand = nn.Linear(rank, out_features, bias=bias, **kw)
+
+    @property
+    def config(self):
+        return dict(**self.dense_config, rank=self.rank, bias=self.bias is not None)
+
+    @classmethod
+    def from_dense(cls, linear, *, rank=None, energy=None, tol=None, ratio=None, context="",
+                   solver="exact", random_state=None):
+        A, B, factors = _factorize(linear.weight[None], rank=rank, energy=energy, tol=tol, ratio=ratio,
+                                   context=context, solver=solver, random_state=random_state)
+        module = cls(**linear_config(linear), rank=factors.rank, bias=linear.bias is not None,
+                     device=linear.weight.device, dtype=linear.weight.dtype)
+        module.reduce.weight.copy_(B[0])
+        module.expand.weight.copy_(A[0])
+        if linear.bias is not None:
+            module.expand.bias.copy_(linear.bias)
+        return _attach_report(module, factors)
+
+    def dense_weight(self):
+        return self.expand.weight @ self.reduce.weight
+
+    def extra_repr(self):
+        cfg = self.dense_config
+        return f"in_features={cfg['in_features']}, out_features={cfg['out_features']}, rank={self.rank}"
+
+
+def _conv_type(dim):
+    return DENSE_TYPES[dim]
+
+
+class LowRankConv(FactorizedChain):
+    """Channel scheme: ``reduce`` k x k conv C -> groups*rank, ``expand`` 1x1 conv -> N (bias)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, rank, stride=1, padding=0, dilation=1,
+                 groups=1, bias=True, padding_mode="zeros", dim=2, device=None, dtype=None):
+        super().__init__()
+        conv = _conv_type(dim)
+        self.rank = rank
+        kw = dict(device=device, dtype=dtype)
+        self.reduce = conv(in_channels, groups * rank, kernel_size, stride=stride, padding=padding,
+                           dilation=dilation, groups=groups, bias=False, padding_mode=padding_mode, **kw)
+        self.expand = conv(groups * rank, out_channels, 1, groups=groups, bias=bias, **kw)
+        self.dense_config = conv_config(self.reduce) | dict(out_channels=out_channels)
+
+    @property
+    def config(self):
+        return dict(**self.dense_config, rank=self.rank, bias=self.bias is not None)
+
+    @classmethod
+    def from_dense(cls, conv, *, rank=None, energy=None, tol=None, ratio=None, context="",
+                   solver="exact", random_state=None):
+        cfg = conv_config(conv)
+        g, N = conv.groups, conv.out_channels
+        if g > 1 and conv.in_channels // g == 1:
+            raise ValueError(f"{context}: every filter of this depthwise conv sees a single "
+                             f"input channel, so the channel scheme has nothing to factorize; use "
+                             f"scheme='spatial' (Conv2d) or leave the layer dense")
+        matrix = conv.weight.reshape(g, N // g, -1)
+        A, B, factors = _factorize(matrix, rank=rank, energy=energy, tol=tol, ratio=ratio, context=context,
+                                   solver=solver, random_state=random_state)
+        module = cls(**cfg, rank=factors.rank, bias=conv.bias is not None, device=conv.weight.device,
+                     dtype=conv.weight.dtype)
+        module.reduce.weight.copy_(B.reshape(module.reduce.weight.shape))
+        module.expand.weight.copy_(A.reshape(module.expand.weight.shape))
+        if conv.bias is not None:
+            module.expand.bias.copy_(conv.bias)
+        return _attach_report(module, factors)
+
+    def dense_weight(self):
+        cfg = self.dense_config
+        g, N, r = cfg["groups"], cfg["out_channels"], self.rank
+        A = self.expand.weight.reshape(g, N // g, r)
+        B = self.reduce.weight.reshape(g, r, -1)
+        return (A @ B).reshape(N, cfg["in_channels"] // g, *cfg["kernel_size"])
+
+    def extra_repr(self):
+        return f"scheme='channel', rank={self.rank}"
+
+
+def _split_padding(padding, axis):
+    """Padding for a separable stage acting along ``axis`` (0 = height, 1 = width)."""
+    if isinstance(padding, str):
+        return padding
+    return (padding[0], 0) if axis == 0 else (0, padding[1])
+
+
+def _along(values, axis, other=1):
+    return (values[0], other) if axis == 0 else (other, values[1])
+
+
+class SpatialLowRankConv(FactorizedChain):
+    """Spatial scheme (Conv2d): ``vertical`` kh x 1 conv C -> groups*rank, ``horizontal`` 1 x kw -> N."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, rank, stride=1, padding=0, dilation=1,
+                 groups=1, bias=True, padding_mode="zeros", dim=2, device=None, dtype=None):
+        super().__init__()
+        if dim != 2:
+            raise ValueError(f"the spatial scheme needs a Conv2d, got a Conv{dim}d")
+        probe = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                          dilation=dilation, groups=groups, padding_mode=padding_mode, device="meta")
+        self.dense_config = conv_config(probe)
+        self.rank = rank
+        k, s, d, p = probe.kernel_size, probe.stride, probe.dilation, self.dense_config["padding"]
+        kw = dict(groups=groups, padding_mode=padding_mode, device=device, dtype=dtype)
+        self.vertical = nn.Conv2d(in_channels, groups * rank, _along(k, 0), stride=_along(s, 0),
+                                  padding=_split_padding(p, 0), dilation=_along(d, 0), bias=False, **kw)
+        self.horizontal = nn.Conv2d(groups * rank, out_channels, _along(k, 1), stride=_along(s, 1),
+                                    padding=_split_padding(p, 1), dilation=_along(d, 1), bias=bias, **kw)
+
+    @property
+    def config(self):
+        return dict(**self.dense_config, rank=self.rank, bias=self.bias is not None)
+
+    @staticmethod
+    def _matrix(weight, groups):
+        """W (N, C/g, kh, kw) -> M (g, C/g*kh, N/g*kw) with M[(c, y), (n, x)] = W[n, c, y, x]."""
+        N, c, kh, kw = weight.shape
+        return weight.reshape(groups, N // groups, c, kh, kw).permute(0, 2, 3, 1, 4).reshape(
+            groups, c * kh, (N // groups) * kw)
+
+    @classmethod
+    def from_dense(cls, conv, *, rank=None, energy=None, tol=None, ratio=None, context="",
+                   solver="exact", random_state=None):
+        if len(conv.kernel_size) != 2:
+            raise ValueError(f"{context}: scheme='spatial' applies to Conv2d only; use scheme='channel'")
+        g, N = conv.groups, conv.out_channels
+        A, B, factors = _factorize(cls._matrix(conv.weight, g), rank=rank, energy=energy, tol=tol, ratio=ratio,
+                                   context=context, solver=solver, random_state=random_state)
+        cfg = conv_config(conv)
+        module = cls(**cfg, rank=factors.rank, bias=conv.bias is not None, device=conv.weight.device,
+                     dtype=conv.weight.dtype)
+        K, (kh, kw) = factors.rank, conv.kernel_size
+        module.vertical.weight.copy_(A.transpose(1, 2).reshape(g * K, -1, kh, 1))
+        module.horizontal.weight.copy_(B.reshape(g, K, N // g, kw).permute(0, 2, 1, 3).reshape(N, K, 1, kw))
+        if conv.bias is not None:
+            module.horizontal.bias.copy_(conv.bias)
+        return _attach_report(module, factors)
+
+    def dense_weight(self):
+        cfg = self.dense_config
+        g, N, K = cfg["groups"], cfg["out_channels"], self.rank
+        c, (kh, kw) = cfg["in_channels"] // g, cfg["kernel_size"]
+        A = self.vertical.weight.reshape(g, K, c * kh).transpose(1, 2)
+        B = self.horizontal.weight.reshape(g, N // g, K, kw).permute(0, 2, 1, 3).reshape(g, K, -1)
+        M = (A @ B).reshape(g, c, kh, N // g, kw)
+        return M.permute(0, 3, 1, 2, 4).reshape(N, c, kh, kw)
+
+    def extra_repr(self):
+        return f"scheme='spatial', rank={self.rank}"
+
+
+SCHEMES = {"channel": LowRankConv, "spatial": SpatialLowRankConv}
+
+
+@register("svd", ["linear"], "truncated SVD: two matmuls (Denton et al. 2014)")
+def _svd_linear(layer, *, rank=None, energy=None, tol=None, ratio=None, context="", solver="exact",
+                random_state=None):
+    _check_solver(solver, context)
+    return LowRankLinear.from_dense(layer, rank=rank, energy=energy, tol=tol, ratio=ratio, context=context,
+                                    solver=solver, random_state=random_state)
+
+
+@register("svd", [1, 2, 3], "truncated SVD: channel (Zhang 2016) or spatial (Jaderberg 2014) scheme")
+def _svd_conv(layer, *, rank=None, energy=None, tol=None, ratio=None, context="", scheme="channel",
+              solver="exact", random_state=None):
+    _check_solver(solver, context)
+    if scheme not in SCHEMES:
+        raise ValueError(f"{context}: scheme={scheme!r} is not one of {sorted(SCHEMES)}")
+    return SCHEMES[scheme].from_dense(layer, rank=rank, energy=energy, tol=tol, ratio=ratio, context=context,
+                                      solver=solver, random_state=random_state)
+
+
+def _check_solver(solver, context):
+    if solver not in SOLVERS:
+        raise ValueError(f"{context}: solver={solver!r} is not one of {SOLVERS}")
+
+
+__all__ = ["LowRankLinear", "LowRankConv", "SpatialLowRankConv"]

@@ -1,0 +1,317 @@
+"""Product-quantized layers: method ``"pq"`` (Gong et al. 2014, Wu et al. 2016, Stock et al. 2020).
+
+* ``PQLinear``  Linear whose weight (out, in) is stored as codebooks + integer codes.
+* ``PQConv``    Conv1d/2d/3d (all options: stride, padding incl. 'same'/'valid',
+                padding_mode, dilation, groups, bias) stored the same way; sub-vectors are
+                cut from ``weight.reshape(N, -1)`` (order channel, kernel: Stock et al.).
+
+Storage: ``codebooks`` is an ``nn.Parameter (n_books, k, d)`` (so it can be fine-tuned),
+``codes`` a buffer ``(rows, n_sub)`` of the smallest unsigned dtype; the state_dict holds
+only these and the bias. ``size_bits`` counts codes at ``ceil(log2 k)`` bits, codebook
+entries at ``codebook_bits`` (fp16 by default) and the bias at 32 bits. ``num_params``
+counts stored numbers (codebook entries + codes + bias).
+
+Forward. ``forward="decode"`` (default) rebuilds the dense weight from the codebooks
+and runs the ordinary matmul/conv: in training mode the weight is decoded on every call
+(gradients reach the codebooks); in eval mode it is decoded once and **cached** (a dense
+copy of the weight, detached, so eval-mode forwards do not back-propagate into the
+codebooks). The cache is dropped on ``train()``/``eval()``, ``load_state_dict``,
+``.to()``/``.half()`` etc. and whenever the codebooks or codes are modified in place (their
+version counters are checked), or by ``release_cache()``. ``forward="lut"`` (Linear
+only, Q-CNN style) never builds the weight: per call it forms the table
+``LUT[b, s, c] = <x_b[s-th block], codebook_c>`` and sums ``LUT[b, s, codes[o, s]]`` over
+sub-spaces with one ``embedding_bag``; it is faster than a dense matmul only when the
+output dimension is large compared with ``k`` (see benchmarks/bench_pq_structured.py).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from decomp.pq import code_dtype, pq
+
+from ._accounting import layer_macs
+from ._validate import conv_config, linear_config
+from .base import DENSE_TYPES, FactorizedLayer
+from .registry import register
+
+FORWARD_MODES = ("decode", "lut")
+
+
+class _PQLayer(FactorizedLayer):
+    """Shared storage, decoding and cache of PQLinear / PQConv."""
+
+    def _init_storage(self, rows, row_length, block_size, n_centroids, shared_codebook, codebook_bits, bias,
+                      device, dtype):
+        self.rows, self.row_length = rows, row_length
+        self.block_size, self.n_centroids = int(block_size), int(n_centroids)
+        self.shared_codebook, self.codebook_bits = bool(shared_codebook), int(codebook_bits)
+        n_sub = -(-row_length // block_size)
+        n_books = 1 if shared_codebook else n_sub
+        self.codebooks = nn.Parameter(torch.zeros(n_books, n_centroids, block_size, device=device, dtype=dtype))
+        self.register_buffer("codes", torch.zeros(rows, n_sub, dtype=code_dtype(n_centroids), device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(rows, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+        self._cache = None
+        self.error_bound = None
+        self.weight_norm = None
+
+    @property
+    def n_sub(self) -> int:
+        return int(self.codes.shape[1])
+
+    @property
+    def rank(self) -> int:
+        return self.n_centroids
+
+    @property
+    def code_bits(self) -> int:
+        return max(0, math.ceil(math.log2(self.n_centroids))) if self.n_centroids > 1 else 0
+
+    @property
+    def num_params(self) -> int:
+        """Stored numbers: codebook entries + codes + bias."""
+        bias = self.bias.numel() if self.bias is not None else 0
+        return self.codebooks.numel() + self.codes.numel() + bias
+
+    @property
+    def size_bits(self) -> int:
+        bias = self.bias.numel() * 32 if self.bias is not None else 0
+        return self.codes.numel() * self.code_bits + self.codebooks.numel() * self.codebook_bits + bias
+
+    @property
+    def size_bytes(self) -> float:
+        return self.size_bits / 8
+
+    @property
+    def compression_ratio(self) -> float:
+        """fp32 size of the dense layer (weight + bias) / ``size_bits``."""
+        return 32 * self.dense_params / self.size_bits
+
+    def _load_factors(self, factors, bias):
+        self.codebooks.copy_(torch.as_tensor(factors.codebooks))
+        self.codes.copy_(torch.as_tensor(factors.codes).to(self.codes.dtype))
+        if bias is not None:
+            self.bias.copy_(bias)
+        self.error_bound = factors.error_bound
+        self.weight_norm = factors.norm
+        self.kmeans_history = list(factors.history)
+        self.release_cache()
+
+    def dense_weight(self) -> torch.Tensor:
+        """The decoded weight (differentiable w.r.t. the codebooks), original shape."""
+        codes = self.codes.long()
+        C = self.codebooks
+        if C.shape[0] == 1:
+            blocks = C[0][codes]
+        else:
+            blocks = C[torch.arange(self.n_sub, device=codes.device)[None, :], codes]
+        flat = blocks.reshape(self.rows, -1)[:, :self.row_length]
+        return flat.reshape(self.weight_shape)
+
+    # -- cache -------------------------------------------------------------------------------
+    def _cache_key(self):
+        return (self.codebooks.data_ptr(), self.codebooks._version, self.codes.data_ptr(), self.codes._version,
+                self.codebooks.dtype, self.codebooks.device)
+
+    def release_cache(self):
+        """Drop the cached decoded weight (it is rebuilt on the next eval-mode forward)."""
+        self._cache = None
+
+    def weight_for_forward(self) -> torch.Tensor:
+        if self.training:
+            return self.dense_weight()
+        key = self._cache_key()
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, self.dense_weight())
+        return self._cache[1]
+
+    def train(self, mode: bool = True):
+        self.release_cache()
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self.release_cache()
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.release_cache()
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def _storage_repr(self):
+        books = "shared" if self.shared_codebook else "per sub-space"
+        return (f"block_size={self.block_size}, n_centroids={self.n_centroids}, codebooks={books}, "
+                f"code_bits={self.code_bits}, size_bytes={self.size_bytes:.0f}")
+
+
+class PQLinear(_PQLayer):
+    """Product-quantized ``nn.Linear`` (see module docstring for storage, cache and LUT forward)."""
+
+    def __init__(self, in_features, out_features, block_size, n_centroids, shared_codebook=True, codebook_bits=16,
+                 bias=True, forward="decode", device=None, dtype=None):
+        super().__init__()
+        if forward not in FORWARD_MODES:
+            raise ValueError(f"forward={forward!r} is not one of {FORWARD_MODES}")
+        self.dense_config = dict(in_features=in_features, out_features=out_features)
+        self.weight_shape = (out_features, in_features)
+        self.forward_mode = forward
+        self._init_storage(out_features, in_features, block_size, n_centroids, shared_codebook, codebook_bits,
+                           bias, device, dtype)
+
+    @property
+    def config(self):
+        return dict(**self.dense_config, block_size=self.block_size, n_centroids=self.n_centroids,
+                    shared_codebook=self.shared_codebook, codebook_bits=self.codebook_bits,
+                    bias=self.bias is not None, forward=self.forward_mode)
+
+    @classmethod
+    def from_dense(cls, linear, *, block_size=None, n_centroids=None, bits=None, tol=None, shared_codebook=True,
+                   pad=False, codebook_bits=16, n_iter=50, forward="decode", random_state=None, context=""):
+        factors = pq(linear.weight, block_size, n_centroids, bits=bits, tol=tol, shared_codebook=shared_codebook,
+                     pad=pad, n_iter=n_iter, codebook_bits=codebook_bits, random_state=random_state, context=context)
+        module = cls(**linear_config(linear), block_size=factors.block_size, n_centroids=factors.n_centroids,
+                     shared_codebook=shared_codebook, codebook_bits=codebook_bits, bias=linear.bias is not None,
+                     forward=forward, device=linear.weight.device, dtype=linear.weight.dtype)
+        module._load_factors(factors, linear.bias)
+        return module.train(linear.training)
+
+    def forward(self, x):
+        if self.forward_mode == "lut":
+            return self.forward_lut(x)
+        return F.linear(x, self.weight_for_forward(), self.bias)
+
+    def _lut_index(self):
+        """``(out, n_sub)`` flat indices ``s * k + codes[o, s]`` into the flattened LUT (cached)."""
+        key = (self.codes.data_ptr(), self.codes._version, self.codes.device)
+        cached = getattr(self, "_lut_index_cache", None)
+        if cached is None or cached[0] != key:
+            offsets = torch.arange(self.n_sub, device=self.codes.device) * self.n_centroids
+            self._lut_index_cache = (key, self.codes.long() + offsets)
+        return self._lut_index_cache[1]
+
+    def forward_lut(self, x):
+        """Q-CNN look-up-table forward: never materializes the weight."""
+        lead, n = x.shape[:-1], x.shape[-1]
+        x = x.reshape(-1, n)
+        d, n_sub = self.block_size, self.n_sub
+        if n_sub * d != n:
+            x = F.pad(x, (0, n_sub * d - n))
+        xs = x.reshape(-1, n_sub, d)
+        C = self.codebooks
+        if C.shape[0] == 1:
+            lut = xs @ C[0].T                                    # (B, n_sub, k)
+        else:
+            lut = torch.einsum("bsd,skd->bsk", xs, C)
+        table = lut.reshape(lut.shape[0], -1).T.contiguous()     # (n_sub * k, B)
+        y = F.embedding_bag(self._lut_index(), table, mode="sum").T   # (B, out)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.rows)
+
+    def flops_and_shape(self, input_shape):
+        """MACs: decode mode = the dense matmul; LUT mode = table (n_sub k d) + gathers (out n_sub) per row."""
+        dense = nn.Linear(**self.dense_config, device="meta")
+        macs, shape = layer_macs(dense, input_shape)
+        if self.forward_mode == "lut":
+            rows = math.prod(tuple(input_shape)[:-1])
+            macs = rows * (self.n_sub * self.n_centroids * self.block_size + self.rows * self.n_sub)
+        return macs, shape
+
+    def extra_repr(self):
+        cfg = self.dense_config
+        return (f"in_features={cfg['in_features']}, out_features={cfg['out_features']}, {self._storage_repr()}, "
+                f"forward={self.forward_mode!r}, bias={self.bias is not None}")
+
+
+class PQConv(_PQLayer):
+    """Product-quantized ``nn.Conv1d/2d/3d`` (see module docstring); forward = decoded-weight conv."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, block_size, n_centroids, stride=1, padding=0,
+                 dilation=1, groups=1, bias=True, padding_mode="zeros", dim=2, shared_codebook=True,
+                 codebook_bits=16, device=None, dtype=None):
+        super().__init__()
+        template = DENSE_TYPES[dim](in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                                    dilation=dilation, groups=groups, bias=False, padding_mode=padding_mode,
+                                    device="meta")
+        self.dense_config = conv_config(template)
+        self.weight_shape = tuple(template.weight.shape)
+        del template.weight           # keep only its option logic (padding modes, 'same')
+        object.__setattr__(self, "_template", template)   # not a submodule: no state, untouched by .to()
+        self._init_storage(out_channels, math.prod(self.weight_shape[1:]), block_size, n_centroids,
+                           shared_codebook, codebook_bits, bias, device, dtype)
+
+    @property
+    def config(self):
+        return dict(**self.dense_config, block_size=self.block_size, n_centroids=self.n_centroids,
+                    shared_codebook=self.shared_codebook, codebook_bits=self.codebook_bits,
+                    bias=self.bias is not None)
+
+    @classmethod
+    def from_dense(cls, conv, *, block_size=None, n_centroids=None, bits=None, tol=None, shared_codebook=True,
+                   pad=False, codebook_bits=16, n_iter=50, random_state=None, context=""):
+        factors = pq(conv.weight, block_size, n_centroids, bits=bits, tol=tol, shared_codebook=shared_codebook,
+                     pad=pad, n_iter=n_iter, codebook_bits=codebook_bits, random_state=random_state, context=context)
+        module = cls(**conv_config(conv), block_size=factors.block_size, n_centroids=factors.n_centroids,
+                     shared_codebook=shared_codebook, codebook_bits=codebook_bits, bias=conv.bias is not None,
+                     device=conv.weight.device, dtype=conv.weight.dtype)
+        module._load_factors(factors, conv.bias)
+        return module.train(conv.training)
+
+    def forward(self, x):
+        return self._template._conv_forward(x, self.weight_for_forward(), self.bias)
+
+    def flops_and_shape(self, input_shape):
+        """MACs of the decoded-weight conv (the same as the dense conv)."""
+        return layer_macs(self._template, input_shape)
+
+    def extra_repr(self):
+        cfg = self.dense_config
+        return (f"{cfg['in_channels']}, {cfg['out_channels']}, kernel_size={cfg['kernel_size']}, "
+                f"stride={cfg['stride']}, padding={cfg['padding']}, {self._storage_repr()}, "
+                f"bias={self.bias is not None}")
+
+
+_REFUSED = "is not a product-quantization parameter; pass bits= (code bits per weight), " \
+           "n_centroids= (with block_size=) or tol= (relative Frobenius error of the weight)"
+
+
+def _refuse_rank_specs(rank, energy, ratio, context):
+    for name, value in (("rank", rank), ("energy", energy), ("ratio", ratio)):
+        if value is not None:
+            raise ValueError(f"{context}: {name}= {_REFUSED}")
+
+
+@register("pq", ["linear"], "product quantization: k-means on weight sub-vectors (Stock et al. 2020)",
+          spec_kinds=("tol",))
+def _pq_linear(layer, *, rank=None, energy=None, tol=None, ratio=None, context="", block_size=None,
+               n_centroids=None, bits=None, shared_codebook=True, pad=False, codebook_bits=16, n_iter=50,
+               forward="decode", random_state=None):
+    _refuse_rank_specs(rank, energy, ratio, context)
+    if forward not in FORWARD_MODES:
+        raise ValueError(f"{context}: forward={forward!r} is not one of {FORWARD_MODES}")
+    return PQLinear.from_dense(layer, block_size=block_size, n_centroids=n_centroids, bits=bits, tol=tol,
+                               shared_codebook=shared_codebook, pad=pad, codebook_bits=codebook_bits, n_iter=n_iter,
+                               forward=forward, random_state=random_state, context=context)
+
+
+@register("pq", [1, 2, 3], "product quantization: k-means on weight sub-vectors (Stock et al. 2020)",
+          spec_kinds=("tol",))
+def _pq_conv(layer, *, rank=None, energy=None, tol=None, ratio=None, context="", block_size=None,
+             n_centroids=None, bits=None, shared_codebook=True, pad=False, codebook_bits=16, n_iter=50,
+             forward="decode", random_state=None):
+    _refuse_rank_specs(rank, energy, ratio, context)
+    if forward != "decode":
+        raise ValueError(f"{context}: forward={forward!r}: convolutions only support forward='decode' "
+                         f"(look-up tables are implemented for Linear layers)")
+    return PQConv.from_dense(layer, block_size=block_size, n_centroids=n_centroids, bits=bits, tol=tol,
+                             shared_codebook=shared_codebook, pad=pad, codebook_bits=codebook_bits, n_iter=n_iter,
+                             random_state=random_state, context=context)
+
+
+__all__ = ["PQLinear", "PQConv"]

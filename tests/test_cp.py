@@ -1,0 +1,182 @@
+"""CP decomposition: exact recovery, rank selection, degeneracy guard, determinism, errors."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from decomp import CPFactors, cp
+from decomp.factors import cp_reconstruct
+
+
+def cp_tensor(shape, R, seed=0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    factors = [torch.randn(n, R, generator=gen, dtype=torch.float64) for n in shape]
+    return cp_reconstruct(torch.ones(R, dtype=torch.float64), factors).to(dtype)
+
+
+def rel_err(A, B):
+    A, B = torch.as_tensor(A, dtype=torch.float64), torch.as_tensor(B, dtype=torch.float64)
+    return float((A - B).norm() / A.norm())
+
+
+@settings(max_examples=8)
+@given(shape=st.lists(st.integers(3, 7), min_size=3, max_size=4).map(tuple), R=st.integers(1, 3),
+       seed=st.integers(0, 1000))
+def test_exact_recovery_of_generic_rank_r(shape, R, seed):
+    T = cp_tensor(shape, R, seed)
+    c = cp(T, rank=R, n_iter_max=500, tol_rel=1e-12)
+    assert isinstance(c, CPFactors)
+    assert c.shape == shape and c.rank == R
+    assert c.error_bound / c.norm <= 1e-6
+    assert rel_err(T, c.to_tensor()) <= 1e-6
+    assert c.num_params == R * sum(shape)
+    # error_bound is the exact error of the returned model
+    assert abs(c.error_bound - float((T - c.to_tensor()).norm())) <= 1e-9 * c.norm
+
+
+def test_reconstruction_layout_matches_definition():
+    c = cp(cp_tensor((4, 5, 3, 2), 2, 1), rank=2)
+    w, (A, B, C, D) = c.weights, c.factors
+    dense = torch.einsum("r,ar,br,cr,dr->abcd", w, A, B, C, D)
+    assert torch.allclose(c.to_tensor(), dense, atol=1e-12)
+    assert c.factors[0].shape == (4, 2) and c.weights.shape == (2,)
+    assert torch.allclose(torch.linalg.vector_norm(A, dim=0), torch.ones(2, dtype=torch.float64))
+
+
+def test_rank_above_mode_sizes_and_random_init():
+    T = cp_tensor((3, 4, 5), 6, 3)
+    for init in ("svd", "random"):
+        c = cp(T, rank=6, init=init, n_iter_max=300, random_state=1)
+        assert c.rank == 6 and np.isfinite(c.error_bound)
+        assert c.error_bound / c.norm < 0.05
+
+
+def test_numpy_float32_round_trip():
+    T = cp_tensor((5, 6, 4), 2, 2).numpy().astype(np.float32)
+    c = cp(T, rank=2)
+    assert isinstance(c.weights, np.ndarray) and c.weights.dtype == np.float32
+    assert all(isinstance(F, np.ndarray) and F.dtype == np.float32 for F in c.factors)
+    out = c.to_tensor()
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == T.shape
+    assert rel_err(T, out) < 1e-5
+
+
+def test_torch_float32_round_trip():
+    T = cp_tensor((5, 6, 4), 2, 2, dtype=torch.float32)
+    c = cp(T, rank=2)
+    assert isinstance(c.to_tensor(), torch.Tensor) and c.to_tensor().dtype == torch.float32
+
+
+def test_deterministic_for_fixed_random_state():
+    T = torch.randn(6, 7, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for init in ("svd", "random"):
+        a = cp(T, rank=9, init=init, random_state=3, n_iter_max=30)
+        b = cp(T, rank=9, init=init, random_state=3, n_iter_max=30)
+        assert torch.equal(a.weights, b.weights)
+        assert all(torch.equal(x, y) for x, y in zip(a.factors, b.factors))
+        assert a.info["errors"] == b.info["errors"]
+
+
+def test_degenerate_border_rank_tensor_never_nan():
+    """a⊗a⊗b + a⊗b⊗a + b⊗a⊗a has rank 3, border rank 2: rank-2 fits diverge (Paatero 2000)."""
+    gen = torch.Generator().manual_seed(0)
+    vecs = [torch.randn(n, 2, generator=gen, dtype=torch.float64) for n in (4, 5, 6)]
+    (a1, b1), (a2, b2), (a3, b3) = [(v[:, 0], v[:, 1]) for v in vecs]
+    outer = lambda x, y, z: torch.einsum("a,b,c->abc", x, y, z)  # noqa: E731
+    T = outer(a1, a2, b3) + outer(a1, b2, a3) + outer(b1, a2, a3)
+    for init in ("svd", "random"):
+        c = cp(T, rank=2, init=init, n_iter_max=400, tol_rel=0)
+        assert np.isfinite(c.error_bound)
+        assert all(torch.isfinite(F).all() for F in c.factors) and torch.isfinite(c.weights).all()
+        assert c.info["degenerate"] is True
+        assert c.info["ridge"] > 0 and c.info["min_congruence"] < -0.5
+        assert c.info["weights_ratio"] <= 10 * 1.5
+        assert c.error_bound / c.norm < 0.05
+
+
+def test_tol_finds_minimal_rank_on_exact_tensor():
+    T = cp_tensor((6, 7, 8), 4, 5)
+    c = cp(T, tol=1e-4, n_iter_max=300)
+    assert c.error_bound <= 1e-4 * c.norm
+    assert c.rank == 4
+    search = c.info["rank_search"]
+    assert search[3] > 1e-4 and search[4] <= 1e-4
+    below = cp(T, rank=3, n_iter_max=300)
+    assert below.error_bound > 1e-4 * below.norm
+
+
+def test_tol_unreachable_raises():
+    T = torch.randn(4, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with pytest.raises(ValueError, match="not reached"):
+        cp(T, tol=1e-3, max_rank=2, n_iter_max=20)
+
+
+def test_ratio_picks_largest_rank_within_budget():
+    T = torch.randn(8, 9, 10, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    c = cp(T, ratio=0.25, n_iter_max=10)
+    budget = 0.25 * 8 * 9 * 10
+    assert c.num_params <= budget < (c.rank + 1) * 27
+
+
+def test_energy_refused_with_message():
+    with pytest.raises(ValueError, match="energy= is not supported by CP.*tol=.*ratio="):
+        cp(torch.randn(3, 3, 3), energy=0.9)
+
+
+@pytest.mark.parametrize("bad, exc, match", [
+    (torch.randn(5), ValueError, "at least 3 dimensions"),
+    (torch.randn(4, 5), ValueError, "decomp.svd"),
+    (torch.zeros(0, 3, 3), ValueError, "empty"),
+    (torch.tensor([[[float("nan")]]]).expand(2, 2, 2).clone(), ValueError, "NaN or Inf"),
+    (torch.full((2, 2, 2), float("inf")), ValueError, "NaN or Inf"),
+    (torch.ones(2, 2, 2, dtype=torch.int64), TypeError, "floating-point"),
+    ([[[1.0]]], TypeError, "torch.Tensor or numpy.ndarray"),
+])
+def test_bad_inputs(bad, exc, match):
+    with pytest.raises(exc, match=match):
+        cp(bad, rank=1)
+
+
+def test_bad_rank_specs():
+    T = torch.randn(3, 4, 5)
+    with pytest.raises(ValueError, match=">= 1"):
+        cp(T, rank=0)
+    with pytest.raises(ValueError, match="outside"):
+        cp(T, rank=10_000)
+    with pytest.raises(ValueError, match="exactly one"):
+        cp(T, rank=2, tol=0.1)
+    with pytest.raises(ValueError, match="exactly one"):
+        cp(T)
+    with pytest.raises(TypeError, match="int"):
+        cp(T, rank=2.5)
+    with pytest.raises(ValueError, match="rank='vbmf' is not supported"):
+        cp(T, rank="vbmf")
+    with pytest.raises(ValueError, match="init="):
+        cp(T, rank=2, init="hosvd")
+    with pytest.raises(ValueError, match="n_iter_max"):
+        cp(T, rank=2, n_iter_max=0)
+
+
+def test_zero_tensor():
+    c = cp(torch.zeros(3, 3, 3), rank=2)
+    assert c.error_bound == 0 and torch.count_nonzero(c.to_tensor()) == 0
+
+
+def test_conv_kernel_shape_and_linesearch_helps():
+    gen = torch.Generator().manual_seed(0)
+    K = torch.randn(16, 8, 3, 3, generator=gen, dtype=torch.float64)
+    plain = cp(K, rank=12, n_iter_max=40, tol_rel=0, linesearch=False)
+    fast = cp(K, rank=12, n_iter_max=40, tol_rel=0)
+    assert [tuple(F.shape) for F in fast.factors] == [(16, 12), (8, 12), (3, 12), (3, 12)]
+    assert fast.error_bound <= plain.error_bound * 1.001
+    errs = fast.info["errors"]
+    assert all(b <= a + 1e-9 for a, b in zip(errs, errs[1:]))
+
+
+def test_mixed_precision_matches_float64():
+    K = torch.randn(10, 9, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    a = cp(K, rank=6, n_iter_max=60, tol_rel=0, mixed_precision=True)
+    b = cp(K, rank=6, n_iter_max=60, tol_rel=0, mixed_precision=False)
+    assert a.weights.dtype == torch.float64
+    assert abs(a.error_bound - b.error_bound) <= 1e-3 * a.norm

@@ -1,0 +1,274 @@
+"""Product quantization: k-means properties, size accounting (Stock et al.), PQ layers."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given
+from hypothesis import strategies as st
+
+from decomp import pq, pq_size_bits
+from decomp.pq import block_for_bits, code_dtype, kmeans
+from layers import PQConv, PQLinear, decompose
+from resnet_shapes import STOCK_RESULTS, UNCOMPRESSED_MB, param_count, stock_size_bits
+
+MIB = 2 ** 20
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny FFTs/matmuls: intra-op threads only add overhead on the shared CI cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+# ----------------------------------------------------------------------------- Stock et al. sizes
+
+def test_resnet_parameter_counts():
+    assert param_count("resnet18") == 11_689_512
+    assert param_count("resnet50") == 25_557_032
+    for net, mb in UNCOMPRESSED_MB.items():
+        assert round(param_count(net) * 4 / MIB, 2) == mb      # MB = MiB reproduces 44.59 / 97.49
+    assert round(param_count("resnet18") * 4 / 1e6, 2) != UNCOMPRESSED_MB["resnet18"]
+
+
+@pytest.mark.parametrize("net, variant", sorted(STOCK_RESULTS))
+def test_stock_et_al_sizes_exact(net, variant):
+    cfg = STOCK_RESULTS[(net, variant)]
+    bits = stock_size_bits(net, cfg["block_3x3"], cfg["block_1x1"], cfg["fc_centroids"])
+    assert round(bits / 8 / MIB, 2) == cfg["mb"]
+    assert round(param_count(net) * 32 / bits) == cfg["ratio"]
+
+
+def test_size_bits_formula_matches_factors():
+    W = torch.randn(16, 8, 3, 3)
+    f = pq(W, block_size=9, n_centroids=32)
+    assert f.size_bits == pq_size_bits(W.shape, 9, 32) == 16 * 8 * 5 + 32 * 9 * 16
+    f2 = pq(W, block_size=9, n_centroids=8, shared_codebook=False, codebook_bits=32)
+    assert f2.size_bits == pq_size_bits(W.shape, 9, 8, shared_codebook=False, codebook_bits=32)
+    assert f2.codebooks.shape == (8, 8, 9)
+    assert f.compression_ratio == pytest.approx(32 * W.numel() / f.size_bits)
+
+
+# ----------------------------------------------------------------------------- k-means / PQ math
+
+@given(st.integers(1, 6), st.integers(1, 4), st.integers(2, 5), st.integers(0, 2 ** 16))
+def test_pq_exact_when_k_covers_distinct_subvectors(n_distinct, d, n_sub, seed):
+    gen = torch.Generator().manual_seed(seed)
+    rows = 8
+    book = torch.randn(n_distinct, d, generator=gen, dtype=torch.float64)
+    codes = torch.randint(n_distinct, (rows, n_sub), generator=gen)
+    W = book[codes].reshape(rows, n_sub * d)
+    distinct = len({tuple(v) for v in W.reshape(-1, d).tolist()})
+    for k in sorted({distinct, min(distinct + 2, rows * n_sub)}):
+        f = pq(W, block_size=d, n_centroids=k, random_state=seed)
+        assert f.error_bound <= 1e-10 * max(1.0, f.norm)
+        torch.testing.assert_close(f.to_tensor(), W, rtol=1e-12, atol=1e-12)
+
+
+@given(st.integers(1, 4), st.integers(1, 12), st.booleans(), st.integers(0, 2 ** 16))
+def test_kmeans_objective_never_increases(d, k, shared, seed):
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(1 if shared else 3, 40, d, generator=gen, dtype=torch.float64)
+    X[..., :10, :] *= 4          # uneven clusters provoke empty-cluster repairs
+    C, codes, history = kmeans(X, k, n_iter=30, rel_tol=0.0, random_state=seed)
+    assert all(b <= a * (1 + 1e-12) + 1e-12 for a, b in zip(history, history[1:]))
+    assert C.shape == (X.shape[0], k, d) and codes.min() >= 0 and codes.max() < k
+    objective = ((X - torch.gather(C, 1, codes[..., None].expand_as(X))) ** 2).sum()
+    assert float(objective) == pytest.approx(history[-1], rel=1e-9, abs=1e-12)
+
+
+def test_codes_range_and_smallest_dtype():
+    W = torch.randn(32, 36)
+    for k, dtype in ((2, torch.uint8), (256, torch.uint8), (257, torch.uint16)):
+        f = pq(W, block_size=4, n_centroids=k, n_iter=3)
+        assert f.codes.dtype == dtype and f.codes.shape == (32, 9)
+        assert int(f.codes.long().min()) >= 0 and int(f.codes.long().max()) < k
+    fn = pq(W.numpy(), block_size=4, n_centroids=16)
+    assert fn.codes.dtype == np.uint8 and isinstance(fn.to_tensor(), np.ndarray)
+    assert fn.to_tensor().dtype == np.float32
+    assert code_dtype(70000) == torch.uint32 and code_dtype(300, numpy=True) == np.uint16
+
+
+def test_deterministic_and_seeded():
+    W = torch.randn(32, 48)
+    a, b = pq(W, block_size=4, n_centroids=16, random_state=3), pq(W, block_size=4, n_centroids=16, random_state=3)
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.codebooks, b.codebooks)
+
+
+def test_error_bound_is_the_measured_residual():
+    W = torch.randn(24, 36, dtype=torch.float64)
+    f = pq(W, block_size=3, n_centroids=16)
+    assert f.error_bound == pytest.approx(float((W - f.to_tensor()).norm()), rel=1e-10)
+    assert f.error_bound == pytest.approx(math.sqrt(f.history[-1]), rel=1e-8)
+
+
+def test_scalar_weight_sharing_block_size_one():
+    W = torch.randn(20, 30, dtype=torch.float64)
+    f = pq(W, block_size=1, n_centroids=4)
+    assert len(torch.unique(f.to_tensor())) <= 4 and f.code_bits == 2
+
+
+def test_bits_spec():
+    W = torch.randn(64, 72)
+    assert block_for_bits(72, 64, 2) == (4, 256)
+    assert block_for_bits(9, 32, 1) == (3, 8)          # MNIST conv1-like rows: 8 | 9 fails
+    f = pq(W, bits=2, n_iter=5)
+    assert (f.block_size, f.n_centroids) == (4, 256) and f.code_bits / f.block_size == 2
+    g = pq(W, bits=1, block_size=6, n_iter=5)
+    assert g.n_centroids == 64
+    with pytest.raises(ValueError, match="not an integer number of code bits"):
+        pq(W, bits=1.5, block_size=3)
+
+
+def test_tol_spec():
+    W = torch.randn(16, 16, dtype=torch.float64)
+    for tol in (0.5, 0.2):
+        f = pq(W, block_size=2, tol=tol)
+        assert f.relative_error(W) <= tol
+        assert f.n_centroids & (f.n_centroids - 1) == 0 or f.n_centroids == 128
+    assert pq(W, block_size=2, tol=0.0).error_bound <= 1e-12
+
+
+def test_pad_option():
+    W = torch.randn(10, 7, dtype=torch.float64)
+    with pytest.raises(ValueError, match="does not divide the row length 7"):
+        pq(W, block_size=3, n_centroids=4)
+    f = pq(W, block_size=3, n_centroids=30, pad=True)
+    assert f.codes.shape == (10, 3) and f.to_tensor().shape == (10, 7) and f.error_bound < 1e-12
+
+
+def test_pq_bad_inputs():
+    W = torch.randn(8, 16)
+    with pytest.raises(ValueError, match="n_centroids=0 must be >= 1"):
+        pq(W, block_size=4, n_centroids=0)
+    with pytest.raises(ValueError, match="exceeds the 32 sub-vectors"):
+        pq(W, block_size=4, n_centroids=33)
+    with pytest.raises(ValueError, match="exceeds the 8 sub-vectors of each sub-space"):
+        pq(W, block_size=4, n_centroids=9, shared_codebook=False)
+    with pytest.raises(ValueError, match="exactly one of n_centroids=, bits=, tol="):
+        pq(W, block_size=4)
+    with pytest.raises(ValueError, match="exactly one of"):
+        pq(W, block_size=4, n_centroids=4, bits=1)
+    with pytest.raises(TypeError, match="block_size= must be an int"):
+        pq(W, block_size=2.0, n_centroids=4)
+
+
+# ----------------------------------------------------------------------------- layers
+
+def _rel(a, b):
+    return float((a - b).detach().norm() / b.detach().norm())
+
+
+def _check_layer(module, x, dense_layer):
+    dense = module.to_dense()
+    assert type(dense) is type(dense_layer)
+    for mode in (True, False):
+        module.train(mode)
+        assert _rel(module(x), dense(x)) <= 1e-5
+    # state_dict round trip through the config
+    clone = type(module)(**module.config, dtype=torch.float64)
+    clone.load_state_dict(module.state_dict())
+    clone.eval()
+    torch.testing.assert_close(clone(x), module(x))
+    # the state dict holds only codebooks, codes and bias
+    assert set(module.state_dict()) == {"codebooks", "codes"} | ({"bias"} if dense_layer.bias is not None else set())
+    bias = dense_layer.bias.numel() if dense_layer.bias is not None else 0
+    assert module.num_params == module.codebooks.numel() + module.codes.numel() + bias
+    assert module.size_bits == module.codes.numel() * module.code_bits + module.codebooks.numel() * 16 + 32 * bias
+    assert module.flops(tuple(x.shape)) == module.dense_flops(tuple(x.shape))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_pq_linear(bias):
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 20, bias=bias).double()
+    m = decompose(lin, "pq", block_size=4, n_centroids=32)
+    assert isinstance(m, PQLinear) and m.codes.shape == (20, 12)
+    _check_layer(m, torch.randn(5, 48, dtype=torch.float64), lin)
+
+
+CONV_CASES = [
+    (nn.Conv1d, dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=1), (2, 4, 11)),
+    (nn.Conv2d, dict(in_channels=4, out_channels=8, kernel_size=3, padding="same", padding_mode="reflect",
+                     dilation=2, groups=2), (2, 4, 9, 9)),
+    (nn.Conv2d, dict(in_channels=6, out_channels=6, kernel_size=(3, 1), padding="valid", bias=False), (1, 6, 7, 5)),
+    (nn.Conv2d, dict(in_channels=8, out_channels=16, kernel_size=1, padding_mode="circular", padding=1), (2, 8, 5, 5)),
+    (nn.Conv3d, dict(in_channels=2, out_channels=4, kernel_size=2, stride=(1, 2, 1), padding=(1, 0, 1),
+                     padding_mode="replicate"), (1, 2, 5, 6, 4)),
+]
+
+
+@pytest.mark.parametrize("conv_type, kwargs, shape", CONV_CASES)
+def test_pq_conv(conv_type, kwargs, shape):
+    torch.manual_seed(1)
+    conv = conv_type(**kwargs).double()
+    m = decompose(conv, "pq", n_centroids=8, random_state=0)
+    assert isinstance(m, PQConv)
+    _check_layer(m, torch.randn(*shape, dtype=torch.float64), conv)
+
+
+def test_lut_forward_equals_decode():
+    torch.manual_seed(2)
+    lin = nn.Linear(32, 40).double()
+    x = torch.randn(3, 7, 32, dtype=torch.float64)
+    for shared in (True, False):
+        m = decompose(lin, "pq", block_size=4, n_centroids=8, shared_codebook=shared, forward="lut")
+        ref = m.to_dense()(x)
+        assert _rel(m(x), ref) <= 1e-12
+        assert m.flops((21, 32)) == 21 * (8 * 8 * 4 + 40 * 8)
+    padded = decompose(lin, "pq", block_size=5, n_centroids=8, pad=True, forward="lut")
+    assert _rel(padded(x), padded.to_dense()(x)) <= 1e-12
+
+
+def test_decode_cache_and_invalidation():
+    torch.manual_seed(3)
+    m = decompose(nn.Linear(16, 8).double(), "pq", block_size=2, n_centroids=4).eval()
+    x = torch.randn(2, 16, dtype=torch.float64)
+    y = m(x)
+    assert m._cache is not None
+    cached = m._cache[1]
+    m(x)
+    assert m._cache[1] is cached                        # reused
+    with torch.no_grad():
+        m.codebooks.mul_(2)                             # in-place change: version bump
+    torch.testing.assert_close(m(x) - m.bias, 2 * (y - m.bias))
+    m.train()
+    assert m._cache is None
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    m.eval()
+    m(x)
+    state["codebooks"] *= 0.5
+    m.load_state_dict(state)
+    torch.testing.assert_close(m(x), y)
+    assert m.float().codebooks.dtype == torch.float32 and m._cache is None
+
+
+def test_train_mode_gradients_reach_codebooks():
+    m = decompose(nn.Linear(8, 4), "pq", block_size=2, n_centroids=4).train()
+    m(torch.randn(3, 8)).sum().backward()
+    assert m.codebooks.grad is not None and m.codebooks.grad.abs().sum() > 0
+
+
+def test_builder_refuses_rank_specs_and_bad_options():
+    lin = nn.Linear(16, 8)
+    conv = nn.Conv2d(3, 4, 3)
+    for spec in (dict(rank=4), dict(energy=0.9), dict(ratio=0.5)):
+        name = next(iter(spec))
+        with pytest.raises(ValueError, match=rf"\(Linear, weight \(8, 16\)\).*{name}= is not a product-quant"):
+            decompose(lin, "pq", **spec)
+    with pytest.raises(ValueError, match=r"\(Conv2d, weight \(4, 3, 3, 3\)\).*n_centroids=0 must be >= 1"):
+        decompose(conv, "pq", n_centroids=0)
+    with pytest.raises(ValueError, match=r"fc \(Linear.*block_size=3 does not divide the row length 16"):
+        decompose(lin, "pq", block_size=3, n_centroids=4, name="fc")
+    with pytest.raises(ValueError, match=r"\(Linear.*n_centroids=100 exceeds the 32 sub-vectors"):
+        decompose(lin, "pq", block_size=4, n_centroids=100)
+    with pytest.raises(ValueError, match=r"Conv2d.*forward='lut'.*only support forward='decode'"):
+        decompose(conv, "pq", n_centroids=4, forward="lut")
+    with pytest.raises(TypeError, match="unknown option"):
+        decompose(lin, "pq", n_centroids=4, centroids=3)
+    m = decompose(lin, "pq", tol=0.3, block_size=2)
+    assert m.error_bound / m.weight_norm <= 0.3
