@@ -27,3 +27,7 @@ from .cp import cp  # noqa: E402
 from .factors import BlockTermFactors, CPFactors  # noqa: E402
 
 __all__ += ["CPFactors", "BlockTermFactors", "cp", "btd"]
+
+from .whitened import WhitenedSVDFactors, whitened_svd  # noqa: E402
+
+__all__ += ["WhitenedSVDFactors", "whitened_svd"]

@@ -288,7 +288,7 @@ def _start(T, ranks, init, generator):
     return cores, factors
 
 
-def btd_als(T: torch.Tensor, ranks, *, n_iter_max=100, tol_rel=1e-8, init="hosvd", n_init=8, screen_iter=20,
+def btd_als(T: torch.Tensor, ranks, *, n_iter_max=100, tol_rel=1e-8, init="hosvd", n_init=8, screen_iter=50,
             generator=None):
     """Monotone ALS for a block-term decomposition of a validated compute tensor ``T``.
 

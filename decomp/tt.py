@@ -113,8 +113,9 @@ def _bond_plan(spec, dims, max_rank, context):
         for k in range(1, d):
             left, right = full[k - 1] * dims[k - 1], dims[k] * full[k + 1]
             if full[k] > min(left, right):
-                raise ValueError(f"{context}: bond rank r_{k}={full[k]} exceeds min(r_{k - 1}*n_{k}, n_{k + 1}*r_{k + 1}) "
-                                 f"= min({left}, {right}), the largest TT rank possible there")
+                raise ValueError(f"{context}: bond rank r_{k}={full[k]} exceeds "
+                                 f"min(r_{k - 1}*n_{k}, n_{k + 1}*r_{k + 1}) = min({left}, {right}), "
+                                 f"the largest TT rank possible there")
         if max_rank is not None and max(ranks) > max_rank:
             raise ValueError(f"{context}: rank={ranks!r} conflicts with max_rank={max_rank}; pass one of them")
         caps = list(ranks)

@@ -66,8 +66,13 @@ def tucker(A, rank=None, *, energy=None, tol=None, ratio=None, modes=None, metho
     ``compute_dtype`` (float64 default); results come back in ``A``'s kind and dtype.
 
     Returns :class:`~decomp.factors.TuckerFactors` with ``error_bound`` the HOSVD bound
-    (see module docstring), ``mode_spectra`` the per-mode spectra of ``A`` and ``info``
-    (``sthosvd_error``, ``error``: measured errors, ``n_iter``).
+    (see module docstring; the measured error if rounding ever put that higher),
+    ``mode_spectra`` the per-mode spectra of ``A`` (``modes`` order) and ``info``:
+    ``error`` (measured ``||A - Â||_F``), ``sthosvd_error``, ``errors`` (per HOOI sweep,
+    starting with ST-HOSVD's) and ``n_iter``.
+
+    Cost: a 512x512x3x3 Tucker-2 is about 0.4 s CPU (ST-HOSVD) / 1 s (HOOI, 2-3 sweeps)
+    on one thread; pass ``method="sthosvd"`` or a small ``n_iter_max`` when speed matters.
     """
     context = context or "tucker"
     spec = parse_rank_spec(rank, energy, tol, ratio, allow_tuple=True, context=context)
@@ -146,8 +151,8 @@ def left_basis(X: torch.Tensor, gram: torch.Tensor | None = None):
     """Left singular basis and spectrum of ``X (m, c)``: ``(U, s)``, ``s`` descending.
 
     For ``m <= c`` and a large ``X`` (``m^2 c > SMALL_SVD_FLOPS``, or ``gram`` given):
-    ``eigh`` of the Gram ``X X^T`` (``m x m``), so ``U (m, m)`` and ``s = sqrt(max(eigenvalues, 0))`` (``m`` values); this is several
-    times faster than an SVD of the wide ``X`` and accurate to ``~1e-8 * s_1`` in each
+    ``eigh`` of the Gram ``X X^T`` (``m x m``), so ``U (m, m)`` and
+    ``s = sqrt(max(eigenvalues, 0))`` (``m`` values); this is several times faster than an SVD of the wide ``X`` and accurate to ``~1e-8 * s_1`` in each
     ``s_i`` (eigenvalues carry an absolute error ``~eps * s_1^2``). For ``m > c``: an SVD
     of ``X`` gives ``U (m, c)`` and ``s (c,)`` to full accuracy (a small wide ``X`` likewise
     gets an exact SVD). ``gram``: ``X X^T`` if already computed.

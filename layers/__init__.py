@@ -15,3 +15,8 @@ from .pq import PQConv, PQLinear  # noqa: E402
 from .structured import CirculantLinear, LDRLinear, ToeplitzLinear  # noqa: E402
 
 __all__ += ["PQLinear", "PQConv", "ToeplitzLinear", "CirculantLinear", "LDRLinear"]
+
+from .calibrate import Calibration, calibrate  # noqa: E402
+from .finetune import finetune  # noqa: E402
+
+__all__ += ["Calibration", "calibrate", "finetune"]

@@ -11,24 +11,51 @@
 
 Guarantee: ``||W - to_dense().weight||_F`` equals the Eckart–Young optimum for the
 rank (exact solver), reported by the SVD factors' ``error_bound``.
+
+Data-aware (``gram=X^T X`` of the layer's inputs, or ``calibration=`` from
+:func:`layers.calibrate`; SVD-LLM whitening, :func:`decomp.whitened_svd`): Linear and the
+channel scheme truncate the whitened matrix instead, which minimizes the OUTPUT error
+``||(W - W')X^T||_F`` on the calibration data; then ``error_bound`` is that certified
+output error, ``output_norm = ||W X^T||_F``, ``error_kind = "output"`` (``weight_error``
+and ``weight_norm`` give the weight error). The spatial scheme refuses ``gram=``: its
+output error couples the kw columns of each patch (the Gram of a patch is not
+``I_kw ⊗ G_(c,y)``), so no whitening of the (c, y) rows turns it into a plain truncated
+SVD with a certified optimum; use scheme="channel".
 """
 from __future__ import annotations
 
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from decomp import svd
+from decomp.whitened import WhitenedSVDFactors, whitened_svd
 
 from ._validate import conv_config, linear_config
 from .base import DENSE_TYPES, FactorizedChain
-from .registry import register
+from .budget import BudgetProfile
+from .registry import register, register_budget_profile
 
 SOLVERS = ("exact", "randomized")
 
 
-def _factorize(matrix, *, rank, energy, tol, ratio, context, solver, random_state):
-    """Truncated SVD of ``matrix`` (g, m, n) in float64; returns balanced factors A, B."""
+def _factorize(matrix, *, rank, energy, tol, ratio, context, solver, random_state, gram=None,
+               whitening="cholesky"):
+    """Truncated SVD of ``matrix`` (g, m, n) in float64; returns balanced factors A, B.
+
+    With ``gram`` ((n, n) or (g, n, n)) the data-aware whitened SVD is used instead.
+    """
+    if gram is not None:
+        if solver != "exact":
+            raise ValueError(f"{context}: the data-aware (gram=) SVD has only the exact solver; "
+                             f"drop solver={solver!r}")
+        if not isinstance(gram, torch.Tensor):
+            raise TypeError(f"{context}: gram= must be a tensor X^T X, got {type(gram).__name__}")
+        factors = whitened_svd(matrix, gram, rank=rank, energy=energy, tol=tol, ratio=ratio,
+                               whitening=whitening, context=context)
+        A, B = factors.balanced_factors()
+        return A, B, factors
     factors = svd(matrix, rank=rank, energy=energy, tol=tol, ratio=ratio, method=solver,
                   random_state=random_state, context=context)
     A, B = factors.balanced_factors()
@@ -38,7 +65,22 @@ def _factorize(matrix, *, rank, energy, tol, ratio, context, solver, random_stat
 def _attach_report(module, factors):
     module.error_bound = factors.error_bound
     module.weight_norm = factors.norm
+    if isinstance(factors, WhitenedSVDFactors):  # data-aware: the bound is on the outputs
+        module.error_kind = "output"
+        module.output_norm = factors.norm
+        module.weight_norm = factors.weight_norm
+        module.weight_error = factors.weight_error
+        module.whitening, module.jitter = factors.whitening, factors.jitter
     return module
+
+
+def _resolve_gram(layer, gram, calibration, context):
+    """The Gram to use: ``gram=``, or ``calibration.gram_for(layer)``; not both."""
+    if calibration is None:
+        return gram
+    if gram is not None:
+        raise ValueError(f"{context}: pass gram= or calibration=, not both")
+    return calibration.gram_for(layer, context)
 
 
 class LowRankLinear(FactorizedChain):
@@ -58,9 +100,10 @@ class LowRankLinear(FactorizedChain):
 
     @classmethod
     def from_dense(cls, linear, *, rank=None, energy=None, tol=None, ratio=None, context="",
-                   solver="exact", random_state=None):
-        A, B, factors = _factorize(linear.weight[None], rank=rank, energy=energy, tol=tol, ratio=ratio,
-                                   context=context, solver=solver, random_state=random_state)
+                   solver="exact", random_state=None, gram=None, whitening="cholesky"):
+        A, B, factors = _factorize(cls.weight_matrix(linear), rank=rank, energy=energy, tol=tol, ratio=ratio,
+                                   context=context, solver=solver, random_state=random_state, gram=gram,
+                                   whitening=whitening)
         module = cls(**linear_config(linear), rank=factors.rank, bias=linear.bias is not None,
                      device=linear.weight.device, dtype=linear.weight.dtype)
         module.reduce.weight.copy_(B[0])
@@ -68,6 +111,11 @@ class LowRankLinear(FactorizedChain):
         if linear.bias is not None:
             module.expand.bias.copy_(linear.bias)
         return _attach_report(module, factors)
+
+    @staticmethod
+    def weight_matrix(linear):
+        """The (1, out, in) matrix the SVD truncates."""
+        return linear.weight[None]
 
     def dense_weight(self):
         return self.expand.weight @ self.reduce.weight
@@ -101,16 +149,15 @@ class LowRankConv(FactorizedChain):
 
     @classmethod
     def from_dense(cls, conv, *, rank=None, energy=None, tol=None, ratio=None, context="",
-                   solver="exact", random_state=None):
+                   solver="exact", random_state=None, gram=None, whitening="cholesky"):
         cfg = conv_config(conv)
         g, N = conv.groups, conv.out_channels
         if g > 1 and conv.in_channels // g == 1:
             raise ValueError(f"{context}: every filter of this depthwise conv sees a single "
                              f"input channel, so the channel scheme has nothing to factorize; use "
                              f"scheme='spatial' (Conv2d) or leave the layer dense")
-        matrix = conv.weight.reshape(g, N // g, -1)
-        A, B, factors = _factorize(matrix, rank=rank, energy=energy, tol=tol, ratio=ratio, context=context,
-                                   solver=solver, random_state=random_state)
+        A, B, factors = _factorize(cls.weight_matrix(conv), rank=rank, energy=energy, tol=tol, ratio=ratio, context=context,
+                                   solver=solver, random_state=random_state, gram=gram, whitening=whitening)
         module = cls(**cfg, rank=factors.rank, bias=conv.bias is not None, device=conv.weight.device,
                      dtype=conv.weight.dtype)
         module.reduce.weight.copy_(B.reshape(module.reduce.weight.shape))
@@ -118,6 +165,11 @@ class LowRankConv(FactorizedChain):
         if conv.bias is not None:
             module.expand.bias.copy_(conv.bias)
         return _attach_report(module, factors)
+
+    @staticmethod
+    def weight_matrix(conv):
+        """Per group, the (N/g, C/g * prod(kernel)) matrix the SVD truncates: (g, N/g, C/g*k...)."""
+        return conv.weight.reshape(conv.groups, conv.out_channels // conv.groups, -1)
 
     def dense_weight(self):
         cfg = self.dense_config
@@ -165,19 +217,24 @@ class SpatialLowRankConv(FactorizedChain):
         return dict(**self.dense_config, rank=self.rank, bias=self.bias is not None)
 
     @staticmethod
-    def _matrix(weight, groups):
+    def weight_matrix(conv):
         """W (N, C/g, kh, kw) -> M (g, C/g*kh, N/g*kw) with M[(c, y), (n, x)] = W[n, c, y, x]."""
+        weight, groups = conv.weight, conv.groups
         N, c, kh, kw = weight.shape
         return weight.reshape(groups, N // groups, c, kh, kw).permute(0, 2, 3, 1, 4).reshape(
             groups, c * kh, (N // groups) * kw)
 
     @classmethod
     def from_dense(cls, conv, *, rank=None, energy=None, tol=None, ratio=None, context="",
-                   solver="exact", random_state=None):
+                   solver="exact", random_state=None, gram=None, whitening="cholesky"):
         if len(conv.kernel_size) != 2:
             raise ValueError(f"{context}: scheme='spatial' applies to Conv2d only; use scheme='channel'")
+        if gram is not None:
+            raise ValueError(f"{context}: data-aware decomposition (gram=/calibration=) supports the channel "
+                             f"scheme only: the spatial scheme's output error couples the kernel columns of "
+                             f"each patch, so no whitening gives a certified optimum; use scheme='channel'")
         g, N = conv.groups, conv.out_channels
-        A, B, factors = _factorize(cls._matrix(conv.weight, g), rank=rank, energy=energy, tol=tol, ratio=ratio,
+        A, B, factors = _factorize(cls.weight_matrix(conv), rank=rank, energy=energy, tol=tol, ratio=ratio,
                                    context=context, solver=solver, random_state=random_state)
         cfg = conv_config(conv)
         module = cls(**cfg, rank=factors.rank, bias=conv.bias is not None, device=conv.weight.device,
@@ -207,20 +264,22 @@ SCHEMES = {"channel": LowRankConv, "spatial": SpatialLowRankConv}
 
 @register("svd", ["linear"], "truncated SVD: two matmuls (Denton et al. 2014)")
 def _svd_linear(layer, *, rank=None, energy=None, tol=None, ratio=None, context="", solver="exact",
-                random_state=None):
+                random_state=None, gram=None, calibration=None, whitening="cholesky"):
     _check_solver(solver, context)
     return LowRankLinear.from_dense(layer, rank=rank, energy=energy, tol=tol, ratio=ratio, context=context,
-                                    solver=solver, random_state=random_state)
+                                    solver=solver, random_state=random_state, whitening=whitening,
+                                    gram=_resolve_gram(layer, gram, calibration, context))
 
 
 @register("svd", [1, 2, 3], "truncated SVD: channel (Zhang 2016) or spatial (Jaderberg 2014) scheme")
 def _svd_conv(layer, *, rank=None, energy=None, tol=None, ratio=None, context="", scheme="channel",
-              solver="exact", random_state=None):
+              solver="exact", random_state=None, gram=None, calibration=None, whitening="cholesky"):
     _check_solver(solver, context)
     if scheme not in SCHEMES:
         raise ValueError(f"{context}: scheme={scheme!r} is not one of {sorted(SCHEMES)}")
     return SCHEMES[scheme].from_dense(layer, rank=rank, energy=energy, tol=tol, ratio=ratio, context=context,
-                                      solver=solver, random_state=random_state)
+                                      solver=solver, random_state=random_state, whitening=whitening,
+                                      gram=_resolve_gram(layer, gram, calibration, context))
 
 
 def _check_solver(solver, context):
@@ -229,3 +288,16 @@ def _check_solver(solver, context):
 
 
 __all__ = ["LowRankLinear", "LowRankConv", "SpatialLowRankConv"]
+
+
+@register_budget_profile("svd")
+def _svd_budget_profile(layer, *, scheme="channel", **_options):
+    """Energies (squared singular values summed over groups) and a meta-device builder."""
+    cls = LowRankLinear if isinstance(layer, nn.Linear) else SCHEMES[scheme]
+    spectrum = torch.linalg.svdvals(cls.weight_matrix(layer).detach().double())
+    config = linear_config(layer) if cls is LowRankLinear else conv_config(layer)
+    bias = layer.bias is not None
+
+    def build(ranks):
+        return cls(**config, rank=ranks[0], bias=bias, device="meta")
+    return BudgetProfile([np.square(spectrum.cpu().numpy()).sum(axis=0)], build)

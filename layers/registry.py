@@ -20,6 +20,7 @@ class MethodEntry:
     description: str
     builders: dict = field(default_factory=dict)
     spec_kinds: tuple = ("rank", "energy", "tol", "ratio")
+    budget_profile: Callable | None = None  # layer, **options -> layers.budget.BudgetProfile
 
     def options(self, kind) -> list:
         """Names of the method-specific keyword options of the builder for ``kind``."""
@@ -40,6 +41,14 @@ def register(name: str, kinds, description: str = "", spec_kinds=("rank", "energ
         for kind in kinds:
             entry.builders[kind] = builder
         return builder
+    return wrap
+
+
+def register_budget_profile(name: str):
+    """Decorator: ``fn(layer, **options) -> BudgetProfile`` lets ``compress(budget=...)`` use method ``name``."""
+    def wrap(fn: Callable):
+        _REGISTRY.setdefault(name, MethodEntry(name, "")).budget_profile = fn
+        return fn
     return wrap
 
 

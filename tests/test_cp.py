@@ -25,7 +25,7 @@ def rel_err(A, B):
        seed=st.integers(0, 1000))
 def test_exact_recovery_of_generic_rank_r(shape, R, seed):
     T = cp_tensor(shape, R, seed)
-    c = cp(T, rank=R, n_iter_max=500, tol_rel=1e-12)
+    c = cp(T, rank=R, n_iter_max=300, tol_rel=1e-10)
     assert isinstance(c, CPFactors)
     assert c.shape == shape and c.rank == R
     assert c.error_bound / c.norm <= 1e-6
@@ -47,7 +47,7 @@ def test_reconstruction_layout_matches_definition():
 def test_rank_above_mode_sizes_and_random_init():
     T = cp_tensor((3, 4, 5), 6, 3)
     for init in ("svd", "random"):
-        c = cp(T, rank=6, init=init, n_iter_max=300, random_state=1)
+        c = cp(T, rank=6, init=init, n_iter_max=100, random_state=1)
         assert c.rank == 6 and np.isfinite(c.error_bound)
         assert c.error_bound / c.norm < 0.05
 
@@ -86,7 +86,7 @@ def test_degenerate_border_rank_tensor_never_nan():
     outer = lambda x, y, z: torch.einsum("a,b,c->abc", x, y, z)  # noqa: E731
     T = outer(a1, a2, b3) + outer(a1, b2, a3) + outer(b1, a2, a3)
     for init in ("svd", "random"):
-        c = cp(T, rank=2, init=init, n_iter_max=400, tol_rel=0)
+        c = cp(T, rank=2, init=init, n_iter_max=150, tol_rel=0)
         assert np.isfinite(c.error_bound)
         assert all(torch.isfinite(F).all() for F in c.factors) and torch.isfinite(c.weights).all()
         assert c.info["degenerate"] is True

@@ -12,11 +12,10 @@ from decomp import (TTFactors, TTMatrixFactors, balanced_factorization, tt, tt_m
                     tt_num_params, tt_round)
 
 
-def random_cores(dims, ranks, seed=0, extra=()):
+def random_cores(dims, ranks, seed=0):
     gen = torch.Generator().manual_seed(seed)
     full = (1,) + tuple(ranks) + (1,)
-    return [torch.randn(full[k], *((n,) + extra[k:k + 1] if extra else (n,)), full[k + 1], generator=gen,
-                        dtype=torch.float64) for k, n in enumerate(dims)]
+    return [torch.randn(full[k], n, full[k + 1], generator=gen, dtype=torch.float64) for k, n in enumerate(dims)]
 
 
 def tt_tensor(dims, ranks, seed=0):
@@ -192,7 +191,8 @@ def test_fc6_param_counts_from_references():
     # the same count from a TTMatrixFactors built from random cores
     gen = torch.Generator().manual_seed(0)
     full = (1,) + (8,) * 5 + (1,)
-    cores = [torch.randn(full[k], m, n, full[k + 1], generator=gen) for k, (m, n) in enumerate(zip(out_shape, in_shape))]
+    cores = [torch.randn(full[k], m, n, full[k + 1], generator=gen)
+             for k, (m, n) in enumerate(zip(out_shape, in_shape))]
     f = TTMatrixFactors(cores, error_bound=None, norm=1.0)
     assert f.num_params == 7872 and f.shape == (4096, 25088)
     assert round(25088 * 4096 / 7872) == 13054

@@ -1,0 +1,186 @@
+"""Data-aware (whitened) truncated SVD: SVD-LLM's truncation-aware whitening.
+
+Given a weight ``W (m, n)`` and the Gram matrix ``G = X^T X (n, n)`` of calibration
+inputs ``X`` (one row per sample / token / im2col patch), factor ``G = L L^T`` and take the
+SVD ``W L = U S V^T``. The rank-k weight
+
+    W' = U_k S_k V_k^T L^{-1} = U_k U_k^T W
+
+minimizes the OUTPUT error ``||(W - W') X^T||_F`` over all weights of rank <= k, with
+
+    ||(W - W') X^T||_F = ||(W - W') L||_F = sqrt(sum_{i>k} s_i(W L)^2)
+
+(Wang et al. 2024, "SVD-LLM"; it is the Eckart–Young optimum of ``W X^T`` whose rank-k
+approximations ``U_k U_k^T W X^T`` all have the form ``W' X^T``). We use the second form
+``W' = U_k U_k^T W``: it needs no ``L^{-1}``, so it stays finite and exact when ``G`` is
+singular (fewer samples than features, duplicated or dead input channels); the null space
+of ``G`` (directions the data never excites) keeps ``W``'s own projection onto ``U_k``.
+
+Robustness: the Cholesky factor is tried without jitter first, then with
+``jitter = 1e-10 * trace(G)/n``, growing x10 until it succeeds (``whitening="cholesky"``;
+the jitter used is reported). With jitter ``d > 0``, ``L L^T = G + d I``, so
+``error_bound = sqrt(sum_{i>k} s_i(W L)^2)`` is still a certified upper bound of the true
+output error (it exceeds it by ``d ||W - W'||_F^2`` under the square root). When even
+``jitter = trace(G)/n`` fails, or on request (``whitening="eigh"``), ``L = Q diag(sqrt(max(l, 0)))``
+from the eigendecomposition ``G = Q diag(l) Q^T`` is used instead (no jitter).
+The output error measured a posteriori with the un-jittered ``G`` is reported as well.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ._backend import as_compute_tensor
+from .factors import SVDFactors
+from .rank import parse_rank_spec, select_rank, tail_errors
+
+WHITENINGS = ("cholesky", "eigh")
+_JITTER_START, _JITTER_STEPS = 1e-10, 11  # 1e-10 ... 1e0 times trace(G)/n
+
+
+@dataclass(repr=False)
+class WhitenedSVDFactors(SVDFactors):
+    """Data-aware truncated SVD ``W' = U diag(S) Vh`` (an exact SVD of ``W'``).
+
+    Inherits ``to_tensor``, ``balanced_factors``, ``num_params`` and ``rank`` from
+    :class:`SVDFactors`. Unlike plain SVD, the errors are measured on the OUTPUTS of the
+    calibration data ``X``:
+
+    * ``error_bound``   certified ``||(W - W') X^T||_F`` = ``sqrt(sum_{i>k} s_i(W L)^2)``
+                        (exact when ``jitter == 0``, an upper bound otherwise);
+    * ``norm``          ``||W X^T||_F`` (so ``relative_error_bound`` is the relative OUTPUT error);
+    * ``output_error``  ``||(W - W') X^T||_F`` measured a posteriori with the given Gram;
+    * ``weight_error``  ``||W - W'||_F``; ``weight_norm`` ``||W||_F``;
+    * ``singular_values`` the spectrum of ``W L`` (the output spectrum used for rank selection);
+    * ``whitening``     ``"cholesky"`` or ``"eigh"``; ``jitter`` the absolute diagonal shift
+                        added to ``G`` (the largest over groups; 0.0 when none was needed).
+    """
+
+    output_error: float = 0.0
+    weight_error: float = 0.0
+    weight_norm: float = 0.0
+    whitening: str = "cholesky"
+    jitter: float = 0.0
+
+    @property
+    def relative_output_error(self) -> float:
+        return self.output_error / self.norm if self.norm > 0 else 0.0
+
+    @property
+    def relative_weight_error(self) -> float:
+        return self.weight_error / self.weight_norm if self.weight_norm > 0 else 0.0
+
+    def __repr__(self):
+        return (f"WhitenedSVDFactors(shape={self.shape}, rank={self.rank}, num_params={self.num_params}, "
+                f"output error_bound={self.error_bound:.4g} (relative {self.relative_error_bound:.4g}), "
+                f"weight_error={self.weight_error:.4g}, whitening={self.whitening!r}, jitter={self.jitter:.3g})")
+
+
+def whitening_factor(gram, *, whitening="cholesky", jitter=None, context="whitening"):
+    """``(L, method, jitter)`` with ``L L^T = G (+ jitter I)`` for a PSD ``gram (.., n, n)`` (float64 torch).
+
+    ``whitening="cholesky"``: Cholesky with adaptive jitter (``jitter=None``: try 0, then
+    ``1e-10 * trace/n`` growing x10; a float: start there), falling back to ``"eigh"`` when
+    ``trace/n`` is not enough. ``"eigh"``: the square root ``Q sqrt(max(l, 0))``. ``jitter``
+    returned is the largest absolute shift used over the batch.
+    """
+    if whitening not in WHITENINGS:
+        raise ValueError(f"{context}: whitening={whitening!r} is not one of {WHITENINGS}")
+    G = 0.5 * (gram + gram.transpose(-2, -1))
+    if whitening == "cholesky":
+        factors, used = [], 0.0
+        for block in G.reshape(-1, *G.shape[-2:]):
+            L, shift = _cholesky_with_jitter(block, jitter)
+            if L is None:
+                break
+            factors.append(L)
+            used = max(used, shift)
+        else:
+            return torch.stack(factors).reshape(G.shape), "cholesky", used
+    vals, vecs = torch.linalg.eigh(G)
+    return vecs * vals.clamp_min(0.0).sqrt()[..., None, :], "eigh", 0.0
+
+
+def _cholesky_with_jitter(G, jitter):
+    n = G.shape[-1]
+    scale = float(torch.diagonal(G).sum()) / n
+    eye = torch.eye(n, dtype=G.dtype, device=G.device)
+    shifts = [0.0] + [scale * _JITTER_START * 10 ** i for i in range(_JITTER_STEPS)]
+    if jitter is not None:
+        shifts = [float(jitter) * 10 ** i for i in range(_JITTER_STEPS)] if jitter > 0 else shifts
+    for shift in shifts:
+        L, info = torch.linalg.cholesky_ex(G + shift * eye if shift else G)
+        if int(info) == 0 and torch.isfinite(L).all():
+            return L, shift
+    return None, None
+
+
+def whitened_svd(W, gram, rank=None, *, energy=None, tol=None, ratio=None, whitening="cholesky", jitter=None,
+                 compute_dtype=None, context="") -> WhitenedSVDFactors:
+    """Data-aware truncated SVD of ``W (m, n)`` or a batch ``W (g, m, n)`` (SVD-LLM whitening).
+
+    ``gram``: ``X^T X`` of the calibration inputs, ``(n, n)`` (shared by all blocks) or
+    ``(g, n, n)`` (one per block, e.g. per group of a grouped conv); it must be symmetric
+    positive semi-definite (it is symmetrized; scale is irrelevant for the factors).
+    Exactly one of ``rank`` (int or ``"vbmf"``), ``energy``, ``tol``, ``ratio``: energy and
+    tol are measured on the OUTPUT spectrum ``s_i(W L)`` summed over blocks (``tol`` bounds
+    the relative output error ``||(W - W')X^T||_F / ||W X^T||_F``); ``ratio`` keeps that
+    fraction of the ``g*m*n`` parameters (``g*k*(m+n)``).
+
+    Returns :class:`WhitenedSVDFactors`; its ``error_bound`` is the certified OUTPUT error
+    (see the module docstring), ``weight_error`` the weight error. Factors come back in
+    ``W``'s array kind and dtype.
+    """
+    context = context or "whitened_svd"
+    spec = parse_rank_spec(rank, energy, tol, ratio, context=context)
+    T, kind = as_compute_tensor(W, name=context, ndim=(2, 3), compute_dtype=compute_dtype)
+    G, _ = as_compute_tensor(gram, name=f"{context}: gram", ndim=(2, 3), compute_dtype=T.dtype)
+    G = G.to(T.device)
+    batched = T.ndim == 3
+    Tb = T if batched else T[None]
+    g, m, n = Tb.shape
+    if G.shape[-2:] != (n, n) or (G.ndim == 3 and G.shape[0] not in (1, g)):
+        want = f"({n}, {n})" + (f" or ({g}, {n}, {n})" if batched else "")
+        raise ValueError(f"{context}: gram of shape {tuple(G.shape)} does not match the weight of shape "
+                         f"{tuple(T.shape)}; expected {want} (X^T X of the layer's inputs)")
+    Gb = G.expand(g, n, n) if G.ndim == 2 or G.shape[0] == 1 else G
+    Gb = Gb.reshape(g, n, n)
+    diag = torch.diagonal(Gb, dim1=-2, dim2=-1)
+    if (diag < 0).any():
+        raise ValueError(f"{context}: gram has negative diagonal entries; it must be X^T X (positive semi-definite)")
+    if (diag.sum(-1) == 0).any():
+        raise ValueError(f"{context}: gram is zero for at least one block: the calibration inputs were all zero, "
+                         f"so the output error does not depend on the weight; use plain svd for this layer")
+    L, used, shift = whitening_factor(Gb, whitening=whitening, jitter=jitter, context=context)
+    U, S, _ = torch.linalg.svd(Tb @ L, full_matrices=False)
+    spectrum = S.cpu().numpy()
+    max_rank = min(m, n)
+    shape_text = f"shape {tuple(T.shape)}"
+    k = select_rank(spec, spectrum, max_rank=max_rank, params_of_rank=lambda r: g * r * (m + n),
+                    dense_params=g * m * n, matrix_shape=(m, n), context=f"{context} ({shape_text})")
+    bound = float(tail_errors(spectrum)[k])
+    Uk = U[..., :k]
+    P, Sk, Vh = torch.linalg.svd(Uk.transpose(-2, -1) @ Tb, full_matrices=False)  # U_k^T W = P S Vh
+    Uw = Uk @ P
+    E = Tb - (Uw * Sk[..., None, :]) @ Vh
+    output_error = math.sqrt(max(float(((E @ Gb) * E).sum()), 0.0))
+    output_norm = math.sqrt(max(float(((Tb @ Gb) * Tb).sum()), 0.0))
+    if not batched:
+        Uw, Sk, Vh, spectrum = Uw[0], Sk[0], Vh[0], spectrum[0]
+    return WhitenedSVDFactors(kind.restore(Uw), kind.restore(Sk), kind.restore(Vh), error_bound=bound,
+                              norm=output_norm, singular_values=np.asarray(spectrum), method="whitened",
+                              output_error=output_error, weight_error=float(torch.linalg.norm(E)),
+                              weight_norm=float(torch.linalg.norm(T)), whitening=used, jitter=shift)
+
+
+def output_error(W, W_approx, gram) -> float:
+    """``||(W - W') X^T||_F`` from the Gram ``X^T X`` (for tests and benchmarks; float64)."""
+    E = (torch.as_tensor(W) - torch.as_tensor(W_approx)).double()
+    G = torch.as_tensor(gram).double()
+    return math.sqrt(max(float(((E @ G) * E).sum()), 0.0))
+
+
+__all__ = ["whitened_svd", "whitening_factor", "output_error", "WhitenedSVDFactors", "WHITENINGS"]

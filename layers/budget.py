@@ -1,0 +1,170 @@
+"""Global rank allocation under a whole-model parameter or FLOP budget.
+
+Zhang et al. 2016 (Accelerating Very Deep CNNs, sec. 3.3) choose per-layer ranks that
+maximise ``prod_l E_l`` (E_l: kept energy of layer l) under a cost budget, greedily
+removing the component whose removal loses the least relative energy per unit of
+cost saved. We do the same for every spectral method with a *budget profile*:
+
+* ``energies``: per rank axis, the squared singular values (descending; summed over
+  groups) whose sum is the energy kept at a given rank;
+* ``build(ranks)``: the factorized module at those ranks on the ``meta`` device, so
+  the cost (``num_params`` or ``flops(shape)``) is read off the real layer class, never
+  re-typed.
+
+A layer starts dense. Its first move jumps to the largest ranks that are cheaper than
+dense; later moves drop one component of one axis. Moves are taken in order of
+``(log E_before - log E_after) / cost saved`` until the budget is met.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+
+@dataclass
+class BudgetProfile:
+    """What the allocator needs from one layer (see module docstring)."""
+
+    energies: list
+    build: Callable
+    dense_cost: int = 0
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def full_ranks(self) -> tuple:
+        return tuple(len(e) for e in self.energies)
+
+    def kept_fraction(self, ranks) -> float:
+        """Kept energy fraction: 1 - sum over axes of the discarded fractions (HOSVD-style)."""
+        lost = sum(float(e[r:].sum()) / max(float(e.sum()), 1e-300) for e, r in zip(self.energies, ranks))
+        return max(1.0 - lost, 1e-300)
+
+
+@dataclass
+class Allocation:
+    """Result: ``ranks[name]`` (tuple, or None = keep dense), the cost reached and the target.
+
+    When ``met`` is False every layer is at its cheapest reachable state, so ``cost`` is
+    the smallest cost the method can reach.
+    """
+
+    ranks: dict
+    cost: float
+    target: float
+
+    @property
+    def met(self) -> bool:
+        return self.cost <= self.target
+
+
+def _break_even_ranks(profile, cost) -> tuple | None:
+    """Largest uniformly scaled ranks whose cost is below the dense cost (None if none)."""
+    full = np.array(profile.full_ranks, dtype=float)
+    low, high = 0.0, 1.0
+    best = None
+    for _ in range(40):
+        mid = (low + high) / 2
+        ranks = tuple(max(1, int(math.floor(f * mid))) for f in full)
+        if cost(ranks) < profile.dense_cost:
+            best, low = ranks, mid
+        else:
+            high = mid
+    if best is None and cost(tuple(1 for _ in full)) < profile.dense_cost:
+        best = tuple(1 for _ in full)
+    return best
+
+
+def allocate(profiles: dict, cost_of: Callable, fixed_cost: float, target: float) -> Allocation:
+    """Greedy allocation. ``cost_of(name, module)`` gives a module's cost (params or MACs).
+
+    ``fixed_cost`` counts everything outside the profiled layers. Returns the ranks per
+    layer (None for layers that stay dense) and the total cost reached.
+    """
+    def cost(name):
+        profile = profiles[name]
+
+        def of(ranks):
+            if ranks not in profile._cache:
+                profile._cache[ranks] = cost_of(name, profile.build(ranks))
+            return profile._cache[ranks]
+        return of
+
+    state = {name: None for name in profiles}
+    total = fixed_cost + sum(p.dense_cost for p in profiles.values())
+    heap, version = [], {name: 0 for name in profiles}
+
+    def push_next(name):
+        move = _next_move(profiles[name], state[name], cost(name))
+        if move is not None:
+            priority, ranks, saving = move
+            heapq.heappush(heap, (priority, name, version[name], ranks, saving))
+
+    for name in profiles:
+        push_next(name)
+    while total > target and heap:
+        _, name, ver, ranks, saving = heapq.heappop(heap)
+        if ver != version[name]:
+            continue
+        state[name] = ranks
+        total -= saving
+        version[name] += 1
+        push_next(name)
+    total = _fill_up(profiles, state, cost, total, target)
+    return Allocation(ranks=state, cost=total, target=target)
+
+
+def _fill_up(profiles, state, cost, total, target):
+    """Give back single components (best energy gain per cost first) while the budget holds.
+
+    The greedy removal overshoots by at most its last move; this closes the gap.
+    """
+    while True:
+        best = None
+        for name, ranks in state.items():
+            if ranks is None:
+                continue
+            profile, of = profiles[name], cost(name)
+            for axis, r in enumerate(ranks):
+                if r >= profile.full_ranks[axis]:
+                    continue
+                larger = ranks[:axis] + (r + 1,) + ranks[axis + 1:]
+                extra = of(larger) - of(ranks)
+                if extra <= 0 or total + extra > target or of(larger) >= profile.dense_cost:
+                    continue
+                gain = math.log(profile.kept_fraction(larger)) - math.log(profile.kept_fraction(ranks))
+                if best is None or gain / extra > best[0]:
+                    best = (gain / extra, name, larger, extra)
+        if best is None:
+            return total
+        _, name, larger, extra = best
+        state[name] = larger
+        total += extra
+
+
+def _next_move(profile, ranks, cost):
+    """(priority, new ranks, cost saved) of the layer's best next move, or None."""
+    if ranks is None:
+        start = _break_even_ranks(profile, cost)
+        if start is None:
+            return None
+        saving = profile.dense_cost - cost(start)
+        loss = -math.log(profile.kept_fraction(start))
+        return loss / saving, start, saving
+    best = None
+    current_cost, kept = cost(ranks), profile.kept_fraction(ranks)
+    for axis, r in enumerate(ranks):
+        if r <= 1:
+            continue
+        smaller = ranks[:axis] + (r - 1,) + ranks[axis + 1:]
+        saving = current_cost - cost(smaller)
+        if saving <= 0:
+            continue
+        loss = math.log(kept) - math.log(profile.kept_fraction(smaller))
+        candidate = (loss / saving, smaller, saving)
+        if best is None or candidate[0] < best[0]:
+            best = candidate
+    return best
