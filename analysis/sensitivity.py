@@ -89,8 +89,10 @@ def _check_options(method, options):
 
 
 def _progress(total, desc, enabled):
-    from tqdm.auto import tqdm
-
+    if enabled:  # tqdm.auto picks the notebook widget when there is one (and warns when ipywidgets is missing)
+        from tqdm.auto import tqdm
+    else:
+        from tqdm import tqdm
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
 
 
@@ -146,13 +148,15 @@ def sensitivity(model, eval_fn, method: str = "svd", grid=None, layers=None, spe
 
 
 def tradeoff_curve(model, eval_fn, method: str = "svd", grid=None, spec: str = "energy", progress: bool = True,
-                   **options) -> list:
+                   name: str | None = None, **options) -> list:
     """Compress the whole model at each grid value; ``[dict(method, spec, value, params, metric, ...)]``.
 
     ``params`` is the compressed model's parameter count, ``params_fraction`` its share of
     the dense model's, ``metric`` = ``eval_fn(compressed model)``. ``options`` go to
-    ``compress`` (``include``, ``exclude``, ``policy``, ``scheme``, ...). Feed the list (one or
-    more methods concatenated) to :func:`analysis.plots.plot_pareto`.
+    ``compress`` (``include``, ``exclude``, ``policy``, ``scheme``, ...). ``name`` (default: the
+    method) is the ``method`` entry of the points, the curve's label in
+    :func:`analysis.plots.plot_pareto` (e.g. ``"svd spatial"``); feed it the lists of one or
+    more runs concatenated.
     """
     grid = _check_spec(spec, grid)
     points = []
@@ -161,7 +165,7 @@ def tradeoff_curve(model, eval_fn, method: str = "svd", grid=None, spec: str = "
         for value in grid:
             small, report = compress(model, method=method, progress=False, **{spec: value}, **options)
             totals = report.totals()
-            points.append(dict(method=method, spec=spec, value=value, label=f"{spec}={value:g}",
+            points.append(dict(method=name or method, spec=spec, value=value, label=f"{spec}={value:g}",
                                params=totals["model_params_after"],
                                params_fraction=totals["model_params_after"] / totals["model_params_before"],
                                metric=float(eval_fn(small)), replaced=len(report.replaced)))

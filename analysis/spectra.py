@@ -127,8 +127,9 @@ def named_layers(model) -> list:
 def spectra(model, scheme: str = "channel", *, modes=None) -> dict:
     """``{layer name: spectrum(layer, scheme)}`` for every Linear/Conv layer of ``model``.
 
-    Layers the scheme does not apply to (``scheme='spatial'`` on Conv1d/3d) are left out;
-    Linear layers always give their weight's spectrum.
+    Layers the svd method cannot factorize with this scheme are left out (depthwise convs
+    for ``channel``, Conv1d/3d for ``spatial``); Linear layers always give their weight's
+    spectrum. With ``modes=`` every layer gives its unfolding spectra.
     """
     _check_scheme(scheme)
     out = {}

@@ -41,7 +41,7 @@ INITS = ("hosvd", "random")
 
 
 def btd(A, n_blocks=None, rank=None, *, ratio=None, energy=None, tol=None, n_iter_max=100, tol_rel=1e-8,
-        init="hosvd", n_init=8, random_state=None, compute_dtype=None, context="") -> BlockTermFactors:
+        init="hosvd", n_init=4, random_state=None, compute_dtype=None, context="") -> BlockTermFactors:
     """Block-term decomposition of an N-way array ``A (I_1, ..., I_N)``, N >= 3.
 
     ``n_blocks`` (int >= 1) Tucker blocks and exactly one of
@@ -56,8 +56,11 @@ def btd(A, n_blocks=None, rank=None, *, ratio=None, energy=None, tol=None, n_ite
     no nested ranks to read them from.
 
     ``n_iter_max`` ALS sweeps at most; stops when the relative error decreases by less
-    than ``tol_rel`` in a sweep. ``init`` in ``("hosvd", "random")`` (see module doc);
-    ``random_state`` (int, Generator or None = seed 0) only matters for ``"random"``.
+    than ``tol_rel`` in a sweep. ``init`` in ``("hosvd", "random")`` (see module doc).
+    ALS on block terms has local minima and swamps: ``n_init`` starts (the first from
+    ``init``, the others random) are screened for a few sweeps and the best is continued
+    (see :func:`btd_als`). ``random_state`` (int, Generator or None = seed 0) seeds the
+    random starts, so results are deterministic.
     Math runs in ``compute_dtype`` (float64 by default); the factors come back in the
     input's kind (numpy / torch) and dtype.
 
@@ -288,7 +291,7 @@ def _start(T, ranks, init, generator):
     return cores, factors
 
 
-def btd_als(T: torch.Tensor, ranks, *, n_iter_max=100, tol_rel=1e-8, init="hosvd", n_init=8, screen_iter=50,
+def btd_als(T: torch.Tensor, ranks, *, n_iter_max=100, tol_rel=1e-8, init="hosvd", n_init=4, screen_iter=10,
             generator=None):
     """Monotone ALS for a block-term decomposition of a validated compute tensor ``T``.
 

@@ -80,13 +80,15 @@ def pq_size_bits(shape, block_size: int, n_centroids: int, *, code_bits: int | N
 # ----------------------------------------------------------------------------- k-means
 
 def _sq_norms(X):
-    return (X * X).sum(-1)
+    return X[..., 0] ** 2 if X.shape[-1] == 1 else (X * X).sum(-1)
 
 
 def _assign(X, C):
     """Nearest centroid of every point: X (B, n, d), C (B, k, d) -> (codes (B, n), dist2 (B, n))."""
     B, n, d = X.shape
     k = C.shape[1]
+    if d == 1:
+        return _assign_scalar(X, C)
     c2 = _sq_norms(C)[:, None, :]
     step = max(1, _CHUNK_ELEMENTS // max(1, B * k))
     codes = torch.empty(B, n, dtype=torch.long, device=X.device)
@@ -102,6 +104,17 @@ def _assign(X, C):
     return codes, _sq_norms(X - chosen)
 
 
+def _assign_scalar(X, C):
+    """1-D assignment by binary search between sorted centroids: O(n log k) instead of O(n k)."""
+    B, n, _ = X.shape
+    values, order = C[..., 0].sort(dim=1)                        # (B, k)
+    mids = (values[:, 1:] + values[:, :-1]) / 2                  # decision boundaries
+    pos = torch.searchsorted(mids.contiguous(), X[..., 0].contiguous())   # (B, n) in sorted order
+    codes = torch.gather(order, 1, pos)
+    chosen = torch.gather(C[..., 0], 1, codes)
+    return codes, (X[..., 0] - chosen) ** 2
+
+
 def _kmeans_pp(X, k, generator):
     """k-means++ seeding (Arthur & Vassilvitskii 2007), batched over B independent sets."""
     B, n, d = X.shape
@@ -111,10 +124,14 @@ def _kmeans_pp(X, k, generator):
     C[:, 0] = X[rows, first]
     d2 = _sq_norms(X - C[:, :1])
     for j in range(1, k):
-        weights = d2.clone()
-        flat = weights.sum(-1) <= 0          # every point already a centroid: pick uniformly
-        weights[flat] = 1.0
-        pick = torch.multinomial(weights.cpu(), 1, generator=generator)[:, 0].to(X.device)
+        # sample with probability d2 / sum(d2) by inverse CDF (torch.multinomial is slow for large n)
+        cum = d2.cumsum(-1)
+        total = cum[:, -1:]
+        u = torch.rand(B, 1, generator=generator, dtype=X.dtype).to(X.device) * total
+        pick = torch.searchsorted(cum, u, right=True)[:, 0].clamp_max(n - 1)
+        flat = total[:, 0] <= 0              # every point already a centroid: pick uniformly
+        if flat.any():
+            pick[flat] = torch.randint(n, (int(flat.sum()),), generator=generator).to(X.device)
         C[:, j] = X[rows, pick]
         d2 = torch.minimum(d2, _sq_norms(X - C[:, j:j + 1]))
     return C
@@ -255,7 +272,7 @@ def pq(W, block_size: int | None = None, n_centroids: int | None = None, *, bits
     n_sub = -(-row_length // block_size)
     M = T.reshape(rows, row_length)
     if n_sub * block_size != row_length:
-        M = torch.nn.functional.pad(M, (0, n_sub * block_size - row_length))
+        M = torch.cat([M, M.new_zeros(rows, n_sub * block_size - row_length)], dim=1)
     X = _sub_vectors(M, block_size, shared_codebook)
     n_points = X.shape[1]
     where = "the layer" if shared_codebook else "each sub-space"

@@ -34,6 +34,14 @@ weight error is amplified by at most ``||L^{-1}|| = 1 / (2 sin(pi / 2N))`` (``L`
 normal with eigenvalues ``lambda_i - mu_j``), which is reported as ``operator_bound``;
 ``error_bound`` is the measured residual ``||W - M[:m, :n]||_F`` (a posteriori, exact).
 
+Quality caveat (measured, benchmarks/bench_pq_structured.py): truncating the displacement
+is not a best approximation in the weight norm — the inverse operator can amplify the
+discarded displacement by up to ~N/pi — and on the trained MNISTNet Linear(3136 -> 128)
+the rank-1..16 LDR reconstructions have relative weight errors above 1. Sindhwani et al.
+train LDR layers; use :func:`ldr` as an initialization to fine-tune, not as a drop-in
+compression of a trained layer (the Toeplitz/circulant projections are at least
+Frobenius-optimal in their class).
+
 FFT products (used by the layers): ``Z_1(c) x = irfft(rfft(c) * rfft(x))``;
 ``Z_{-1}(v) x = D^{-1} Z_1(D v) D x`` with ``D = diag(exp(i pi k / N))``.
 """
@@ -257,13 +265,15 @@ def circulant_apply(blocks: torch.Tensor, x: torch.Tensor, m: int) -> torch.Tens
     n_out, n_in, b = blocks.shape
     n = x.shape[-1]
     if n != n_in * b:
-        x = torch.nn.functional.pad(x, (0, n_in * b - n))
+        x = torch.cat([x, x.new_zeros(*x.shape[:-1], n_in * b - n)], dim=-1)
     Xf = torch.fft.rfft(x.reshape(*x.shape[:-1], n_in, b), dim=-1)      # (..., n_in, F)
     Cf = torch.fft.rfft(blocks, dim=-1)                                 # (n_out, n_in, F)
     if n_in == 1:
         Yf = Xf * Cf[:, 0]
-    else:
-        Yf = torch.einsum("...jf,ijf->...if", Xf, Cf)
+    else:                                                               # one complex bmm over frequencies
+        lead = Xf.shape[:-2]
+        Xb = Xf.reshape(-1, n_in, Xf.shape[-1]).permute(2, 0, 1)        # (F, B, n_in)
+        Yf = torch.matmul(Xb, Cf.permute(2, 1, 0)).permute(1, 2, 0).reshape(*lead, n_out, -1)
     y = torch.fft.irfft(Yf, n=b, dim=-1).reshape(*x.shape[:-1], n_out * b)
     return y[..., :m]
 

@@ -20,3 +20,11 @@ from .calibrate import Calibration, calibrate  # noqa: E402
 from .finetune import finetune  # noqa: E402
 
 __all__ += ["Calibration", "calibrate", "finetune"]
+
+from .btd import BlockTermConv  # noqa: E402
+from .cp import CPConv  # noqa: E402
+from .speed import SlowerThanDenseWarning  # noqa: E402
+from .tt import TTLinear  # noqa: E402
+from .tucker import TuckerConv  # noqa: E402
+
+__all__ += ["TuckerConv", "CPConv", "TTLinear", "BlockTermConv", "SlowerThanDenseWarning"]

@@ -36,6 +36,7 @@ class Calibration:
     """Input Grams of the calibrated layers, keyed by dotted module name.
 
     ``grams[name]``: float64 CPU tensor ``(groups, P, P)`` (``groups = 1`` for Linear);
+    ``sums[name]``: ``(groups, P)`` the sum of the rows (for the mean / covariance);
     ``samples[name]``: rows accumulated (input vectors, or patches per group);
     ``weight_shapes[name]``: the layer's weight shape; ``batches``: batches run.
     ``calibration[name]`` is the Gram; ``calibration.gram_for(layer)`` finds a layer of
@@ -43,6 +44,7 @@ class Calibration:
     """
 
     grams: dict = field(default_factory=dict)
+    sums: dict = field(default_factory=dict)
     samples: dict = field(default_factory=dict)
     weight_shapes: dict = field(default_factory=dict)
     batches: int = 0
@@ -67,17 +69,36 @@ class Calibration:
         G = self[name]
         return G / max(self.samples[name], 1) if normalized else G
 
-    def gram_for(self, layer, context: str = "") -> torch.Tensor:
-        """The Gram of ``layer``: the calibrated module itself, else the only calibrated layer."""
+    def mean(self, name) -> torch.Tensor:
+        """``(groups, P)`` mean input row of ``name``."""
+        return self.sums[name] / max(self.samples[name], 1)
+
+    def covariance(self, name) -> torch.Tensor:
+        """``(groups, P, P)`` centered Gram ``sum (x - mean)(x - mean)^T = X^T X - n mean mean^T`` (PSD)."""
+        G, S, n = self[name], self.sums[name], max(self.samples[name], 1)
+        C = G - S[:, :, None] * S[:, None, :] / n
+        return 0.5 * (C + C.transpose(1, 2))
+
+    def statistics(self, name, center: bool = True):
+        """``(gram, mean)`` to pass as ``gram=, input_mean=``: the covariance and mean when ``center``,
+        else the uncentered Gram and None."""
+        return (self.covariance(name), self.mean(name)) if center else (self[name], None)
+
+    def name_of(self, layer, context: str = "") -> str:
+        """The name of ``layer``: the calibrated module itself, else the only calibrated layer."""
         for name, ref in self._modules.items():
             if ref() is layer and name in self.grams:
-                return self.grams[name]
+                return name
         if len(self.grams) == 1:
-            return next(iter(self.grams.values()))
+            return next(iter(self.grams))
         prefix = f"{context}: " if context else ""
         raise ValueError(f"{prefix}this layer is not one of the calibrated modules and the calibration holds "
                          f"{len(self.grams)} layers; pass gram=calibration[name] (names: {sorted(self.grams)[:8]}"
                          f"{' ...' if len(self.grams) > 8 else ''}) or use compress(model, calibration=...)")
+
+    def gram_for(self, layer, context: str = "") -> torch.Tensor:
+        """The (uncentered) Gram of ``layer`` (see :meth:`name_of`)."""
+        return self.grams[self.name_of(layer, context)]
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -89,7 +110,7 @@ class Calibration:
 
 
 def calibrate(model, data, max_batches=None, layers=None, progress=True, *, batch_size=128,
-              chunk_elements=DEFAULT_CHUNK_ELEMENTS) -> Calibration:
+              chunk_elements=DEFAULT_CHUNK_ELEMENTS, forward=None) -> Calibration:
     """Run ``data`` through ``model`` and collect each target layer's input Gram (float64).
 
     ``data``: an iterable of batches, each a tensor or a tuple/list whose first element is
@@ -98,7 +119,9 @@ def calibrate(model, data, max_batches=None, layers=None, progress=True, *, batc
     or fnmatch patterns of the modules to calibrate (default: every Linear/Conv1d/2d/3d;
     transposed convs are never targeted); a pattern that matches no such module raises
     ValueError. ``progress`` shows a tqdm bar. The model is not modified (see module
-    docstring). Layers that never ran get no entry.
+    docstring). Layers that never ran get no entry. ``forward(model, batch)`` runs the
+    model on one batch (default: ``model(first element)``; e.g. ``lambda m, b: m(*b)`` for
+    a model taking several tensors).
     """
     targets = _select_layers(model, layers)
     if isinstance(max_batches, bool) or (max_batches is not None and (not isinstance(max_batches, int)
@@ -112,12 +135,13 @@ def calibrate(model, data, max_batches=None, layers=None, progress=True, *, batc
         def hook(module, args):
             if not args or not isinstance(args[0], torch.Tensor):
                 raise TypeError(f"calibrate: {name} ({type(module).__name__}) was called without a tensor input")
-            G, rows = input_gram(module, args[0], chunk_elements=chunk_elements)
+            G, rows, S = input_gram(module, args[0], chunk_elements=chunk_elements, with_sum=True)
             if name in result.grams:
                 result.grams[name] += G.cpu()
+                result.sums[name] += S.cpu()
                 result.samples[name] += rows
             else:
-                result.grams[name], result.samples[name] = G.cpu(), rows
+                result.grams[name], result.sums[name], result.samples[name] = G.cpu(), S.cpu(), rows
                 result.weight_shapes[name] = tuple(module.weight.shape)
                 result._modules[name] = weakref.ref(module)
         return hook
@@ -131,8 +155,11 @@ def calibrate(model, data, max_batches=None, layers=None, progress=True, *, batc
                                                     _count(data, batch_size, max_batches))):
                 if max_batches is not None and index >= max_batches:
                     break
-                x = batch_input(batch)
-                model(x.to(device) if device is not None and isinstance(x, torch.Tensor) else x)
+                if forward is not None:
+                    forward(model, batch)
+                else:
+                    x = batch_input(batch)
+                    model(x.to(device) if device is not None and isinstance(x, torch.Tensor) else x)
                 result.batches += 1
     finally:
         for hook in hooks:
@@ -146,18 +173,24 @@ def calibrate(model, data, max_batches=None, layers=None, progress=True, *, batc
 
 # --------------------------------------------------------------------------- Grams
 
-def input_gram(layer, x, chunk_elements=DEFAULT_CHUNK_ELEMENTS):
-    """``(G, rows)``: the float64 Gram ``(groups, P, P)`` of ``layer``'s weight-matrix inputs for input ``x``."""
+def input_gram(layer, x, chunk_elements=DEFAULT_CHUNK_ELEMENTS, with_sum=False):
+    """``(G, rows)``: the float64 Gram ``(groups, P, P)`` of ``layer``'s weight-matrix inputs for input ``x``.
+
+    ``with_sum=True`` returns ``(G, rows, S)`` with ``S (groups, P)`` the sum of the rows.
+    """
     if isinstance(layer, nn.Linear):
         rows = x.detach().reshape(-1, x.shape[-1])
         G = torch.zeros(1, rows.shape[1], rows.shape[1], dtype=torch.float64, device=x.device)
+        S = torch.zeros(1, rows.shape[1], dtype=torch.float64, device=x.device)
         step = max(1, chunk_elements // max(rows.shape[1], 1))
         for start in range(0, rows.shape[0], step):
             chunk = rows[start:start + step].double()
             G[0] += chunk.T @ chunk
-        return G, rows.shape[0]
+            S[0] += chunk.sum(0)
+        return (G, rows.shape[0], S) if with_sum else (G, rows.shape[0])
     if isinstance(layer, CONV_TYPES):
-        return _conv_gram(layer, x.detach(), chunk_elements)
+        G, rows, S = _conv_gram(layer, x.detach(), chunk_elements)
+        return (G, rows, S) if with_sum else (G, rows)
     raise TypeError(f"input_gram: expected nn.Linear or nn.Conv1d/2d/3d, got {type(layer).__name__}")
 
 
@@ -210,6 +243,7 @@ def _conv_gram(conv, x, chunk_elements):
         K *= k
     P = (C // g) * K
     G = torch.zeros(g, P, P, dtype=torch.float64, device=x.device)
+    S = torch.zeros(g, P, dtype=torch.float64, device=x.device)
     positions = 1
     for o in out_spatial:
         positions *= o
@@ -227,14 +261,16 @@ def _conv_gram(conv, x, chunk_elements):
             # (b, *O, C, *K) -> (rows, g, C/g*K) -> (g, rows, P)
             chunk = view.permute(perm).reshape(-1, g, P).double().transpose(0, 1)
             G += chunk.transpose(1, 2) @ chunk
-    return G, B * positions
+            S += chunk.sum(1)
+    return G, B * positions, S
 
 
 # --------------------------------------------------------------------------- compress(calibration=)
 
 OUTPUT_BOUND_NOTE = ("data-aware (calibrated) layers: rel_error_bound is the certified relative OUTPUT error "
-                     "||(W - W')X^T||_F / ||W X^T||_F on the calibration inputs X (before bias), not a weight "
-                     "error; rel_error is still the measured relative weight error")
+                     "||(W - W')(X - mean)^T||_F / ||W (X - mean)^T||_F on the calibration inputs X (centered; the "
+                     "bias absorbs the mean shift (W - W') mean, so it is the whole output error; layers without a "
+                     "bias use X uncentered), not a weight error; rel_error is still the relative weight error")
 
 
 def calibrated_plan(plan, layers, calibration, report):
@@ -257,7 +293,7 @@ def calibrated_plan(plan, layers, calibration, report):
         method = settings.get("method", "svd")
         entry = methods.get(method)
         kind = "linear" if isinstance(layers[name], nn.Linear) else len(layers[name].kernel_size)
-        if entry is None or kind not in entry.builders or "gram" not in entry.options(kind):
+        if entry is None or kind not in entry.builders or not {"gram", "input_mean"} <= set(entry.options(kind)):
             weight_only.append(f"{name} ({method})")
             continue
         if name not in calibration:
@@ -268,7 +304,9 @@ def calibrated_plan(plan, layers, calibration, report):
         if shape is not None and tuple(shape) != tuple(layers[name].weight.shape):
             raise ValueError(f"{name}: the calibration was recorded for a weight of shape {tuple(shape)}, but the "
                              f"layer's weight has shape {tuple(layers[name].weight.shape)}; calibrate this model")
-        new_plan[name] = dict(settings, gram=calibration[name])
+        center = settings.get("center", True) and layers[name].bias is not None
+        gram, mean = calibration.statistics(name, center=center)
+        new_plan[name] = {**{k: v for k, v in settings.items() if k != "center"}, "gram": gram, "input_mean": mean}
         used = True
     if used:
         report.notes.append(OUTPUT_BOUND_NOTE)

@@ -39,7 +39,7 @@ def distillation_loss(student_logits, teacher_logits, labels=None, temperature=4
 
 def finetune(student, teacher, data, epochs=1, temperature=4.0, alpha=0.9, lr=1e-3, layer_match=None,
              progress=True, *, match_weight=1.0, batch_size=64, max_batches=None, weight_decay=0.0,
-             student_train_mode=True, random_state=0) -> list:
+             student_train_mode=True, random_state=0, forward=None) -> list:
     """Distil ``teacher`` into ``student`` on ``data``; returns the per-epoch history.
 
     ``data``: a re-iterable of batches (a tensor, or tuples ``(x,)`` / ``(x, labels)``
@@ -49,7 +49,10 @@ def finetune(student, teacher, data, epochs=1, temperature=4.0, alpha=0.9, lr=1e
     ``max_batches`` limits the batches per epoch. Returns a list with one dict per epoch:
     ``epoch, steps, loss, kd`` (mean over the epoch's batches) and ``ce`` / ``match`` /
     ``accuracy`` (student's training accuracy on the labelled batches) where they apply.
+    ``forward(model, x) -> logits`` runs a model on a batch input (default ``model(x)``;
+    e.g. ``lambda m, x: m(*x)`` for models taking several tensors).
     """
+    run = forward or (lambda model, x: model(x))
     _check(student, teacher, epochs, temperature, alpha, lr)
     pairs = _match_pairs(student, teacher, layer_match)
     if not isinstance(data, torch.Tensor) and iter(data) is data and epochs > 1:
@@ -79,29 +82,29 @@ def finetune(student, teacher, data, epochs=1, temperature=4.0, alpha=0.9, lr=1e
                     break
                 x, labels = _split_batch(batch, device)
                 with torch.no_grad():
-                    teacher_logits = teacher(x)
-                student_logits = student(x)
+                    teacher_logits = run(teacher, x)
+                student_logits = run(student, x)
                 loss, kd, ce = distillation_loss(student_logits, teacher_logits, labels, temperature, alpha)
                 match = None
                 if pairs:
                     match = sum(F.mse_loss(captured["student"][s], captured["teacher"][t].detach())
                                 for s, t in pairs)
                     loss = loss + match_weight * match
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"finetune: the loss became {float(loss)} at epoch {epoch + 1}, "
+                if not torch.isfinite(loss.detach()):
+                    raise FloatingPointError(f"finetune: the loss became {loss.item()} at epoch {epoch + 1}, "
                                              f"batch {index}; lower lr={lr}")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 steps += 1
-                sums["loss"] += float(loss)
-                sums["kd"] += float(kd)
+                sums["loss"] += loss.item()
+                sums["kd"] += kd.item()
                 if ce is not None:
-                    sums["ce"] += float(ce)
+                    sums["ce"] += ce.item()
                     correct += int((student_logits.argmax(-1) == labels).sum())
                     labelled += int(labels.numel())
                 if match is not None:
-                    sums["match"] += float(match)
+                    sums["match"] += match.item()
                 for store in captured.values():
                     store.clear()
             if steps == 0:
@@ -176,6 +179,8 @@ def _split_batch(batch, device):
             labels = batch[1].to(device)
     else:
         x = batch
+    if isinstance(x, (tuple, list)):
+        return type(x)(t.to(device) if isinstance(t, torch.Tensor) else t for t in x), labels
     return x.to(device), labels
 
 

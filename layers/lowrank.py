@@ -17,7 +17,10 @@ Data-aware (``gram=X^T X`` of the layer's inputs, or ``calibration=`` from
 channel scheme truncate the whitened matrix instead, which minimizes the OUTPUT error
 ``||(W - W')X^T||_F`` on the calibration data; then ``error_bound`` is that certified
 output error, ``output_norm = ||W X^T||_F``, ``error_kind = "output"`` (``weight_error``
-and ``weight_norm`` give the weight error). The spatial scheme refuses ``gram=``: its
+and ``weight_norm`` give the weight error). With ``input_mean=`` (``gram`` then being the
+centered covariance; what ``calibration=`` passes with ``center=True`` for layers with a
+bias) the bias is corrected by ``(W - W') mean``, so the certified error is the whole
+output error on the calibration data and the truncation is not spent on the mean. The spatial scheme refuses ``gram=``: its
 output error couples the kw columns of each patch (the Gram of a patch is not
 ``I_kw ⊗ G_(c,y)``), so no whitening of the (c, y) rows turns it into a plain truncated
 SVD with a certified optimum; use scheme="channel".
@@ -74,13 +77,42 @@ def _attach_report(module, factors):
     return module
 
 
-def _resolve_gram(layer, gram, calibration, context):
-    """The Gram to use: ``gram=``, or ``calibration.gram_for(layer)``; not both."""
-    if calibration is None:
-        return gram
-    if gram is not None:
-        raise ValueError(f"{context}: pass gram= or calibration=, not both")
-    return calibration.gram_for(layer, context)
+def _resolve_gram(layer, gram, input_mean, calibration, center, context):
+    """``(gram, input_mean)`` to use: the given ones, or the layer's statistics in ``calibration``.
+
+    With ``calibration`` and ``center`` (and a bias to absorb the mean shift) the centered
+    covariance and the mean are used, else the uncentered Gram.
+    """
+    if calibration is not None:
+        if gram is not None or input_mean is not None:
+            raise ValueError(f"{context}: pass gram=/input_mean= or calibration=, not both")
+        name = calibration.name_of(layer, context)
+        return calibration.statistics(name, center=bool(center) and layer.bias is not None)
+    if input_mean is not None:
+        if gram is None:
+            raise ValueError(f"{context}: input_mean= goes with gram= (the centered covariance of the inputs)")
+        if layer.bias is None:
+            raise ValueError(f"{context}: input_mean= corrects the bias by (W - W') mean, but the layer has no "
+                             f"bias; pass the uncentered Gram X^T X without input_mean=")
+    return gram, input_mean
+
+
+def _mean_correction(matrix, A, B, input_mean, context):
+    """``(W - A B) mean`` per output row, flattened ``(g*m,)``: the bias shift that re-centres the outputs."""
+    W = matrix.detach().double()
+    g, m, n = W.shape
+    mean = torch.as_tensor(input_mean, dtype=torch.float64, device=W.device).reshape(-1, n)
+    if mean.shape[0] not in (1, g):
+        raise ValueError(f"{context}: input_mean of shape {tuple(input_mean.shape)} does not match the weight "
+                         f"matrix of shape {tuple(W.shape)}; expected ({n},) or ({g}, {n})")
+    E = W - A.double() @ B.double()
+    return (E @ mean.expand(g, n)[..., None]).reshape(g * m)
+
+
+def _copy_bias(bias_param, layer_bias, matrix, A, B, input_mean, context):
+    bias_param.copy_(layer_bias)
+    if input_mean is not None:
+        bias_param.add_(_mean_correction(matrix, A, B, input_mean, context).to(bias_param.dtype))
 
 
 class LowRankLinear(FactorizedChain):
@@ -100,7 +132,7 @@ class LowRankLinear(FactorizedChain):
 
     @classmethod
     def from_dense(cls, linear, *, rank=None, energy=None, tol=None, ratio=None, context="",
-                   solver="exact", random_state=None, gram=None, whitening="cholesky"):
+                   solver="exact", random_state=None, gram=None, input_mean=None, whitening="cholesky"):
         A, B, factors = _factorize(cls.weight_matrix(linear), rank=rank, energy=energy, tol=tol, ratio=ratio,
                                    context=context, solver=solver, random_state=random_state, gram=gram,
                                    whitening=whitening)
@@ -109,7 +141,7 @@ class LowRankLinear(FactorizedChain):
         module.reduce.weight.copy_(B[0])
         module.expand.weight.copy_(A[0])
         if linear.bias is not None:
-            module.expand.bias.copy_(linear.bias)
+            _copy_bias(module.expand.bias, linear.bias, cls.weight_matrix(linear), A, B, input_mean, context)
         return _attach_report(module, factors)
 
     @staticmethod
@@ -149,7 +181,7 @@ class LowRankConv(FactorizedChain):
 
     @classmethod
     def from_dense(cls, conv, *, rank=None, energy=None, tol=None, ratio=None, context="",
-                   solver="exact", random_state=None, gram=None, whitening="cholesky"):
+                   solver="exact", random_state=None, gram=None, input_mean=None, whitening="cholesky"):
         cfg = conv_config(conv)
         g, N = conv.groups, conv.out_channels
         if g > 1 and conv.in_channels // g == 1:
@@ -163,7 +195,7 @@ class LowRankConv(FactorizedChain):
         module.reduce.weight.copy_(B.reshape(module.reduce.weight.shape))
         module.expand.weight.copy_(A.reshape(module.expand.weight.shape))
         if conv.bias is not None:
-            module.expand.bias.copy_(conv.bias)
+            _copy_bias(module.expand.bias, conv.bias, cls.weight_matrix(conv), A, B, input_mean, context)
         return _attach_report(module, factors)
 
     @staticmethod
@@ -226,10 +258,10 @@ class SpatialLowRankConv(FactorizedChain):
 
     @classmethod
     def from_dense(cls, conv, *, rank=None, energy=None, tol=None, ratio=None, context="",
-                   solver="exact", random_state=None, gram=None, whitening="cholesky"):
+                   solver="exact", random_state=None, gram=None, input_mean=None, whitening="cholesky"):
         if len(conv.kernel_size) != 2:
             raise ValueError(f"{context}: scheme='spatial' applies to Conv2d only; use scheme='channel'")
-        if gram is not None:
+        if gram is not None or input_mean is not None:
             raise ValueError(f"{context}: data-aware decomposition (gram=/calibration=) supports the channel "
                              f"scheme only: the spatial scheme's output error couples the kernel columns of "
                              f"each patch, so no whitening gives a certified optimum; use scheme='channel'")
@@ -264,22 +296,26 @@ SCHEMES = {"channel": LowRankConv, "spatial": SpatialLowRankConv}
 
 @register("svd", ["linear"], "truncated SVD: two matmuls (Denton et al. 2014)")
 def _svd_linear(layer, *, rank=None, energy=None, tol=None, ratio=None, context="", solver="exact",
-                random_state=None, gram=None, calibration=None, whitening="cholesky"):
+                random_state=None, gram=None, input_mean=None, calibration=None, center=True,
+                whitening="cholesky"):
     _check_solver(solver, context)
+    gram, input_mean = _resolve_gram(layer, gram, input_mean, calibration, center, context)
     return LowRankLinear.from_dense(layer, rank=rank, energy=energy, tol=tol, ratio=ratio, context=context,
                                     solver=solver, random_state=random_state, whitening=whitening,
-                                    gram=_resolve_gram(layer, gram, calibration, context))
+                                    gram=gram, input_mean=input_mean)
 
 
 @register("svd", [1, 2, 3], "truncated SVD: channel (Zhang 2016) or spatial (Jaderberg 2014) scheme")
 def _svd_conv(layer, *, rank=None, energy=None, tol=None, ratio=None, context="", scheme="channel",
-              solver="exact", random_state=None, gram=None, calibration=None, whitening="cholesky"):
+              solver="exact", random_state=None, gram=None, input_mean=None, calibration=None, center=True,
+              whitening="cholesky"):
     _check_solver(solver, context)
     if scheme not in SCHEMES:
         raise ValueError(f"{context}: scheme={scheme!r} is not one of {sorted(SCHEMES)}")
+    gram, input_mean = _resolve_gram(layer, gram, input_mean, calibration, center, context)
     return SCHEMES[scheme].from_dense(layer, rank=rank, energy=energy, tol=tol, ratio=ratio, context=context,
                                       solver=solver, random_state=random_state, whitening=whitening,
-                                      gram=_resolve_gram(layer, gram, calibration, context))
+                                      gram=gram, input_mean=input_mean)
 
 
 def _check_solver(solver, context):
@@ -291,10 +327,19 @@ __all__ = ["LowRankLinear", "LowRankConv", "SpatialLowRankConv"]
 
 
 @register_budget_profile("svd")
-def _svd_budget_profile(layer, *, scheme="channel", **_options):
-    """Energies (squared singular values summed over groups) and a meta-device builder."""
+def _svd_budget_profile(layer, *, scheme="channel", gram=None, **_options):
+    """Energies (squared singular values summed over groups) and a meta-device builder.
+
+    With ``gram`` (the layer's calibration Gram / covariance, as passed to the builder) the
+    energies are those of the OUTPUT spectrum ``s_i(W L)`` that the data-aware SVD truncates.
+    """
     cls = LowRankLinear if isinstance(layer, nn.Linear) else SCHEMES[scheme]
-    spectrum = torch.linalg.svdvals(cls.weight_matrix(layer).detach().double())
+    matrix = cls.weight_matrix(layer).detach().double()
+    if gram is not None:
+        from decomp.whitened import whitening_factor
+        G = torch.as_tensor(gram, dtype=torch.float64, device=matrix.device)
+        matrix = matrix @ whitening_factor(G.expand(matrix.shape[0], *G.shape[-2:]))[0]
+    spectrum = torch.linalg.svdvals(matrix)
     config = linear_config(layer) if cls is LowRankLinear else conv_config(layer)
     bias = layer.bias is not None
 

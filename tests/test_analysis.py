@@ -181,8 +181,10 @@ def test_energy_table_rejects_bad_threshold(net):
 
 def test_spectra_of_model(net):
     out = spectra(net)
-    assert "depthwise" in out and "conv3d" in out
-    assert "conv1d" not in spectra(net, "spatial")  # the spatial scheme is Conv2d only
+    assert "conv3d" in out and "head.2" in out
+    assert "depthwise" not in out  # the channel scheme cannot factorize a depthwise conv
+    spatial = spectra(net, "spatial")
+    assert "depthwise" in spatial and "conv1d" not in spatial  # the spatial scheme is Conv2d only
 
 
 # ---------------------------------------------------------------- sensitivity
@@ -249,7 +251,7 @@ def test_sensitivity_options_layers_and_errors(small, inputs):
         with torch.no_grad():
             return float(model(inputs).abs().sum())
 
-    table = sensitivity(small, eval_fn, spec="rank", grid=(1, 2), layers=["co*"], progress=False, scheme="spatial")
+    table = sensitivity(small, eval_fn, spec="rank", grid=(1, 2), layers=["co*"], progress=True, scheme="spatial")
     assert table.layers == ["conv"] and table.spec == "rank"
     both = sensitivity(small, eval_fn, spec="ratio", grid=(0.3,), progress=False, scheme="spatial")
     assert both.layers == ["conv", "fc"]  # scheme= is not passed to the Linear layer
@@ -311,7 +313,11 @@ def test_plot_pareto_and_sensitivity(small, inputs, mpl, tmp_path):
     with pytest.raises(ValueError, match="metric"):
         plot_pareto([dict(method="svd", params=1)])
 
-    table = sensitivity(small, lambda m: float(m(inputs).square().mean()), grid=(0.5, 0.999), progress=False)
+    def eval_fn(model):
+        with torch.no_grad():
+            return float(model(inputs).square().mean())
+
+    table = sensitivity(small, eval_fn, grid=(0.5, 0.999), progress=False)
     for relative in (False, True):
         path = tmp_path / f"sens{relative}.png"
         _check_png(plot_sensitivity(table, relative=relative, save=path), mpl, path)

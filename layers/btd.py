@@ -1,0 +1,134 @@
+"""Block-term layers: method ``"btd"`` (Wang & Cheng 2016; De Lathauwer 2008).
+
+``BlockTermConv`` (Conv1d/2d/3d): the kernel ``K (N, C, *k)`` is a sum of ``n_blocks``
+Tucker blocks ``G_b ×_0 U_b ×_1 V_b`` (:func:`decomp.btd.btd` with block ranks
+``(R_out, R_in, *k)``: the spatial modes are kept whole, or absorbed into the cores when
+``ratio=`` truncates them), and the layer is
+
+* ``first``  1x1 conv C -> n_blocks*R_in (the stacked ``V_b^T``);
+* ``core``   grouped k x k conv, groups = n_blocks (block b maps its R_in channels to its
+  R_out channels with ``G_b``); carries stride, padding incl. 'same'/'valid',
+  padding_mode, dilation;
+* ``last``   1x1 conv n_blocks*R_out -> N (the stacked ``U_b``, the original bias).
+
+One block is :class:`~layers.tucker.TuckerConv`; many small blocks trade the core's
+``R_in R_out k^2`` for ``n_blocks (R_in R_out / n_blocks^2) k^2`` at equal channel widths.
+MACs ``C B R_in H W + k^2 B R_in R_out H'W' + N B R_out H'W'``.
+
+Ranks: ``n_blocks=`` (default 4) and ``rank=R`` (R_out = R_in = R) or ``(R_out, R_in)``
+(the same for every block), or ``ratio=`` (uniform blocks, :func:`decomp.btd.btd`); no
+``energy=``/``tol=`` (no spectrum, ranks not nested). Grouped convs: one BTD per group,
+the stages become grouped convs (first/last groups=g, core groups=g*n_blocks); depthwise
+convs are refused. ``error_bound`` is the exact a-posteriori error of the fit (root sum
+of squares over groups). ALS is slow (about 0.1 s per sweep even on small kernels on a
+loaded CPU, minutes for 256x256x3x3 with decomp's defaults), so the layer defaults are
+``n_iter_max=50``, ``n_init=2`` (decomp's: 100, 8); both are passed to :func:`decomp.btd.btd`.
+"""
+from __future__ import annotations
+
+import torch
+
+from decomp import btd as btd_decomp
+from decomp.factors import mode_product
+
+from ._tensor import attach_report, combine_bounds, conv_type, group_kernels, probe_config, refuse_depthwise
+from ._validate import conv_config
+from .base import FactorizedChain
+from .registry import register
+from .speed import check_speed_options, finish
+
+
+class BlockTermConv(FactorizedChain):
+    """``first`` 1x1 C -> g*B*R_in, ``core`` k x k (groups g*B) -> g*B*R_out, ``last`` 1x1 -> N (bias)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, rank, n_blocks, stride=1, padding=0, dilation=1,
+                 groups=1, bias=True, padding_mode="zeros", dim=2, device=None, dtype=None):
+        super().__init__()
+        self.dense_config = probe_config(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                                         padding_mode, dim)
+        r_out, r_in = (rank, rank) if isinstance(rank, int) else tuple(int(r) for r in rank)
+        self.rank, self.n_blocks = (r_out, r_in), int(n_blocks)
+        g, B, conv = groups, int(n_blocks), conv_type(dim)
+        kw = dict(device=device, dtype=dtype)
+        self.first = conv(in_channels, g * B * r_in, 1, groups=g, bias=False, **kw)
+        self.core = conv(g * B * r_in, g * B * r_out, kernel_size, stride=stride, padding=padding, dilation=dilation,
+                         groups=g * B, bias=False, padding_mode=padding_mode, **kw)
+        self.last = conv(g * B * r_out, out_channels, 1, groups=g, bias=bias, **kw)
+
+    @property
+    def config(self):
+        return dict(**self.dense_config, rank=self.rank, n_blocks=self.n_blocks, bias=self.bias is not None)
+
+    @classmethod
+    def from_dense(cls, conv, *, rank=None, energy=None, tol=None, ratio=None, context="", n_blocks=4,
+                   n_iter_max=50, n_init=2, random_state=None):
+        refuse_depthwise(conv, context, "btd")
+        k = tuple(conv.kernel_size)
+        block_rank = None
+        if rank is not None:
+            if isinstance(rank, int) and not isinstance(rank, bool):
+                rank = (rank, rank)
+            if not isinstance(rank, (tuple, list)) or len(rank) != 2:
+                raise ValueError(f"{context}: rank={rank!r}: pass rank=R or rank=(R_out, R_in), the channel ranks "
+                                 f"of every block (the spatial modes are kept whole)")
+            block_rank = tuple(rank) + k
+        results = [btd_decomp(K, n_blocks=n_blocks, rank=block_rank, energy=energy, tol=tol, ratio=ratio,
+                              n_iter_max=n_iter_max, n_init=n_init, random_state=random_state,
+                              compute_dtype=torch.float64, context=context) for K in group_kernels(conv)]
+        # absorb the spatial factors into the cores: every block becomes (R_out, R_in, *k)
+        blocks = []
+        for f in results:
+            group = []
+            for core, Us in f.blocks:
+                for a in range(len(k)):
+                    core = mode_product(core, Us[2 + a], 2 + a)
+                group.append((core, Us[0], Us[1]))
+            blocks.append(group)
+        r_out, r_in = blocks[0][0][0].shape[:2]
+        module = cls(**conv_config(conv), rank=(int(r_out), int(r_in)), n_blocks=n_blocks, bias=conv.bias is not None,
+                     device=conv.weight.device, dtype=conv.weight.dtype)
+        module.first.weight.copy_(torch.cat([V.T for group in blocks for _, _, V in group])
+                                  .reshape(module.first.weight.shape))
+        module.core.weight.copy_(torch.cat([G for group in blocks for G, _, _ in group])
+                                 .reshape(module.core.weight.shape))
+        module.last.weight.copy_(torch.stack([torch.cat([U for _, U, _ in group], dim=1) for group in blocks])
+                                 .reshape(module.last.weight.shape))
+        if conv.bias is not None:
+            module.last.bias.copy_(conv.bias)
+        module.btd_info = [f.info for f in results]
+        return attach_report(module, *combine_bounds([f.error_bound for f in results], [f.norm for f in results]))
+
+    def dense_weight(self):
+        cfg = self.dense_config
+        g, N, C, B = cfg["groups"], cfg["out_channels"], cfg["in_channels"], self.n_blocks
+        r_out, r_in = self.rank
+        k = tuple(cfg["kernel_size"])
+        kk = 1
+        for s in k:
+            kk *= s
+        U = self.last.weight.reshape(g, N // g, B, r_out)
+        G = self.core.weight.reshape(g, B, r_out, r_in, kk).transpose(3, 4)  # (g, B, R_out, kk, R_in)
+        V = self.first.weight.reshape(g, B, r_in, C // g)
+        inner = (G @ V[:, :, None]).reshape(g, B, r_out, kk * (C // g))
+        W = torch.einsum("gnbo,gbox->gnx", U, inner).reshape(N, kk, C // g)
+        return W.transpose(1, 2).reshape(N, C // g, *k)
+
+    def extra_repr(self):
+        return f"n_blocks={self.n_blocks}, rank={self.rank}"
+
+
+@register("btd", [1, 2, 3], "block-term: 1x1, grouped k x k (groups=n_blocks), 1x1 (Wang & Cheng 2016)",
+          spec_kinds=("rank", "ratio"))
+def _btd_conv(layer, *, rank=None, energy=None, tol=None, ratio=None, context="", n_blocks=4, n_iter_max=50,
+              n_init=2, random_state=None, optimize=None, input_shape=None, on_slower="warn"):
+    check_speed_options(optimize, input_shape, on_slower, context)
+    options = dict(context=context, n_blocks=n_blocks, n_iter_max=n_iter_max, n_init=n_init,
+                   random_state=random_state)
+    module = BlockTermConv.from_dense(layer, rank=rank, energy=energy, tol=tol, ratio=ratio, **options)
+    g = layer.groups
+    return finish(module, layer, optimize=optimize, input_shape=input_shape, on_slower=on_slower, context=context,
+                  rebuild=lambda r: BlockTermConv.from_dense(layer, rank=r, **options),
+                  limits=(layer.out_channels // g, layer.in_channels // g))
+
+
+__all__ = ["BlockTermConv"]

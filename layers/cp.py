@@ -1,0 +1,222 @@
+"""CP layers: method ``"cp"`` (Lebedev et al. 2015).
+
+``CPConv`` (Conv1d/2d/3d): the kernel ``K (N, C, *k)`` is CP-decomposed,
+``K ~= sum_r a_r ⊗ b_r ⊗ u^(1)_r ⊗ ... ⊗ u^(d)_r``, and the layer is
+
+* ``first``     1x1 conv C -> R (``b_r``);
+* ``depthwise`` one depthwise conv per spatial axis (groups=R): kernel k_a along axis a,
+  with that axis' stride, padding (int, or 'same'/'valid'), dilation and padding_mode
+  (2-D: k x 1 then 1 x k, exactly Lebedev's scheme; 1-D: one stage; 3-D: three);
+* ``last``      1x1 conv R -> N (``a_r`` with the CP weights, the original bias).
+
+Padding every axis in its own stage is exact for every padding mode: reflect/replicate/
+circular padding are per-axis index maps, which commute with a conv acting along the
+other axes (and zero padding commutes with the bias-free 1x1 ``first``). Parameters
+``R (C + sum k_a + N)`` (+ bias); MACs per output pixel of the separable form
+``R C (input pixels) + R k_a (each stage's output) + R N``.
+
+``implementation``: ``"separable"`` (default; the stages above) or ``"fused"`` (2-D/3-D:
+one depthwise conv with the rank-1 kernel ``u^(1) ⊗ ... ⊗ u^(d)`` built on the fly from
+the same parameters: more MACs, one memory pass fewer -- on CPUs this is sometimes
+faster). ``optimize="speed"`` times both and keeps the faster (:mod:`layers.speed`).
+``flops()`` counts what the chosen implementation runs.
+
+Grouped convs: each group's kernel gets its own CP at a shared rank (stages become grouped
+convs with groups=g; the depthwise stages have g*R channels). Depthwise convs, Linear
+layers (a matrix's CP is its SVD: use ``svd``, or ``tt`` for a tensorized matrix) and
+``energy=`` (CP has no spectrum) are refused. ``rank=R``, ``tol=`` (smallest rank found whose
+fit meets it), ``ratio=``. ``error_bound`` is the exact a-posteriori error of the fit
+(root sum of squares over groups), ``weight_norm = ||K||_F``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from decomp import cp as cp_decomp
+
+from ._accounting import layer_macs
+from ._tensor import attach_report, combine_bounds, conv_type, group_kernels, probe_config, refuse_depthwise
+from ._validate import conv_config
+from .base import FactorizedLayer
+from .registry import register
+from .speed import check_speed_options, finish
+
+FUNCTIONAL = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+IMPLEMENTATIONS = ("separable", "fused")
+
+
+def _along(values, axis, dim, other):
+    return tuple(values[a] if a == axis else other for a in range(dim))
+
+
+def _axis_padding(padding, axis, dim):
+    if isinstance(padding, str):
+        return padding
+    return _along(padding, axis, dim, 0)
+
+
+class CPConv(FactorizedLayer):
+    """``first`` 1x1 conv C -> g*R, one depthwise stage per spatial axis, ``last`` 1x1 conv -> N (bias)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, rank, stride=1, padding=0, dilation=1, groups=1,
+                 bias=True, padding_mode="zeros", dim=2, implementation="separable", device=None, dtype=None):
+        super().__init__()
+        cfg = probe_config(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode,
+                           dim)
+        self.dense_config = cfg
+        self.rank = int(rank)
+        g, R, conv = groups, int(rank), conv_type(dim)
+        kw = dict(device=device, dtype=dtype)
+        self.first = conv(in_channels, g * R, 1, groups=g, bias=False, **kw)
+        k, s, p, d = cfg["kernel_size"], cfg["stride"], cfg["padding"], cfg["dilation"]
+        self.depthwise = nn.ModuleList(
+            conv(g * R, g * R, _along(k, a, dim, 1), stride=_along(s, a, dim, 1), padding=_axis_padding(p, a, dim),
+                 dilation=_along(d, a, dim, 1), groups=g * R, bias=False, padding_mode=padding_mode, **kw)
+            for a in range(dim))
+        self.last = conv(g * R, out_channels, 1, groups=g, bias=bias, **kw)
+        # the fused form pads exactly like the dense conv would
+        probe = conv(1, 1, k, stride=s, padding=p, dilation=d, padding_mode=padding_mode, device="meta")
+        self._fused_pad = tuple(probe._reversed_padding_repeated_twice)
+        self.implementation = implementation
+
+    @property
+    def implementation(self):
+        return self._implementation
+
+    @implementation.setter
+    def implementation(self, value):
+        if value not in IMPLEMENTATIONS:
+            raise ValueError(f"implementation={value!r} is not one of {IMPLEMENTATIONS}")
+        self._implementation = value
+
+    @property
+    def implementations(self):
+        return IMPLEMENTATIONS if self.dense_config["dim"] > 1 else ("separable",)
+
+    @property
+    def bias(self):
+        return self.last.bias
+
+    @property
+    def config(self):
+        return dict(**self.dense_config, rank=self.rank, bias=self.bias is not None,
+                    implementation=self.implementation)
+
+    def fused_kernel(self):
+        """The rank-1 depthwise kernel ``(g*R, 1, *k)``: product of the per-axis kernels (broadcast)."""
+        kernel = self.depthwise[0].weight
+        for stage in self.depthwise[1:]:
+            kernel = kernel * stage.weight
+        return kernel
+
+    def _fused(self, x):
+        cfg = self.dense_config
+        padding = cfg["padding"]
+        if cfg["padding_mode"] != "zeros":
+            x = F.pad(x, self._fused_pad, mode=cfg["padding_mode"])
+            padding = 0
+        return FUNCTIONAL[cfg["dim"]](x, self.fused_kernel(), None, cfg["stride"], padding, cfg["dilation"],
+                                      self.first.out_channels)
+
+    def forward(self, x):
+        x = self.first(x)
+        if self._implementation == "fused":
+            x = self._fused(x)
+        else:
+            for stage in self.depthwise:
+                x = stage(x)
+        return self.last(x)
+
+    def flops_and_shape(self, input_shape):
+        total, shape = layer_macs(self.first, input_shape)
+        if self._implementation == "fused":
+            batch_shape = shape
+            cfg = self.dense_config
+            probe = conv_type(cfg["dim"])(self.first.out_channels, self.first.out_channels, cfg["kernel_size"],
+                                          stride=cfg["stride"], padding=cfg["padding"], dilation=cfg["dilation"],
+                                          groups=self.first.out_channels, bias=False, device="meta")
+            macs, shape = layer_macs(probe, batch_shape)
+            total += macs
+        else:
+            for stage in self.depthwise:
+                macs, shape = layer_macs(stage, shape)
+                total += macs
+        macs, shape = layer_macs(self.last, shape)
+        return total + macs, shape
+
+    @classmethod
+    def from_dense(cls, conv, *, rank=None, energy=None, tol=None, ratio=None, context="", random_state=None,
+                   n_iter_max=100):
+        refuse_depthwise(conv, context, "cp")
+        kernels = group_kernels(conv)
+        g = conv.groups
+
+        def run(K, **spec):
+            return cp_decomp(K, **spec, random_state=random_state, n_iter_max=n_iter_max,
+                             compute_dtype=torch.float64, context=context)
+        results = [run(kernels[i], rank=rank, energy=energy, tol=tol, ratio=ratio) for i in range(g)]
+        R = max(f.rank for f in results)
+        if any(f.rank != R for f in results):  # grouped + tol=: share the largest rank found
+            results = [run(kernels[i], rank=R) for i in range(g)]
+        cfg = conv_config(conv)
+        module = cls(**cfg, rank=R, bias=conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype)
+        parts = [f.absorbed_factors() for f in results]
+        module.first.weight.copy_(torch.cat([p[1].T for p in parts]).reshape(module.first.weight.shape))
+        for a, stage in enumerate(module.depthwise):
+            stage.weight.copy_(torch.cat([p[2 + a].T for p in parts]).reshape(stage.weight.shape))
+        last = torch.stack([p[0] for p in parts])  # (g, N/g, R)
+        module.last.weight.copy_(last.reshape(module.last.weight.shape))
+        if conv.bias is not None:
+            module.last.bias.copy_(conv.bias)
+        module.cp_info = [f.info for f in results]
+        return attach_report(module, *combine_bounds([f.error_bound for f in results], [f.norm for f in results]))
+
+    def dense_weight(self):
+        cfg = self.dense_config
+        g, N, C, R, dim = cfg["groups"], cfg["out_channels"], cfg["in_channels"], self.rank, cfg["dim"]
+        k = tuple(cfg["kernel_size"])
+        A = self.last.weight.reshape(g, N // g, R)
+        B = self.first.weight.reshape(g, R, C // g)
+        # spatial part per component: (g, R, prod k)
+        S = self.fused_kernel().reshape(g, R, math.prod(k))
+        # W[n, c, s] = sum_r A[n, r] B[r, c] S[r, s]
+        W = A @ (B[:, :, :, None] * S[:, :, None, :]).reshape(g, R, -1)
+        return W.reshape(N, C // g, *k)
+
+    def extra_repr(self):
+        return f"rank={self.rank}, implementation={self.implementation!r}"
+
+
+@register("cp", [1, 2, 3], "CP: 1x1, one depthwise conv per spatial axis, 1x1 (Lebedev et al. 2015)",
+          spec_kinds=("rank", "tol", "ratio"))
+def _cp_conv(layer, *, rank=None, energy=None, tol=None, ratio=None, context="", random_state=None, n_iter_max=100,
+             implementation="separable", optimize=None, input_shape=None, on_slower="warn"):
+    check_speed_options(optimize, input_shape, on_slower, context)
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"{context}: implementation={implementation!r} is not one of {IMPLEMENTATIONS}")
+
+    def build(**spec):
+        module = CPConv.from_dense(layer, **spec, context=context, random_state=random_state, n_iter_max=n_iter_max)
+        module.implementation = implementation
+        return module
+    module = build(rank=rank, energy=energy, tol=tol, ratio=ratio)
+    shape = (layer.out_channels // layer.groups,) + tuple(layer.weight.shape[1:])
+    limit = math.prod(shape) // max(shape)  # decomp.cp's default max_rank
+    return finish(module, layer, optimize=optimize, input_shape=input_shape, on_slower=on_slower, context=context,
+                  rebuild=lambda r: build(rank=r), limits=limit)
+
+
+@register("cp", ["linear"], "CP: not for Linear (a matrix's CP is its SVD)", spec_kinds=("rank", "tol", "ratio"))
+def _cp_linear(layer, *, rank=None, energy=None, tol=None, ratio=None, context="", random_state=None, n_iter_max=100,
+               implementation="separable", optimize=None, input_shape=None, on_slower="warn"):
+    # same options as the conv builder, so compress(model, method="cp", ...) reaches this message
+    raise ValueError(f"{context}: method='cp' needs a 3-way or higher kernel, but a Linear weight is a matrix, "
+                     f"whose CP decomposition is its (truncated) SVD; use method='svd' for that, or method='tt' "
+                     f"for a tensorized (TT-matrix) factorization")
+
+
+__all__ = ["CPConv"]
