@@ -181,9 +181,19 @@ def _budget_plan(candidates, plan, shapes, budget, method, options, report):
     return new_plan
 
 
+def _speed_settings(settings, input_shape, name):
+    """With optimize='speed', time each layer on its recorded input and keep slower ones dense."""
+    if settings.get("optimize") is None:
+        return settings
+    if input_shape is None:
+        raise ValueError(f"{name}: optimize='speed' in compress needs example_input= to time each layer "
+                         f"on the shape it really sees")
+    return {"input_shape": input_shape, "on_slower": "raise", **settings}
+
+
 def _replace_layer(model, name, layer, settings, record, input_shape):
     record.method = settings.get("method", "svd")
-    settings = {k: v for k, v in settings.items() if v is not None}
+    settings = _speed_settings({k: v for k, v in settings.items() if v is not None}, input_shape, name)
     if isinstance(layer, TRANSPOSED_TYPES):
         record.status = "skipped: transposed convolutions are not supported"
         return
@@ -198,6 +208,7 @@ def _replace_layer(model, name, layer, settings, record, input_shape):
                          f"not fewer than the dense {record.params_before:,}")
         return
     record.rank = getattr(factorized, "rank", None)
+    record.speedup = getattr(factorized, "speedup", None)
     record.params_after = factorized.num_params
     record.rel_error = _relative_error(layer, factorized)
     record.rel_error_bound = _relative_bound(factorized)

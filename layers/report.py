@@ -30,6 +30,7 @@ class LayerRecord:
     rel_error: float | None = None
     rel_error_bound: float | None = None
     status: str = "replaced"
+    speedup: float | None = None
 
     @property
     def replaced(self) -> bool:
@@ -82,25 +83,32 @@ class Report:
         import pandas as pd  # optional dependency
         return pd.DataFrame([asdict(r) for r in self.layers])
 
+    @property
+    def columns(self) -> tuple:
+        """COLUMNS, plus ``speedup`` before ``status`` when any layer was timed."""
+        if any(r.speedup is not None for r in self.layers):
+            return COLUMNS[:-1] + ("speedup", "status")
+        return COLUMNS
+
     def rows(self) -> list:
-        return [[_fmt(getattr(r, c)) for c in COLUMNS] for r in self.layers]
+        return [[_fmt(getattr(r, c)) for c in self.columns] for r in self.layers]
 
     def _total_row(self) -> list:
         t = self.totals()
-        row = {c: "" for c in COLUMNS}
+        row = {c: "" for c in self.columns}
         row.update(name="total", params_before=_fmt(t["params_before"]), params_after=_fmt(t["params_after"]),
                    flops_before=_fmt(t.get("flops_before")), flops_after=_fmt(t.get("flops_after")))
-        return [row[c] for c in COLUMNS]
+        return [row[c] for c in self.columns]
 
     def to_markdown(self) -> str:
         rows = self.rows() + [self._total_row()]
-        lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        lines = ["| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
         return "\n".join(lines + [f"\n{note}" for note in self.notes])
 
     def __str__(self) -> str:
-        rows = [list(COLUMNS)] + self.rows() + [self._total_row()]
-        widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+        rows = [list(self.columns)] + self.rows() + [self._total_row()]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(self.columns))]
         text = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
         text.insert(1, "  ".join("-" * w for w in widths))
         t = self.totals()

@@ -10,7 +10,8 @@ transpose that moves the new output digit ``m_k`` to the front -- no einsum path
 no batched tiny GEMMs. ``"ltr"`` runs the same scheme on the reversed train (digits of the
 input and output reversed). MACs of one order:
 ``sum_k rows * (prod_{j<k} n_j) * (prod_{j>k} m_j) * r_{k-1} m_k n_k r_k``; the cheaper of
-the two is the default for 2 cores. ``"rtl-pairs"`` (the default from 3 cores on) first
+the two is the default, unless ``"rtl-pairs"`` (3 cores or more) needs at most 1.25x its MACs
+at 64 rows, which then is the default. ``"rtl-pairs"`` first
 merges adjacent cores pairwise (exact; ``sum r_{k-1} m_k n_k r_k m_{k+1} n_{k+1} r_{k+1}``
 MACs per forward, independent of the batch) and contracts the half-length train: more
 MACs, but half the GEMMs and transposes, each larger. Measured on one CPU thread
@@ -99,8 +100,8 @@ class TTLinear(FactorizedLayer):
             self.bias = nn.Parameter(torch.empty(out_features, **kw))
         else:
             self.register_parameter("bias", None)
-        if implementation is None:  # measured (benchmarks/bench_tensor_layers.py): pairs win from 3 cores on
-            implementation = "rtl-pairs" if d >= 3 else min(ORDERS[:2], key=self._order_macs)
+        if implementation is None:
+            implementation = self._default_implementation()
         self.implementation = implementation
         self.reset_parameters()
 
@@ -115,6 +116,14 @@ class TTLinear(FactorizedLayer):
         if value not in ORDERS:
             raise ValueError(f"implementation={value!r} is not one of {ORDERS}")
         self._implementation = value
+
+    def _default_implementation(self, rows=64):
+        """The cheaper of rtl/ltr at ``rows`` rows, or rtl-pairs (from 3 cores) unless it needs over 1.25x the
+        MACs there: pairs ran faster at equal MACs in the benchmarks (fewer, larger GEMMs)."""
+        best = min(ORDERS[:2], key=lambda order: self._order_macs(order, rows))
+        if len(self.in_shape) >= 3 and self._order_macs("rtl-pairs", rows) <= 1.25 * self._order_macs(best, rows):
+            return "rtl-pairs"
+        return best
 
     def _order_macs(self, order, rows=1):
         if order == "rtl":

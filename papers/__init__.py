@@ -1,0 +1,1 @@
+"""Reproductions of the classic papers' tables (see papers/README.md)."""

@@ -15,7 +15,6 @@ Comparison rules (``Check.rule``):
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
@@ -117,8 +116,4 @@ def finish(name: str, checks, tables=()) -> int:
     return 1 if bad else 0
 
 
-def ratio(a, b) -> float:
-    return a / b if b else math.inf
-
-
-__all__ = ["Check", "setup_threads", "fmt", "table", "checks_table", "failures", "finish", "ratio"]
+__all__ = ["Check", "setup_threads", "fmt", "table", "checks_table", "failures", "finish"]

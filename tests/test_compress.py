@@ -180,3 +180,27 @@ def test_mnist_cnn_budget_beats_uniform_ratio():
     uniform, uniform_report = compress(model, ratio=0.25, example_input=images[:1], progress=False)
     assert report.model_params_after <= 0.25 * report.model_params_before
     assert zoo.accuracy(by_budget, images, labels) > zoo.accuracy(uniform, images, labels) + 0.5
+
+
+def test_optimize_speed_times_layers_and_keeps_slower_ones_dense(monkeypatch):
+    """compress passes each layer's recorded input shape; a layer measured slower stays dense."""
+    from layers import speed
+
+    def fake_times(modules, x, repeats=7, warmup=2):  # the factorized conv "loses", the linear "wins"
+        slow = x.ndim == 4
+        return {name: (2.0 if (name == "factorized") == slow else 1.0) for name in modules}
+
+    monkeypatch.setattr(speed, "time_modules", fake_times)
+    model = small_model()
+    small, report = compress(model, method="tucker", rank=4, optimize="speed", example_input=EXAMPLE,
+                             include=["2", "5"], progress=False)
+    status = {r.name: r for r in report.layers}
+    assert "slower" in status["2"].status or "speedup" in status["2"].status
+    assert isinstance(small[2], nn.Conv2d)
+    assert status["5"].replaced and status["5"].speedup == 2.0
+    assert "speedup" in report.columns
+
+
+def test_optimize_speed_needs_example_input():
+    with pytest.raises(ValueError, match="needs example_input"):
+        compress(small_model(), method="tucker", rank=4, optimize="speed", include=["2"], progress=False)

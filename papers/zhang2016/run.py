@@ -6,6 +6,7 @@ Run: ``python -m papers.zhang2016.run`` (or ``python papers/zhang2016/run.py``).
 """
 from __future__ import annotations
 
+import copy
 import math
 import sys
 from pathlib import Path
@@ -135,7 +136,7 @@ def kept_energy(layer, rank) -> float:
 
 
 def apply_ranks(model, ranks):
-    out = __import__("copy").deepcopy(model)
+    out = copy.deepcopy(model)
     for name, rank in ranks.items():
         if rank is None:
             continue
