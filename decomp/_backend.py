@@ -85,3 +85,13 @@ def make_generator(random_state, device=None) -> torch.Generator:
     generator = torch.Generator(device=device or "cpu")
     generator.manual_seed(int(random_state) if random_state is not None else 0)
     return generator
+
+
+def check_iteration_options(where: str, n_iter_max, tol_rel, init, inits) -> None:
+    """Validate the options shared by the iterative (ALS) methods; ValueError naming ``where``."""
+    if not isinstance(n_iter_max, (int, np.integer)) or isinstance(n_iter_max, bool) or n_iter_max < 1:
+        raise ValueError(f"{where}: n_iter_max={n_iter_max!r} must be an int >= 1")
+    if isinstance(tol_rel, bool) or not isinstance(tol_rel, (int, float)) or not tol_rel >= 0:
+        raise ValueError(f"{where}: tol_rel={tol_rel!r} must be a number >= 0")
+    if init not in inits:
+        raise ValueError(f"{where}: init={init!r} is not one of {inits}")

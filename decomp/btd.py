@@ -33,7 +33,7 @@ import math
 
 import torch
 
-from ._backend import as_compute_tensor, make_generator
+from ._backend import as_compute_tensor, check_iteration_options, make_generator
 from .factors import BlockTermFactors, tucker_block_to_tensor
 from .rank import largest_rank_within
 
@@ -87,12 +87,7 @@ def btd(A, n_blocks=None, rank=None, *, ratio=None, energy=None, tol=None, n_ite
         raise ValueError(f"{context}: the block-term decomposition needs an array with at least 3 dimensions, "
                          f"got shape {shape}; for a matrix use decomp.svd")
     where = f"{context} (shape {shape})"
-    if not isinstance(n_iter_max, int) or isinstance(n_iter_max, bool) or n_iter_max < 1:
-        raise ValueError(f"{where}: n_iter_max={n_iter_max!r} must be an int >= 1")
-    if not isinstance(tol_rel, (int, float)) or not tol_rel >= 0:
-        raise ValueError(f"{where}: tol_rel={tol_rel!r} must be a number >= 0")
-    if init not in INITS:
-        raise ValueError(f"{where}: init={init!r} is not one of {INITS}")
+    check_iteration_options(where, n_iter_max, tol_rel, init, INITS)
     if rank is not None:
         ranks = _block_ranks(rank, n_blocks, shape, where)
     else:

@@ -41,7 +41,7 @@ import string
 
 import torch
 
-from ._backend import as_compute_tensor, make_generator
+from ._backend import as_compute_tensor, check_iteration_options, make_generator
 from .factors import CPFactors, cp_reconstruct
 from .rank import check_rank, largest_rank_within, parse_rank_spec
 
@@ -130,12 +130,7 @@ def _validate(A, context, compute_dtype):
 
 
 def _check_options(where, n_iter_max, tol_rel, init, degeneracy_threshold):
-    if not isinstance(n_iter_max, int) or isinstance(n_iter_max, bool) or n_iter_max < 1:
-        raise ValueError(f"{where}: n_iter_max={n_iter_max!r} must be an int >= 1")
-    if not isinstance(tol_rel, (int, float)) or not tol_rel >= 0:
-        raise ValueError(f"{where}: tol_rel={tol_rel!r} must be a number >= 0")
-    if init not in INITS:
-        raise ValueError(f"{where}: init={init!r} is not one of {INITS}")
+    check_iteration_options(where, n_iter_max, tol_rel, init, INITS)
     if not isinstance(degeneracy_threshold, (int, float)) or not degeneracy_threshold > 1:
         raise ValueError(f"{where}: degeneracy_threshold={degeneracy_threshold!r} must be a number > 1")
 

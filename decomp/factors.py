@@ -23,6 +23,13 @@ import numpy as np
 from ._backend import to_torch
 
 
+def _in_kind_of(result, like):
+    """The torch ``result`` in the array kind, dtype and device of ``like``."""
+    if isinstance(like, np.ndarray):
+        return result.detach().cpu().numpy().astype(like.dtype, copy=False)
+    return result.to(device=like.device, dtype=like.dtype)
+
+
 class Factorization:
     """Base class of all factor objects (see module docstring for the protocol)."""
 
@@ -142,10 +149,6 @@ def cp_reconstruct(weights, factors):
     return full.permute([order.index(m) for m in range(len(shape))]).contiguous()
 
 
-def _same_kind(result, like):
-    return result.numpy() if isinstance(like, np.ndarray) else result
-
-
 @dataclass(repr=False)
 class CPFactors(Factorization):
     """CP / CANDECOMP-PARAFAC ``A ~= sum_r weights[r] factors[0][:, r] ⊗ ... ⊗ factors[N-1][:, r]``.
@@ -184,7 +187,7 @@ class CPFactors(Factorization):
 
     def to_tensor(self):
         result = cp_reconstruct(to_torch(self.weights), [to_torch(F) for F in self.factors])
-        return _same_kind(result, self.weights)
+        return _in_kind_of(result, self.weights)
 
     def absorbed_factors(self):
         """The factors with the weights multiplied into the first one (what a layer stores)."""
@@ -198,11 +201,6 @@ class CPFactors(Factorization):
 
 
 # --- Tucker and tensor-train factors (decomp/tucker.py, decomp/tt.py) -------------------------
-
-def _kind_of(result, like):
-    """Return the torch ``result`` as a numpy array when ``like`` is one."""
-    return result.numpy() if isinstance(like, np.ndarray) else result
-
 
 def mode_product(tensor, matrix, mode: int):
     """``tensor ×_mode matrix`` for torch tensors: ``matrix (J, I_mode)`` replaces axis ``mode``."""
@@ -261,7 +259,7 @@ class TuckerFactors(Factorization):
         result = to_torch(self.core)
         for n, U in zip(self.modes, self.factors):
             result = mode_product(result, to_torch(U), n)
-        return _kind_of(result, self.core)
+        return _in_kind_of(result, self.core)
 
     def __repr__(self):
         bound = "None" if self.error_bound is None else f"{self.error_bound:.4g}"
@@ -321,7 +319,7 @@ class TTFactors(Factorization):
 
     def to_tensor(self):
         result = tt_contract([to_torch(c) for c in self.cores]).reshape(self.shape)
-        return _kind_of(result, self.cores[0])
+        return _in_kind_of(result, self.cores[0])
 
     def __repr__(self):
         bound = "None" if self.error_bound is None else f"{self.error_bound:.4g}"
@@ -374,7 +372,7 @@ class TTMatrixFactors(Factorization):
         interleaved = [s for pair in zip(self.out_shape, self.in_shape) for s in pair]
         order = list(range(0, 2 * d, 2)) + list(range(1, 2 * d, 2))
         result = full.reshape(interleaved).permute(order).reshape(self.shape)
-        return _kind_of(result, self.cores[0])
+        return _in_kind_of(result, self.cores[0])
 
     def __repr__(self):
         bound = "None" if self.error_bound is None else f"{self.error_bound:.4g}"
@@ -384,13 +382,6 @@ class TTMatrixFactors(Factorization):
 
 # --------------------------------------------------------------------------- PQ / structured
 # (product quantization: decomp/pq.py; Toeplitz / circulant / LDR: decomp/structured.py)
-
-def _as_torch_result(result, like):
-    """The torch ``result`` in the array kind, dtype and device of ``like``."""
-    if isinstance(like, np.ndarray):
-        return result.detach().cpu().numpy().astype(like.dtype, copy=False)
-    return result.to(device=like.device, dtype=like.dtype)
-
 
 @dataclass(repr=False)
 class ProductQuantized(Factorization):
@@ -466,7 +457,7 @@ class ProductQuantized(Factorization):
         rows, n_sub, d = self.shape[0], self.n_sub, self.block_size
         blocks = C[0][codes] if C.shape[0] == 1 else C[_arange(n_sub, C.device)[None, :], codes]
         dense = blocks.reshape(rows, n_sub * d)[:, :self.row_length].reshape(self.shape)
-        return _as_torch_result(dense, self.codebooks)
+        return _in_kind_of(dense, self.codebooks)
 
     def __repr__(self):
         bound = "None" if self.error_bound is None else f"{self.error_bound:.4g}"
@@ -502,7 +493,7 @@ class ToeplitzFactors(Factorization):
     def to_tensor(self):
         from .structured import toeplitz_index
         t = to_torch(self.diagonals)
-        return _as_torch_result(t[toeplitz_index(*self.shape, device=t.device)], self.diagonals)
+        return _in_kind_of(t[toeplitz_index(*self.shape, device=t.device)], self.diagonals)
 
     def __repr__(self):
         return f"ToeplitzFactors(shape={self.shape}, num_params={self.num_params}, error_bound={self.error_bound:.4g})"
@@ -535,7 +526,7 @@ class CirculantFactors(Factorization):
     def to_tensor(self):
         from .structured import circulant_index
         c = to_torch(self.blocks).reshape(-1)
-        return _as_torch_result(c[circulant_index(*self.shape, self.block_size, device=c.device)], self.blocks)
+        return _in_kind_of(c[circulant_index(*self.shape, self.block_size, device=c.device)], self.blocks)
 
     def __repr__(self):
         return (f"CirculantFactors(shape={self.shape}, block_size={self.block_size}, num_params={self.num_params}, "
@@ -582,7 +573,7 @@ class LDRFactors(Factorization):
     def to_tensor(self):
         from .structured import ldr_dense
         m, n = self.shape
-        return _as_torch_result(ldr_dense(to_torch(self.G), to_torch(self.H), n_cols=n)[:m], self.G)
+        return _in_kind_of(ldr_dense(to_torch(self.G), to_torch(self.H), n_cols=n)[:m], self.G)
 
     def __repr__(self):
         return (f"LDRFactors(shape={self.shape}, rank={self.rank}, num_params={self.num_params}, "
@@ -642,7 +633,7 @@ class BlockTermFactors(Factorization):
         for core, Us in self.blocks:
             block = tucker_block_to_tensor(to_torch(core), [to_torch(U) for U in Us])
             total = block if total is None else total + block
-        return _same_kind(total, self.blocks[0][0])
+        return _in_kind_of(total, self.blocks[0][0])
 
     def __repr__(self):
         bound = "None" if self.error_bound is None else f"{self.error_bound:.4g}"

@@ -84,14 +84,11 @@ def allocate(profiles: dict, cost_of: Callable, fixed_cost: float, target: float
     ``fixed_cost`` counts everything outside the profiled layers. Returns the ranks per
     layer (None for layers that stay dense) and the total cost reached.
     """
-    def cost(name):
-        profile = profiles[name]
+    costs = {name: _cost_function(profile, lambda module, name=name: cost_of(name, module))
+             for name, profile in profiles.items()}
 
-        def of(ranks):
-            if ranks not in profile._cache:
-                profile._cache[ranks] = cost_of(name, profile.build(ranks))
-            return profile._cache[ranks]
-        return of
+    def cost(name):
+        return costs[name]
 
     state = {name: None for name in profiles}
     total = fixed_cost + sum(p.dense_cost for p in profiles.values())
@@ -143,6 +140,26 @@ def _fill_up(profiles, state, cost, total, target):
         _, name, larger, extra = best
         state[name] = larger
         total += extra
+
+
+def _cost_function(profile, measure):
+    """``ranks -> cost`` for one layer, memoized.
+
+    Costs are always read off real modules built at those ranks; when the layer has one
+    rank axis and its cost is affine in the rank (checked at ranks 1, 2 and full), the
+    line through the measured points is used instead of building a module per rank.
+    """
+    def built(ranks):
+        if ranks not in profile._cache:
+            profile._cache[ranks] = measure(profile.build(ranks))
+        return profile._cache[ranks]
+
+    if len(profile.full_ranks) == 1 and profile.full_ranks[0] >= 3:
+        first, second, full = built((1,)), built((2,)), built(profile.full_ranks)
+        slope = second - first
+        if full == first + slope * (profile.full_ranks[0] - 1):
+            return lambda ranks: first + slope * (ranks[0] - 1)
+    return built
 
 
 def _next_move(profile, ranks, cost):

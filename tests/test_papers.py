@@ -27,12 +27,6 @@ PAPERS = {"zhang2016": zhang, "kim2016": kim, "lebedev2015": lebedev, "jaderberg
           "novikov2015": novikov, "stock2020": stock}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------- the comparison logic

@@ -13,13 +13,6 @@ from decomp.pq import block_for_bits, code_dtype, kmeans
 from layers import PQConv, PQLinear, decompose
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny FFTs/matmuls: intra-op threads only add overhead on the shared CI cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------- size accounting

@@ -32,13 +32,6 @@ def random_circulant(m, n, b, gen):
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny FFTs/matmuls: intra-op threads only add overhead on the shared CI cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 # ----------------------------------------------------------------------------- projections
 
