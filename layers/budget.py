@@ -24,6 +24,10 @@ from typing import Callable
 
 import numpy as np
 
+# Components keeping less than this fraction of a layer's energy are rounding noise (e.g.
+# the jitter of a whitened spectrum); the fill-up pass does not spend budget on them.
+NOISE_ENERGY = 1e-9
+
 
 @dataclass
 class BudgetProfile:
@@ -133,6 +137,8 @@ def _fill_up(profiles, state, cost, total, target):
                 if extra <= 0 or total + extra > target or of(larger) >= profile.dense_cost:
                     continue
                 gain = math.log(profile.kept_fraction(larger)) - math.log(profile.kept_fraction(ranks))
+                if gain <= NOISE_ENERGY:  # a component that keeps (numerically) no energy is not worth its cost
+                    continue
                 if best is None or gain / extra > best[0]:
                     best = (gain / extra, name, larger, extra)
         if best is None:

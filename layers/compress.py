@@ -101,12 +101,12 @@ def compress(model, method="svd", *, rank=None, energy=None, tol=None, ratio=Non
         settings = _policy_for(name, policy, default if _matches(name, include) else None)
         excluded = settings is None or (_matches(name, exclude) and not _matches(name, (policy or {}).keys()))
         plan[name] = "skipped: excluded" if excluded else settings
-    if budget is not None:
-        _check_budget_request(default, policy, budget, example_input)
-        plan = _budget_plan(candidates, plan, shapes, budget, method, options, report)
     if calibration is not None:
         from .calibrate import calibrated_plan
         plan = calibrated_plan(plan, dict(candidates), calibration, report)
+    if budget is not None:
+        _check_budget_request(default, policy, budget, example_input)
+        plan = _budget_plan(candidates, plan, shapes, budget, method, report)
     for name, layer in _progress(candidates, progress):
         record = LayerRecord(name=name, type=type(layer).__name__, shape=tuple(layer.weight.shape),
                              params_before=sum(p.numel() for p in layer.parameters()))
@@ -136,8 +136,12 @@ def _check_budget_request(default, policy, budget, example_input):
         raise ValueError("budget=dict(flops=...) needs example_input= to count the layers' FLOPs")
 
 
-def _budget_plan(candidates, plan, shapes, budget, method, options, report):
-    """Replace the per-layer settings of targeted layers by globally allocated ranks."""
+def _budget_plan(candidates, plan, shapes, budget, method, report):
+    """Replace the per-layer settings of targeted layers by globally allocated ranks.
+
+    Each layer's profile is built from its own settings (method options, and the
+    calibration ``gram=`` when compress was calibrated: the allocation then weighs the
+    output spectrum, not the weights')."""
     from .budget import allocate
     from .registry import available_methods
 
@@ -152,9 +156,12 @@ def _budget_plan(candidates, plan, shapes, budget, method, options, report):
     def cost_of(name, module):
         return count_params(module) if kind == "params" else layer_macs(module, shapes[name])[0]
 
+    layer_options = {name: {k: v for k, v in plan[name].items()
+                            if v is not None and k not in ("method", "rank", "energy", "tol", "ratio")}
+                     for name in targeted}
     profiles = {}
     for name in targeted:
-        profiles[name] = entry.budget_profile(layers[name], **options)
+        profiles[name] = entry.budget_profile(layers[name], **layer_options[name])
         profiles[name].dense_cost = cost_of(name, layers[name])
     if kind == "params":
         total = report.model_params_before
@@ -176,7 +183,7 @@ def _budget_plan(candidates, plan, shapes, budget, method, options, report):
         if ranks is None:
             new_plan[name] = "skipped: kept dense by the budget allocation"
         else:
-            new_plan[name] = dict(method=method, rank=ranks[0] if len(ranks) == 1 else ranks, **options)
+            new_plan[name] = dict(method=method, rank=ranks[0] if len(ranks) == 1 else ranks, **layer_options[name])
     report.budget = allocation
     return new_plan
 

@@ -204,3 +204,26 @@ def test_optimize_speed_times_layers_and_keeps_slower_ones_dense(monkeypatch):
 def test_optimize_speed_needs_example_input():
     with pytest.raises(ValueError, match="needs example_input"):
         compress(small_model(), method="tucker", rank=4, optimize="speed", include=["2"], progress=False)
+
+
+def test_calibrated_budget_allocates_by_output_energy():
+    """With calibration, the allocation reads s_i(W L), so an input that only excites a few
+    directions makes the layer cheap to compress even though its weight spectrum is flat."""
+    from layers import calibrate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.linalg.qr(torch.randn(64, 64)).Q)        # flat spectrum
+        model[1].weight.copy_(torch.linalg.qr(torch.randn(64, 64)).Q * 0.5)  # flat spectrum
+    # inputs of layer 0 live in 4 directions; layer 1 sees them rotated: 4 directions too
+    data = torch.randn(512, 4) @ torch.randn(4, 64)
+    cal = calibrate(model, data, progress=False)
+    small, report = compress(model, budget=dict(params=0.3), calibration=cal, progress=False)
+    blind, blind_report = compress(model, budget=dict(params=0.3), progress=False)
+    assert report.budget.met and blind_report.budget.met
+    with torch.no_grad():
+        reference = model(data)
+        out_error = float((small(data) - reference).norm() / reference.norm())
+        blind_error = float((blind(data) - reference).norm() / reference.norm())
+    assert out_error < 1e-4 < 0.1 < blind_error
