@@ -6,7 +6,7 @@
     decomp compress MODEL --method svd (--energy E | --tol T | --ratio R | --rank K |
                     --budget-params F | --budget-flops F) [--include PAT ...] [--exclude PAT ...]
                     [--set KEY=VALUE ...] -o OUT [--eval] [--report-json FILE]
-    decomp demo [--limit N]
+    decomp demo [--limit N] [--plots DIR | --no-plots]
     decomp zoo
 
 MODEL is a zoo name (``decomp zoo`` lists them) or a file: a ``torch.export`` archive
@@ -170,7 +170,7 @@ def _compress(args) -> int:
 def _demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(limit=args.limit)
+    run_demo(limit=args.limit, plots_dir=None if args.no_plots else args.plots)
     return 0
 
 
@@ -242,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="compress the pretrained MNIST CNN with every method and report")
     demo.add_argument("--limit", type=int, default=None, help="evaluate on the first N images only")
+    demo.add_argument("--plots", default="demo-out", help="folder for the PNG plots (default: demo-out)")
+    demo.add_argument("--no-plots", action="store_true", help="do not write plots")
     demo.set_defaults(func=_demo)
 
     zoo = sub.add_parser("zoo", help="list the zoo models and whether their packages are installed")

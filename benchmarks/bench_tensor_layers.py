@@ -38,7 +38,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _timing import markdown_table  # noqa: E402
+from _timing import markdown_table, warm_up_process  # noqa: E402
 
 from decomp.tt import balanced_factorization, default_tt_order  # noqa: E402
 from layers import BlockTermConv, CPConv, LowRankConv, LowRankLinear, SpatialLowRankConv, TTLinear, \
@@ -213,6 +213,7 @@ def main():
     parser.add_argument("--only", nargs="*", default=(), help="speed rows whose 'layer method' contains a word")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    warm_up_process()
     repeats = args.repeats or (5 if args.quick else 15)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, cpus={os.cpu_count()}, "

@@ -1,33 +1,30 @@
-"""Pure decomposition core: arrays in (numpy or torch), factor objects out. No torch.nn."""
-from .factors import Factorization, SVDFactors
+"""Pure decomposition core: arrays in (numpy or torch), factor objects out; no layer modules.
+
+One function per method; every result follows the protocol of :mod:`decomp.factors`
+(``to_tensor()``, ``num_params``, ``shape``, ``rank``, ``error_bound``) and every method
+takes the rank specification of :mod:`decomp.rank`.
+"""
+from .btd import btd
+from .cp import cp
+from .data_aware import output_sq_error, weighted_pq, whitened_tucker2
+from .factors import (BlockTermFactors, CirculantFactors, CPFactors, Factorization, LDRFactors, ProductQuantized,
+                      SVDFactors, ToeplitzFactors, TTFactors, TTMatrixFactors, TuckerFactors)
+from .pq import kmeans, pq, pq_size_bits
 from .rank import RankSpec, parse_rank_spec, rank_for_energy, rank_for_tol, select_rank, vbmf_rank
+from .structured import circulant, ldr, toeplitz
 from .svd import randomized_svd, svd
+from .tt import balanced_factorization, tt, tt_matrix, tt_matrix_num_params, tt_num_params, tt_round
+from .tucker import tucker, tucker_params
+from .whitened import WhitenedSVDFactors, whitened_svd
 
 __all__ = [
-    "Factorization", "SVDFactors", "RankSpec", "parse_rank_spec", "rank_for_energy", "rank_for_tol",
-    "select_rank", "vbmf_rank", "svd", "randomized_svd",
+    # methods
+    "svd", "randomized_svd", "whitened_svd", "tucker", "cp", "tt", "tt_matrix", "tt_round", "btd", "pq", "kmeans",
+    "toeplitz", "circulant", "ldr", "whitened_tucker2", "weighted_pq", "output_sq_error",
+    # factor objects
+    "Factorization", "SVDFactors", "WhitenedSVDFactors", "TuckerFactors", "CPFactors", "TTFactors",
+    "TTMatrixFactors", "BlockTermFactors", "ProductQuantized", "ToeplitzFactors", "CirculantFactors", "LDRFactors",
+    # rank selection and accounting
+    "RankSpec", "parse_rank_spec", "rank_for_energy", "rank_for_tol", "select_rank", "vbmf_rank",
+    "tucker_params", "tt_num_params", "tt_matrix_num_params", "balanced_factorization", "pq_size_bits",
 ]
-
-from .factors import CirculantFactors, LDRFactors, ProductQuantized, ToeplitzFactors  # noqa: E402
-from .pq import kmeans, pq, pq_size_bits  # noqa: E402
-from .structured import circulant, ldr, toeplitz  # noqa: E402
-
-__all__ += ["ProductQuantized", "ToeplitzFactors", "CirculantFactors", "LDRFactors", "pq", "kmeans",
-            "pq_size_bits", "toeplitz", "circulant", "ldr"]
-
-from .factors import TTFactors, TTMatrixFactors, TuckerFactors  # noqa: E402
-from .tt import balanced_factorization, tt, tt_matrix, tt_matrix_num_params, tt_num_params, tt_round  # noqa: E402
-from .tucker import tucker, tucker_params  # noqa: E402
-
-__all__ += ["TuckerFactors", "TTFactors", "TTMatrixFactors", "tucker", "tucker_params", "tt", "tt_round",
-            "tt_matrix", "tt_num_params", "tt_matrix_num_params", "balanced_factorization"]
-
-from .btd import btd  # noqa: E402
-from .cp import cp  # noqa: E402
-from .factors import BlockTermFactors, CPFactors  # noqa: E402
-
-__all__ += ["CPFactors", "BlockTermFactors", "cp", "btd"]
-
-from .whitened import WhitenedSVDFactors, whitened_svd  # noqa: E402
-
-__all__ += ["WhitenedSVDFactors", "whitened_svd"]

@@ -1,30 +1,24 @@
-"""torch.nn adapters built on :mod:`decomp`: factorized layers, ``decompose`` and ``compress``."""
+"""torch.nn adapters built on :mod:`decomp`: factorized layers, ``decompose``, ``compress``,
+calibration for data-aware decomposition, and distillation."""
 from .base import FactorizedChain, FactorizedLayer
+from .btd import BlockTermConv
+from .calibrate import Calibration, calibrate
 from .compress import compress
+from .cp import CPConv
 from .decompose import decompose
-from .report import LayerRecord, Report
+from .finetune import finetune
 from .lowrank import LowRankConv, LowRankLinear, SpatialLowRankConv
-from .registry import available_methods, register
+from .pq import PQConv, PQLinear
+from .registry import available_methods, register, register_budget_profile
+from .report import LayerRecord, Report
+from .speed import SlowerThanDenseWarning
+from .structured import CirculantLinear, LDRLinear, ToeplitzLinear
+from .tt import TTLinear
+from .tucker import TuckerConv
 
 __all__ = [
-    "FactorizedLayer", "FactorizedChain", "decompose", "compress", "Report", "LayerRecord", "available_methods", "register",
-    "LowRankLinear", "LowRankConv", "SpatialLowRankConv",
+    "decompose", "compress", "calibrate", "Calibration", "finetune", "Report", "LayerRecord",
+    "available_methods", "register", "register_budget_profile", "SlowerThanDenseWarning",
+    "FactorizedLayer", "FactorizedChain", "LowRankLinear", "LowRankConv", "SpatialLowRankConv", "TuckerConv",
+    "CPConv", "TTLinear", "BlockTermConv", "PQLinear", "PQConv", "ToeplitzLinear", "CirculantLinear", "LDRLinear",
 ]
-
-from .pq import PQConv, PQLinear  # noqa: E402
-from .structured import CirculantLinear, LDRLinear, ToeplitzLinear  # noqa: E402
-
-__all__ += ["PQLinear", "PQConv", "ToeplitzLinear", "CirculantLinear", "LDRLinear"]
-
-from .calibrate import Calibration, calibrate  # noqa: E402
-from .finetune import finetune  # noqa: E402
-
-__all__ += ["Calibration", "calibrate", "finetune"]
-
-from .btd import BlockTermConv  # noqa: E402
-from .cp import CPConv  # noqa: E402
-from .speed import SlowerThanDenseWarning  # noqa: E402
-from .tt import TTLinear  # noqa: E402
-from .tucker import TuckerConv  # noqa: E402
-
-__all__ += ["TuckerConv", "CPConv", "TTLinear", "BlockTermConv", "SlowerThanDenseWarning"]

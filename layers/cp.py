@@ -27,6 +27,23 @@ layers (a matrix's CP is its SVD: use ``svd``, or ``tt`` for a tensorized matrix
 ``energy=`` (CP has no spectrum) are refused. ``rank=R``, ``tol=`` (smallest rank found whose
 fit meets it), ``ratio=``. ``error_bound`` is the exact a-posteriori error of the fit
 (root sum of squares over groups), ``weight_norm = ||K||_F``.
+
+No data-aware (calibrated) variant. ``svd``, ``tucker`` and ``pq`` accept ``gram=`` /
+``calibration=`` and fit the OUTPUT error ``||(W - W')X^T||_F``; CP does not, on purpose.
+The output error weighs the kernel's (channel, kernel offset) entries by the im2col Gram
+``G``: ``tr(E G E^T)``. In CP-ALS each factor update is a linear least-squares problem
+whose normal equations have the closed form ``A = X_(n) (⊙ other factors) (∗ Grams of
+the other factors)^{-1}`` only because the metric is the identity, which makes the
+Khatri-Rao Gram a Hadamard product of small R x R matrices. With ``G`` in the metric the
+problem is a *weighted* CP: ``G`` couples the input-channel and spatial modes, so the
+input-channel and spatial factor updates become dense ``(C R) x (C R)`` /
+``(k R) x (k R)`` systems that change with every sweep (no Hadamard shortcut), ALS loses
+its monotone cheap steps, and the well-known CP degeneracies (diverging rank-1 terms)
+get worse. A refinement of the plain CP by gradient descent on the output error (or
+distillation with :func:`layers.finetune`) is possible but is not done here.
+``decompose(conv, method="cp", gram=...)`` raises a TypeError that says so and points to
+``svd``/``tucker``; ``compress(model, method="cp", calibration=...)`` decomposes from the
+weights alone and lists the layers in a report note.
 """
 from __future__ import annotations
 

@@ -22,6 +22,18 @@ only, Q-CNN style) never builds the weight: per call it forms the table
 ``LUT[b, s, c] = <x_b[s-th block], codebook_c>`` and sums ``LUT[b, s, codes[o, s]]`` over
 sub-spaces with one ``embedding_bag``; it is faster than a dense matmul only when the
 output dimension is large compared with ``k`` (see benchmarks/bench_pq_structured.py).
+
+Data-aware (``gram=`` the input Gram, per group ``(g, P, P)`` on the im2col layout for convs,
+or ``calibration=``, which ``compress(calibration=)`` passes; ``center=``/``input_mean=`` as
+for ``svd``): Stock et al. 2020's objective. The plain PQ (same block size, k, codebook
+layout; k chosen as without gram, also for ``tol=``) is refined by weighted k-means where
+sub-space ``J`` is measured by ``G_JJ`` (:func:`decomp.data_aware.weighted_pq`); the plain
+codebook is kept when the refinement does not lower the full output error on the
+calibration statistics (``data_aware_fit``: ``"data-aware"``/``"plain"``;
+``plain_output_error``). Then ``error_kind = "output"``, ``error_bound`` = the output
+error ``||(W - W')X^T||_F`` MEASURED on the given Gram (not a theorem bound),
+``output_norm = ||W X^T||_F``, ``weight_error`` the weight error; with ``input_mean=`` the
+bias is corrected by ``(W - W') mean``.
 """
 from __future__ import annotations
 
@@ -31,11 +43,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from decomp.data_aware import weighted_pq
 from decomp.pq import code_dtype, pq
 
 from ._accounting import layer_macs
 from ._validate import conv_config, linear_config
 from .base import DENSE_TYPES, FactorizedLayer
+from .lowrank import _copy_bias, _resolve_gram
 from .registry import register
 
 FORWARD_MODES = ("decode", "lut")
@@ -102,6 +116,35 @@ class _PQLayer(FactorizedLayer):
         self.weight_norm = factors.norm
         self.kmeans_history = list(factors.history)
         self.release_cache()
+
+    def _data_aware(self, weight, groups, gram, input_mean, bias, n_iter, context):
+        """Refine the loaded plain PQ for the output error on ``gram`` (decomp.data_aware.weighted_pq)."""
+        if gram is None:
+            if input_mean is not None:
+                raise ValueError(f"{context}: input_mean= goes with gram= (the centered covariance of the inputs)")
+            return
+        if not isinstance(gram, torch.Tensor):
+            raise TypeError(f"{context}: gram= must be a tensor X^T X, got {type(gram).__name__}")
+        W = weight.detach().double().reshape(self.rows, self.row_length)
+        padded = self.n_sub * self.block_size
+        M = F.pad(W, (0, padded - self.row_length)) if padded > self.row_length else W
+        C, codes, info = weighted_pq(M, gram, self.codebooks.detach(), self.codes.long(), self.block_size,
+                                     groups=groups, n_iter=n_iter, context=context)
+        self.codebooks.copy_(C.to(self.codebooks.dtype))
+        self.codes.copy_(codes.to(self.codes.dtype))
+        self.release_cache()
+        if bias is not None and input_mean is not None:
+            g = groups
+            approx = self.dense_weight().detach().double().reshape(g, self.rows // g, -1)
+            eye = torch.eye(self.rows // g, dtype=torch.float64, device=approx.device).expand(g, -1, -1)
+            _copy_bias(self.bias, bias, W.reshape(g, self.rows // g, -1), eye, approx, input_mean, context)
+        self.error_bound = info["output_error"]     # MEASURED on the calibration statistics
+        self.error_kind = "output"
+        self.output_norm = info["output_norm"]
+        self.weight_error = float(torch.linalg.norm(W - self.dense_weight().detach().double().reshape(W.shape)))
+        self.plain_output_error = info["plain_output_error"]
+        self.data_aware_fit = info["fit"]
+        self.weighted_history = info["history"]
 
     def dense_weight(self) -> torch.Tensor:
         """The decoded weight (differentiable w.r.t. the codebooks), original shape."""
@@ -172,13 +215,15 @@ class PQLinear(_PQLayer):
 
     @classmethod
     def from_dense(cls, linear, *, block_size=None, n_centroids=None, bits=None, tol=None, shared_codebook=True,
-                   pad=False, codebook_bits=16, n_iter=50, forward="decode", random_state=None, context=""):
+                   pad=False, codebook_bits=16, n_iter=50, forward="decode", random_state=None, context="",
+                   gram=None, input_mean=None):
         factors = pq(linear.weight, block_size, n_centroids, bits=bits, tol=tol, shared_codebook=shared_codebook,
                      pad=pad, n_iter=n_iter, codebook_bits=codebook_bits, random_state=random_state, context=context)
         module = cls(**linear_config(linear), block_size=factors.block_size, n_centroids=factors.n_centroids,
                      shared_codebook=shared_codebook, codebook_bits=codebook_bits, bias=linear.bias is not None,
                      forward=forward, device=linear.weight.device, dtype=linear.weight.dtype)
         module._load_factors(factors, linear.bias)
+        module._data_aware(linear.weight, 1, gram, input_mean, linear.bias, n_iter, context)
         return module.train(linear.training)
 
     def forward(self, x):
@@ -254,13 +299,15 @@ class PQConv(_PQLayer):
 
     @classmethod
     def from_dense(cls, conv, *, block_size=None, n_centroids=None, bits=None, tol=None, shared_codebook=True,
-                   pad=False, codebook_bits=16, n_iter=50, random_state=None, context=""):
+                   pad=False, codebook_bits=16, n_iter=50, random_state=None, context="", gram=None,
+                   input_mean=None):
         factors = pq(conv.weight, block_size, n_centroids, bits=bits, tol=tol, shared_codebook=shared_codebook,
                      pad=pad, n_iter=n_iter, codebook_bits=codebook_bits, random_state=random_state, context=context)
         module = cls(**conv_config(conv), block_size=factors.block_size, n_centroids=factors.n_centroids,
                      shared_codebook=shared_codebook, codebook_bits=codebook_bits, bias=conv.bias is not None,
                      device=conv.weight.device, dtype=conv.weight.dtype)
         module._load_factors(factors, conv.bias)
+        module._data_aware(conv.weight, conv.groups, gram, input_mean, conv.bias, n_iter, context)
         return module.train(conv.training)
 
     def forward(self, x):
@@ -291,27 +338,30 @@ def _refuse_rank_specs(rank, energy, ratio, context):
           spec_kinds=("tol",))
 def _pq_linear(layer, *, rank=None, energy=None, tol=None, ratio=None, context="", block_size=None,
                n_centroids=None, bits=None, shared_codebook=True, pad=False, codebook_bits=16, n_iter=50,
-               forward="decode", random_state=None):
+               forward="decode", random_state=None, gram=None, input_mean=None, calibration=None, center=True):
     _refuse_rank_specs(rank, energy, ratio, context)
     if forward not in FORWARD_MODES:
         raise ValueError(f"{context}: forward={forward!r} is not one of {FORWARD_MODES}")
+    gram, input_mean = _resolve_gram(layer, gram, input_mean, calibration, center, context)
     return PQLinear.from_dense(layer, block_size=block_size, n_centroids=n_centroids, bits=bits, tol=tol,
                                shared_codebook=shared_codebook, pad=pad, codebook_bits=codebook_bits, n_iter=n_iter,
-                               forward=forward, random_state=random_state, context=context)
+                               forward=forward, random_state=random_state, context=context, gram=gram,
+                               input_mean=input_mean)
 
 
 @register("pq", [1, 2, 3], "product quantization: k-means on weight sub-vectors (Stock et al. 2020)",
           spec_kinds=("tol",))
 def _pq_conv(layer, *, rank=None, energy=None, tol=None, ratio=None, context="", block_size=None,
              n_centroids=None, bits=None, shared_codebook=True, pad=False, codebook_bits=16, n_iter=50,
-             forward="decode", random_state=None):
+             forward="decode", random_state=None, gram=None, input_mean=None, calibration=None, center=True):
     _refuse_rank_specs(rank, energy, ratio, context)
     if forward != "decode":
         raise ValueError(f"{context}: forward={forward!r}: convolutions only support forward='decode' "
                          f"(look-up tables are implemented for Linear layers)")
+    gram, input_mean = _resolve_gram(layer, gram, input_mean, calibration, center, context)
     return PQConv.from_dense(layer, block_size=block_size, n_centroids=n_centroids, bits=bits, tol=tol,
                              shared_codebook=shared_codebook, pad=pad, codebook_bits=codebook_bits, n_iter=n_iter,
-                             random_state=random_state, context=context)
+                             random_state=random_state, context=context, gram=gram, input_mean=input_mean)
 
 
 __all__ = ["PQLinear", "PQConv"]

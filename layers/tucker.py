@@ -21,6 +21,21 @@ over groups), ``weight_norm`` = ``||K||_F``. Ranks: ``rank=R`` (both modes), ``(
 ``energy=``, ``tol=`` (certified), ``ratio=``, ``"vbmf"`` (Kim et al.'s selector).
 ``algorithm`` is decomp.tucker's method: ``"hooi"`` (default), ``"sthosvd"``, ``"hosvd"``.
 Speed: see :mod:`layers.speed` (``optimize="speed"``).
+
+Data-aware (``gram=X^T X`` of the layer's im2col inputs per group, or ``calibration=`` from
+:func:`layers.calibrate`, which ``compress(calibration=)`` passes automatically; ``center=``
+and ``input_mean=`` as for ``svd``): the ranks come from the rank spec exactly as for the
+plain Tucker-2 (weight spectra), then the factors and core are refit for the OUTPUT error
+``||(W - W')X^T||_F`` by :func:`decomp.data_aware.whitened_tucker2` (``n_iter`` alternating
+sweeps: exact U_out given U_in, whitened-input-mode U_in, least-squares core). The plain
+Tucker-2 is kept when the refit does not beat it on the calibration statistics, so the
+output error is never above plain Tucker-2's at the same ranks; ``data_aware_fit`` says
+which was kept (``"data-aware"`` / ``"plain"``), ``plain_output_error`` gives the plain one.
+Then ``error_kind = "output"``, ``error_bound`` = the output error MEASURED on the given Gram
+(exact on the calibration data, not a theorem bound: no certified optimum exists here),
+``output_norm = ||W X^T||_F``, ``weight_error``/``weight_norm`` the weight error. With
+``input_mean=`` the bias is corrected by ``(W - W') mean``. Grouped convs use each group's
+Gram. Linear layers get the whitened SVD (:mod:`layers.lowrank`).
 """
 from __future__ import annotations
 
@@ -29,12 +44,13 @@ import torch
 import torch.nn as nn
 
 from decomp import tucker as tucker_decomp
+from decomp.data_aware import whitened_tucker2
 
 from ._tensor import attach_report, combine_bounds, conv_type, group_kernels, probe_config, refuse_depthwise
 from ._validate import conv_config
 from .base import FactorizedChain
 from .budget import BudgetProfile
-from .lowrank import LowRankLinear, _svd_budget_profile, _svd_linear
+from .lowrank import LowRankLinear, _copy_bias, _resolve_gram, _svd_budget_profile, _svd_linear
 from .registry import register, register_budget_profile
 from .speed import check_speed_options, finish
 
@@ -61,7 +77,8 @@ class TuckerConv(FactorizedChain):
         return dict(**self.dense_config, rank=self.rank, bias=self.bias is not None)
 
     @classmethod
-    def from_dense(cls, conv, *, rank=None, energy=None, tol=None, ratio=None, context="", algorithm="hooi"):
+    def from_dense(cls, conv, *, rank=None, energy=None, tol=None, ratio=None, context="", algorithm="hooi",
+                   gram=None, input_mean=None, n_iter=5):
         refuse_depthwise(conv, context, "tucker")
         if isinstance(rank, int) and not isinstance(rank, bool):
             rank = (rank, rank)
@@ -79,13 +96,43 @@ class TuckerConv(FactorizedChain):
             results = [run(kernels[i], rank=ranks) for i in range(g)]
         module = cls(**conv_config(conv), rank=ranks, bias=conv.bias is not None, device=conv.weight.device,
                      dtype=conv.weight.dtype)
-        r_out, r_in = ranks
+        if gram is not None:
+            return cls._data_aware(module, conv, kernels, results, gram, input_mean, n_iter, context)
+        if input_mean is not None:
+            raise ValueError(f"{context}: input_mean= goes with gram= (the centered covariance of the inputs)")
         module.first.weight.copy_(torch.cat([f.factors[1].T for f in results]).reshape(module.first.weight.shape))
         module.core.weight.copy_(torch.cat([f.core for f in results]).reshape(module.core.weight.shape))
         module.last.weight.copy_(torch.cat([f.factors[0] for f in results]).reshape(module.last.weight.shape))
         if conv.bias is not None:
             module.last.bias.copy_(conv.bias)
         return attach_report(module, *combine_bounds([f.error_bound for f in results], [f.norm for f in results]))
+
+    @staticmethod
+    def _data_aware(module, conv, kernels, results, gram, input_mean, n_iter, context):
+        """Refit the plain Tucker-2 ``results`` for the output error on ``gram`` (decomp.data_aware)."""
+        if not isinstance(gram, torch.Tensor):
+            raise TypeError(f"{context}: gram= must be a tensor X^T X, got {type(gram).__name__}")
+        fit = whitened_tucker2(kernels.double(), gram.double(),
+                               [(f.factors[0], f.factors[1], f.core) for f in results], n_iter=n_iter,
+                               context=context)
+        module.first.weight.copy_(fit["U_in"].transpose(1, 2).reshape(module.first.weight.shape))
+        module.core.weight.copy_(fit["core"].reshape(module.core.weight.shape))
+        module.last.weight.copy_(fit["U_out"].reshape(module.last.weight.shape))
+        if conv.bias is not None:
+            g = conv.groups
+            matrix = kernels.reshape(g, conv.out_channels // g, -1)
+            kk = int(np.prod(conv.kernel_size))
+            inner = torch.einsum("gosk,gcs->gock", fit["core"].reshape(g, fit["core"].shape[1], -1, kk),
+                                 fit["U_in"]).reshape(g, fit["core"].shape[1], -1)
+            _copy_bias(module.last.bias, conv.bias, matrix, fit["U_out"], inner, input_mean, context)
+        module.error_bound = fit["output_error"]       # MEASURED on the calibration statistics
+        module.error_kind = "output"
+        module.output_norm = fit["output_norm"]
+        module.weight_norm = float(torch.linalg.norm(kernels.double()))
+        module.weight_error = fit["weight_error"]
+        module.plain_output_error = fit["plain_output_error"]
+        module.data_aware_fit = fit["fit"]
+        return module
 
     def dense_weight(self):
         cfg = self.dense_config
@@ -112,12 +159,16 @@ def _tucker_limits(conv):
 @register("tucker", [1, 2, 3], "Tucker-2 on the channel modes: 1x1, k x k core, 1x1 (Kim et al. 2016)",
           spec_kinds=("rank", "energy", "tol", "ratio"))
 def _tucker_conv(layer, *, rank=None, energy=None, tol=None, ratio=None, context="", algorithm="hooi",
-                 optimize=None, input_shape=None, on_slower="warn"):
+                 optimize=None, input_shape=None, on_slower="warn", gram=None, input_mean=None, calibration=None,
+                 center=True, n_iter=5):
     check_speed_options(optimize, input_shape, on_slower, context)
+    gram, input_mean = _resolve_gram(layer, gram, input_mean, calibration, center, context)
+    data = dict(gram=gram, input_mean=input_mean, n_iter=n_iter)
     module = TuckerConv.from_dense(layer, rank=rank, energy=energy, tol=tol, ratio=ratio, context=context,
-                                   algorithm=algorithm)
+                                   algorithm=algorithm, **data)
     return finish(module, layer, optimize=optimize, input_shape=input_shape, on_slower=on_slower, context=context,
-                  rebuild=lambda r: TuckerConv.from_dense(layer, rank=r, context=context, algorithm=algorithm),
+                  rebuild=lambda r: TuckerConv.from_dense(layer, rank=r, context=context, algorithm=algorithm,
+                                                          **data),
                   limits=_tucker_limits(layer))
 
 
@@ -132,13 +183,17 @@ def _linear_rank(rank, context):
 
 @register("tucker", ["linear"], "Tucker-2 of a matrix = truncated SVD: two matmuls (LowRankLinear)")
 def _tucker_linear(layer, *, rank=None, energy=None, tol=None, ratio=None, context="", algorithm="hooi",
-                   optimize=None, input_shape=None, on_slower="warn"):
-    """``algorithm`` is accepted (so compress can pass it to every layer) and unused: a matrix's SVD is exact."""
+                   optimize=None, input_shape=None, on_slower="warn", gram=None, input_mean=None, calibration=None,
+                   center=True, n_iter=5):
+    """``algorithm`` and ``n_iter`` are accepted (so compress can pass them to every layer) and unused: a
+    matrix's SVD is exact; with ``gram=``/``calibration=`` it is the data-aware (whitened) SVD."""
     check_speed_options(optimize, input_shape, on_slower, context)
+    gram, input_mean = _resolve_gram(layer, gram, input_mean, calibration, center, context)
     module = _svd_linear(layer, rank=_linear_rank(rank, context), energy=energy, tol=tol, ratio=ratio,
-                         context=context)
+                         context=context, gram=gram, input_mean=input_mean)
     return finish(module, layer, optimize=optimize, input_shape=input_shape, on_slower=on_slower, context=context,
-                  rebuild=lambda r: LowRankLinear.from_dense(layer, rank=r, context=context),
+                  rebuild=lambda r: LowRankLinear.from_dense(layer, rank=r, context=context, gram=gram,
+                                                             input_mean=input_mean),
                   limits=min(layer.in_features, layer.out_features))
 
 
