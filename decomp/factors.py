@@ -288,8 +288,22 @@ def tt_contract(cores):
     return result.reshape(-1)
 
 
+class _TrainOfCores(Factorization):
+    """What every tensor train shares: ``rank`` = all bond ranks, ``num_params`` = core sizes."""
+
+    cores: list
+
+    @property
+    def rank(self) -> tuple:
+        return (int(self.cores[0].shape[0]),) + tuple(int(c.shape[-1]) for c in self.cores)
+
+    @property
+    def num_params(self) -> int:
+        return sum(math.prod(c.shape) for c in self.cores)
+
+
 @dataclass(repr=False)
-class TTFactors(Factorization):
+class TTFactors(_TrainOfCores):
     """Tensor train ``A[i_1, ..., i_d] ~= G_1[:, i_1, :] G_2[:, i_2, :] ... G_d[:, i_d, :]``.
 
     Shapes: ``cores[k] (r_{k-1}, n_k, r_k)`` with ``r_0 = r_d = 1``; ``rank`` is the
@@ -309,13 +323,6 @@ class TTFactors(Factorization):
         _check_tt_chain("TTFactors", self.cores, 3)
         self.shape = tuple(int(c.shape[1]) for c in self.cores)
 
-    @property
-    def rank(self) -> tuple:
-        return (int(self.cores[0].shape[0]),) + tuple(int(c.shape[-1]) for c in self.cores)
-
-    @property
-    def num_params(self) -> int:
-        return sum(math.prod(c.shape) for c in self.cores)
 
     def to_tensor(self):
         result = tt_contract([to_torch(c) for c in self.cores]).reshape(self.shape)
@@ -328,7 +335,7 @@ class TTFactors(Factorization):
 
 
 @dataclass(repr=False)
-class TTMatrixFactors(Factorization):
+class TTMatrixFactors(_TrainOfCores):
     """TT-matrix (Novikov et al. 2015) of a matrix ``W (out, in)`` (torch ``Linear.weight`` layout).
 
     ``W[(i_1..i_d), (j_1..j_d)] ~= G_1[:, i_1, j_1, :] ... G_d[:, i_d, j_d, :]`` with row index
@@ -358,13 +365,6 @@ class TTMatrixFactors(Factorization):
     def in_shape(self) -> tuple:
         return tuple(int(c.shape[2]) for c in self.cores)
 
-    @property
-    def rank(self) -> tuple:
-        return (int(self.cores[0].shape[0]),) + tuple(int(c.shape[-1]) for c in self.cores)
-
-    @property
-    def num_params(self) -> int:
-        return sum(math.prod(c.shape) for c in self.cores)
 
     def to_tensor(self):
         d = len(self.cores)
