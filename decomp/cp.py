@@ -296,7 +296,6 @@ def cp_als(T: torch.Tensor, R: int, *, n_iter_max=100, tol_rel=1e-8, init="svd",
     are all float64. See the module docstring for the rest.
     """
     generator = generator if generator is not None else make_generator(None)
-    N = T.ndim
     norm = float(torch.linalg.norm(T))
     if norm == 0:
         factors = [torch.zeros(s, R, dtype=T.dtype) for s in T.shape]

@@ -155,7 +155,7 @@ def whitened_tucker2(kernels, gram, factors, *, n_iter=5, ridge=DEFAULT_RIDGE, c
 
         plain = err(U_out0, M0, U_in0)
         best = (plain, U_out0, M0, U_in0, False)
-        U_in = U_in0
+        U_in, U_out = U_in0, U_out0
         for sweep in range(n_iter + 1):
             if sweep > 0:
                 U_in = _best_in(W4, U_out, Gc_chol, Gk, r_in)

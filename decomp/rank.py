@@ -33,7 +33,7 @@ class RankSpec:
     value: object
 
     def __str__(self):
-        return f"rank='vbmf'" if self.kind == "vbmf" else f"{self.kind}={self.value!r}"
+        return "rank='vbmf'" if self.kind == "vbmf" else f"{self.kind}={self.value!r}"
 
 
 def _is_int(value) -> bool:

@@ -194,7 +194,7 @@ class CPConv(FactorizedLayer):
 
     def dense_weight(self):
         cfg = self.dense_config
-        g, N, C, R, dim = cfg["groups"], cfg["out_channels"], cfg["in_channels"], self.rank, cfg["dim"]
+        g, N, C, R = cfg["groups"], cfg["out_channels"], cfg["in_channels"], self.rank
         k = tuple(cfg["kernel_size"])
         A = self.last.weight.reshape(g, N // g, R)
         B = self.first.weight.reshape(g, R, C // g)

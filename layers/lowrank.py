@@ -183,7 +183,7 @@ class LowRankConv(FactorizedChain):
     def from_dense(cls, conv, *, rank=None, energy=None, tol=None, ratio=None, context="",
                    solver="exact", random_state=None, gram=None, input_mean=None, whitening="cholesky"):
         cfg = conv_config(conv)
-        g, N = conv.groups, conv.out_channels
+        g = conv.groups
         if g > 1 and conv.in_channels // g == 1:
             raise ValueError(f"{context}: every filter of this depthwise conv sees a single "
                              f"input channel, so the channel scheme has nothing to factorize; use "

@@ -16,6 +16,7 @@ Comparison rules (``Check.rule``):
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -116,4 +117,19 @@ def finish(name: str, checks, tables=()) -> int:
     return 1 if bad else 0
 
 
-__all__ = ["Check", "setup_threads", "fmt", "table", "checks_table", "failures", "finish"]
+def run_paper(name: str, checks, arithmetic=(), measured=(), argv=None) -> int:
+    """A paper's ``main``: the arithmetic tables always, the real-weight ``measured`` ones unless
+    ``--no-accuracy`` is given; then :func:`finish`. Each entry is a callable returning a
+    table or a list of tables; ``checks`` is a callable returning the Check list."""
+    setup_threads()
+    wanted = list(arithmetic)
+    if "--no-accuracy" not in (sys.argv[1:] if argv is None else argv):
+        wanted += list(measured)
+    tables = []
+    for make in wanted:
+        made = make()
+        tables += made if isinstance(made, list) else [made]
+    return finish(name, checks(), tables)
+
+
+__all__ = ["Check", "setup_threads", "fmt", "table", "checks_table", "failures", "finish", "run_paper"]

@@ -14,7 +14,7 @@ if __package__ in (None, ""):
 
 from layers import SpatialLowRankConv  # noqa: E402
 from layers._accounting import layer_macs  # noqa: E402
-from papers._common import Check, finish, setup_threads, table  # noqa: E402
+from papers._common import Check, run_paper, table  # noqa: E402
 from papers._shapes import TEXTNET_CONV2, TEXTNET_CONV3  # noqa: E402
 
 # (layer, K, the simplified per-layer ratio derived from the paper's cost K(N+C)D H'W')
@@ -63,8 +63,7 @@ def speedup_table():
 
 
 def main(argv=None) -> int:
-    setup_threads()
-    return finish("jaderberg2014", checks(), [speedup_table()])
+    return run_paper("jaderberg2014", checks, [speedup_table], argv=argv)
 
 
 if __name__ == "__main__":

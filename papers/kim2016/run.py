@@ -26,7 +26,7 @@ from decomp import tucker  # noqa: E402
 from layers import decompose  # noqa: E402
 from layers._accounting import conv_output_spatial, count_params, layer_macs  # noqa: E402
 from layers.tucker import TuckerConv  # noqa: E402
-from papers._common import Check, finish, setup_threads, table  # noqa: E402
+from papers._common import Check, run_paper, table  # noqa: E402
 from papers._shapes import ALEXNET, ALEXNET_CONVS, network_totals  # noqa: E402
 
 ALEXNET_WEIGHTS = 60_954_656
@@ -140,11 +140,8 @@ def mnist_vbmf_experiment(n_images=None):
 
 
 def main(argv=None) -> int:
-    setup_threads()
-    tables = [per_layer_table(c) for c in RANK_CHOICES] + [network_table()]
-    if "--no-accuracy" not in (sys.argv[1:] if argv is None else argv):
-        tables += mnist_vbmf_experiment()
-    return finish("kim2016", checks(), tables)
+    arithmetic = [lambda c=c: per_layer_table(c) for c in RANK_CHOICES] + [network_table]
+    return run_paper("kim2016", checks, arithmetic, [mnist_vbmf_experiment], argv=argv)
 
 
 if __name__ == "__main__":

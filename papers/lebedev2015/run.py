@@ -22,7 +22,7 @@ if __package__ in (None, ""):
 from layers import decompose  # noqa: E402
 from layers._accounting import count_params, layer_macs  # noqa: E402
 from layers.cp import CPConv  # noqa: E402
-from papers._common import Check, finish, setup_threads, table  # noqa: E402
+from papers._common import Check, run_paper, table  # noqa: E402
 from papers._shapes import ALEXNET_CONVS  # noqa: E402
 
 CONV2 = ALEXNET_CONVS[1]            # 96 -> 256, 5x5, pad 2, groups 2, 27x27 input
@@ -102,11 +102,7 @@ def mnist_cp_experiment(ranks=MNIST_RANKS, n_images=None):
 
 
 def main(argv=None) -> int:
-    setup_threads()
-    tables = [cost_table()]
-    if "--no-accuracy" not in (sys.argv[1:] if argv is None else argv):
-        tables.append(mnist_cp_experiment())
-    return finish("lebedev2015", checks(), tables)
+    return run_paper("lebedev2015", checks, [cost_table], [mnist_cp_experiment], argv=argv)
 
 
 if __name__ == "__main__":

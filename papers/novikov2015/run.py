@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from layers import decompose  # noqa: E402
 from layers._accounting import count_params, layer_macs  # noqa: E402
 from layers.tt import TTLinear  # noqa: E402
-from papers._common import Check, finish, setup_threads, table  # noqa: E402
+from papers._common import Check, run_paper, table  # noqa: E402
 from papers._shapes import VGG16, network_totals  # noqa: E402
 
 # FC6 25088 = 2*7*8*8*7*4 -> 4096 = 4^6 (the shapes of a public reproduction, REFERENCES [U]);
@@ -117,11 +117,7 @@ def mnist_tt_experiment(ranks=MNIST_RANKS, n_images=None):
 
 
 def main(argv=None) -> int:
-    setup_threads()
-    tables = [fc6_table()]
-    if "--no-accuracy" not in (sys.argv[1:] if argv is None else argv):
-        tables.append(mnist_tt_experiment())
-    return finish("novikov2015", checks(), tables)
+    return run_paper("novikov2015", checks, [fc6_table], [mnist_tt_experiment], argv=argv)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from layers import PQConv, PQLinear  # noqa: E402
 from layers._accounting import count_params  # noqa: E402
-from papers._common import Check, finish, setup_threads, table  # noqa: E402
+from papers._common import Check, run_paper, table  # noqa: E402
 from papers._shapes import RESNETS, resnet_modules, resnet_param_count  # noqa: E402
 
 MIB = 2 ** 20
@@ -138,11 +138,7 @@ def mnist_pq_experiment(n_images=None, n_iter=20):
 
 
 def main(argv=None) -> int:
-    setup_threads()
-    tables = [breakdown_table()]
-    if "--no-accuracy" not in (sys.argv[1:] if argv is None else argv):
-        tables.append(mnist_pq_experiment())
-    return finish("stock2020", checks(), tables)
+    return run_paper("stock2020", checks, [breakdown_table], [mnist_pq_experiment], argv=argv)
 
 
 if __name__ == "__main__":

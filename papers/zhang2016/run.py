@@ -18,7 +18,7 @@ import torch  # noqa: E402
 
 from layers import LowRankConv, LowRankLinear, compress, decompose  # noqa: E402
 from layers._accounting import layer_macs  # noqa: E402
-from papers._common import Check, finish, setup_threads, table  # noqa: E402
+from papers._common import Check, run_paper, table  # noqa: E402
 from papers._shapes import VGG16_CONVS, VGG16_FCS  # noqa: E402
 
 # Table 6 of Zhang et al.: ranks d' of C12 .. C53 (C11 is never accelerated).
@@ -198,11 +198,7 @@ def mnist_budget_experiment(fractions=(0.5, 0.3, 0.2, 0.1), n_images=None):
 
 
 def main(argv=None) -> int:
-    setup_threads()
-    tables = [per_layer_table(), variants_table()]
-    if "--no-accuracy" not in (sys.argv[1:] if argv is None else argv):
-        tables.append(mnist_budget_experiment())
-    return finish("zhang2016", checks(), tables)
+    return run_paper("zhang2016", checks, [per_layer_table, variants_table], [mnist_budget_experiment], argv=argv)
 
 
 if __name__ == "__main__":
