@@ -45,3 +45,23 @@ def attach_report(module, bound, norm):
     module.error_bound = bound
     module.weight_norm = norm
     return module
+
+
+class SelectableForward:
+    """Mixin for layers with several equivalent forward implementations.
+
+    ``implementation`` picks one (validated against the class's ``IMPLEMENTATION_CHOICES``);
+    ``optimize="speed"`` (:mod:`layers.speed`) times those in ``implementations``.
+    """
+
+    IMPLEMENTATION_CHOICES: tuple = ()
+
+    @property
+    def implementation(self):
+        return self._implementation
+
+    @implementation.setter
+    def implementation(self, value):
+        if value not in self.IMPLEMENTATION_CHOICES:
+            raise ValueError(f"implementation={value!r} is not one of {self.IMPLEMENTATION_CHOICES}")
+        self._implementation = value

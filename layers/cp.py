@@ -56,7 +56,8 @@ import torch.nn.functional as F
 from decomp import cp as cp_decomp
 
 from ._accounting import layer_macs
-from ._tensor import attach_report, combine_bounds, conv_type, group_kernels, probe_config, refuse_depthwise
+from ._tensor import (SelectableForward, attach_report, combine_bounds, conv_type, group_kernels, probe_config,
+                      refuse_depthwise)
 from ._validate import conv_config
 from .base import FactorizedLayer
 from .registry import register
@@ -76,8 +77,10 @@ def _axis_padding(padding, axis, dim):
     return _along(padding, axis, dim, 0)
 
 
-class CPConv(FactorizedLayer):
+class CPConv(SelectableForward, FactorizedLayer):
     """``first`` 1x1 conv C -> g*R, one depthwise stage per spatial axis, ``last`` 1x1 conv -> N (bias)."""
+
+    IMPLEMENTATION_CHOICES = IMPLEMENTATIONS
 
     def __init__(self, in_channels, out_channels, kernel_size, rank, stride=1, padding=0, dilation=1, groups=1,
                  bias=True, padding_mode="zeros", dim=2, implementation="separable", device=None, dtype=None):
@@ -99,16 +102,6 @@ class CPConv(FactorizedLayer):
         probe = conv(1, 1, k, stride=s, padding=p, dilation=d, padding_mode=padding_mode, device="meta")
         self._fused_pad = tuple(probe._reversed_padding_repeated_twice)
         self.implementation = implementation
-
-    @property
-    def implementation(self):
-        return self._implementation
-
-    @implementation.setter
-    def implementation(self, value):
-        if value not in IMPLEMENTATIONS:
-            raise ValueError(f"implementation={value!r} is not one of {IMPLEMENTATIONS}")
-        self._implementation = value
 
     @property
     def implementations(self):

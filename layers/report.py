@@ -57,6 +57,7 @@ class Report:
     model_params_before: int = 0
     model_params_after: int = 0
     notes: list = field(default_factory=list)
+    budget: object = None  # layers.budget.Allocation when compress was given budget=
 
     @property
     def replaced(self) -> list:

@@ -39,7 +39,7 @@ import torch.nn as nn
 
 from decomp.tt import max_tt_ranks, tt_matrix
 
-from ._tensor import attach_report
+from ._tensor import SelectableForward, attach_report
 from .base import FactorizedLayer
 from .registry import register
 from .speed import check_speed_options, finish
@@ -74,7 +74,7 @@ def _chain_macs(in_shape, out_shape, ranks, rows=1):
     return total
 
 
-class TTLinear(FactorizedLayer):
+class TTLinear(SelectableForward, FactorizedLayer):
     """TT-matrix Linear: ``cores[k] (r_{k-1}, m_k, n_k, r_k)``, contracted core by core; ``bias (out,)``."""
 
     def __init__(self, in_features, out_features, in_shape, out_shape, rank, bias=True, implementation=None,
@@ -105,17 +105,8 @@ class TTLinear(FactorizedLayer):
         self.implementation = implementation
         self.reset_parameters()
 
+    IMPLEMENTATION_CHOICES = ORDERS
     implementations = ORDERS
-
-    @property
-    def implementation(self):
-        return self._implementation
-
-    @implementation.setter
-    def implementation(self, value):
-        if value not in ORDERS:
-            raise ValueError(f"implementation={value!r} is not one of {ORDERS}")
-        self._implementation = value
 
     def _default_implementation(self, rows=64):
         """The cheaper of rtl/ltr at ``rows`` rows, or rtl-pairs (from 3 cores) unless it needs over 1.25x the
