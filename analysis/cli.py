@@ -117,7 +117,7 @@ def _analyze(args) -> int:
 def _compress(args) -> int:
     import torch
 
-    from layers import compress
+    from decomp_toolkit.layers import compress
 
     from . import model_io
 
@@ -128,7 +128,7 @@ def _compress(args) -> int:
     options = _parse_set(args.set)
     spec = _spec_kwargs(args)
     if "budget" not in spec:
-        from decomp.rank import parse_rank_spec
+        from decomp_toolkit.decomp.rank import parse_rank_spec
 
         parse_rank_spec(**spec, context="compress")   # one clear error before any loading
     loaded = _load(args)

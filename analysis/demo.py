@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from layers import available_methods, compress
+from decomp_toolkit.layers import available_methods, compress
 
 from .zoo import accuracy, load_mnist_cnn, load_mnist_images
 
@@ -71,7 +71,7 @@ def run_demo(limit: int | None = None, out=print, plots_dir: str | None = "demo-
     evaluation set when ``limit`` leaves room, else the first ones — said in the output).
     ``plots_dir``: where the energy-curve and accuracy-vs-parameters PNGs go (None: none).
     """
-    from layers import calibrate
+    from decomp_toolkit.layers import calibrate
 
     torch.manual_seed(0)
     model = load_mnist_cnn()

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from decomp.rank import parse_rank_spec, select_rank
-from layers._accounting import count_params
-from layers._validate import conv_config, linear_config
-from layers.lowrank import SCHEMES, LowRankLinear
+from decomp_toolkit.decomp.rank import parse_rank_spec, select_rank
+from decomp_toolkit.layers._accounting import count_params
+from decomp_toolkit.layers._validate import conv_config, linear_config
+from decomp_toolkit.layers.lowrank import SCHEMES, LowRankLinear
 
 from .tables import Table
 

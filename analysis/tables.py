@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numbers
 
-from layers.report import _fmt
+from decomp_toolkit.layers.report import _fmt
 
 
 def _is_number(value) -> bool:

@@ -41,8 +41,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from analysis import zoo  # noqa: E402
-from layers import calibrate, compress, finetune  # noqa: E402
+from decomp_toolkit.analysis import zoo  # noqa: E402
+from decomp_toolkit.layers import calibrate, compress, finetune  # noqa: E402
 
 THREADS = 2
 HAS_BUDGET = "budget" in inspect.signature(compress).parameters

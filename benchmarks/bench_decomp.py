@@ -34,14 +34,14 @@ import tensorly as tl  # noqa: E402
 from tensorly.decomposition import parafac, tensor_train  # noqa: E402
 from tensorly.decomposition import tucker as tl_tucker  # noqa: E402
 
-from decomp import btd, cp  # noqa: E402
+from decomp_toolkit.decomp import btd, cp  # noqa: E402
 
 try:
-    from decomp import tucker as our_tucker
+    from decomp_toolkit.decomp import tucker as our_tucker
 except ImportError:  # written by another worker; optional
     our_tucker = None
 try:
-    from decomp import tt as our_tt
+    from decomp_toolkit.decomp import tt as our_tt
 except ImportError:
     our_tt = None
 

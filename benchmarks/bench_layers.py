@@ -17,9 +17,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import markdown_table, median_time  # noqa: E402
 
-from decomp import svd  # noqa: E402
-from decomp.svd import optimal_error  # noqa: E402
-from layers import decompose  # noqa: E402
+from decomp_toolkit.decomp import svd  # noqa: E402
+from decomp_toolkit.decomp.svd import optimal_error  # noqa: E402
+from decomp_toolkit.layers import decompose  # noqa: E402
 
 
 def layer_cases(quick):

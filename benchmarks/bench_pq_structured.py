@@ -33,7 +33,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from layers import CirculantLinear, LDRLinear, PQLinear, ToeplitzLinear, decompose  # noqa: E402
+from decomp_toolkit.layers import CirculantLinear, LDRLinear, PQLinear, ToeplitzLinear, decompose  # noqa: E402
 
 THREADS = 2
 

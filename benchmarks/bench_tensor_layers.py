@@ -40,11 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _timing import markdown_table, warm_up_process  # noqa: E402
 
-from decomp.tt import balanced_factorization, default_tt_order  # noqa: E402
-from layers import BlockTermConv, CPConv, LowRankConv, LowRankLinear, SpatialLowRankConv, TTLinear, \
+from decomp_toolkit.decomp.tt import balanced_factorization, default_tt_order  # noqa: E402
+from decomp_toolkit.layers import BlockTermConv, CPConv, LowRankConv, LowRankLinear, SpatialLowRankConv, TTLinear, \
     TuckerConv  # noqa: E402
-from layers._validate import conv_config  # noqa: E402
-from layers.speed import time_modules  # noqa: E402
+from decomp_toolkit.layers._validate import conv_config  # noqa: E402
+from decomp_toolkit.layers.speed import time_modules  # noqa: E402
 
 REDUCTIONS = (2, 4, 8)
 # the 1-input-channel first conv (288 weights) and the 10-way output layer stay dense
@@ -179,8 +179,8 @@ def run_speed(quick, round8, repeats, only=()):
 
 
 def run_accuracy(limit):
-    from analysis.zoo import accuracy, load_mnist_cnn, load_mnist_images
-    from layers import compress
+    from decomp_toolkit.analysis.zoo import accuracy, load_mnist_cnn, load_mnist_images
+    from decomp_toolkit.layers import compress
 
     model = load_mnist_cnn()
     images, labels = load_mnist_images(limit)

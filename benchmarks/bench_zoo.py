@@ -30,12 +30,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import markdown_table  # noqa: E402
 
-from analysis.spectra import spectrum, svd_layer_params  # noqa: E402
-from analysis.zoo import ZOO  # noqa: E402
-from decomp.rank import parse_rank_spec, select_rank  # noqa: E402
-from layers import compress  # noqa: E402
-from layers._accounting import count_params  # noqa: E402
-from layers.compress import CANDIDATE_TYPES  # noqa: E402
+from decomp_toolkit.analysis.spectra import spectrum, svd_layer_params  # noqa: E402
+from decomp_toolkit.analysis.zoo import ZOO  # noqa: E402
+from decomp_toolkit.decomp.rank import parse_rank_spec, select_rank  # noqa: E402
+from decomp_toolkit.layers import compress  # noqa: E402
+from decomp_toolkit.layers._accounting import count_params  # noqa: E402
+from decomp_toolkit.layers.compress import CANDIDATE_TYPES  # noqa: E402
 
 
 def _timed_compress(model, with_cpu=False, **kwargs):

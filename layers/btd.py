@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import torch
 
-from decomp import btd as btd_decomp
-from decomp.factors import mode_product
+from decomp_toolkit.decomp import btd as btd_decomp
+from decomp_toolkit.decomp.factors import mode_product
 
 from ._tensor import attach_report, combine_bounds, conv_type, group_kernels, probe_config, refuse_depthwise
 from ._validate import conv_config

@@ -284,7 +284,7 @@ def calibrated_plan(plan, layers, calibration, report):
     from .registry import available_methods
 
     if not isinstance(calibration, Calibration):
-        raise TypeError(f"calibration= must be a layers.calibrate.Calibration (from layers.calibrate(model, data)), "
+        raise TypeError(f"calibration= must be a layers.calibrate.Calibration (from decomp_toolkit.layers.calibrate(model, data)), "
                         f"got {type(calibration).__name__}")
     methods, new_plan, weight_only, used = available_methods(), dict(plan), [], False
     for name, settings in plan.items():

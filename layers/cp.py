@@ -53,7 +53,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from decomp import cp as cp_decomp
+from decomp_toolkit.decomp import cp as cp_decomp
 
 from ._accounting import layer_macs
 from ._tensor import (SelectableForward, attach_report, combine_bounds, conv_type, group_kernels, probe_config,

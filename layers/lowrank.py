@@ -32,8 +32,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from decomp import svd
-from decomp.whitened import WhitenedSVDFactors, whitened_svd
+from decomp_toolkit.decomp import svd
+from decomp_toolkit.decomp.whitened import WhitenedSVDFactors, whitened_svd
 
 from ._validate import conv_config, linear_config
 from .base import DENSE_TYPES, FactorizedChain
@@ -336,7 +336,7 @@ def _svd_budget_profile(layer, *, scheme="channel", gram=None, **_options):
     cls = LowRankLinear if isinstance(layer, nn.Linear) else SCHEMES[scheme]
     matrix = cls.weight_matrix(layer).detach().double()
     if gram is not None:
-        from decomp.whitened import whitening_factor
+        from decomp_toolkit.decomp.whitened import whitening_factor
         G = torch.as_tensor(gram, dtype=torch.float64, device=matrix.device)
         matrix = matrix @ whitening_factor(G.expand(matrix.shape[0], *G.shape[-2:]))[0]
     spectrum = torch.linalg.svdvals(matrix)

@@ -43,8 +43,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from decomp.data_aware import weighted_pq
-from decomp.pq import code_dtype, pq
+from decomp_toolkit.decomp.data_aware import weighted_pq
+from decomp_toolkit.decomp.pq import code_dtype, pq
 
 from ._accounting import layer_macs
 from ._validate import conv_config, linear_config

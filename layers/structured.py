@@ -26,7 +26,7 @@ import math
 import torch
 import torch.nn as nn
 
-from decomp.structured import (circulant, circulant_apply, circulant_index, fft_size, ldr, ldr_apply, ldr_dense,
+from decomp_toolkit.decomp.structured import (circulant, circulant_apply, circulant_index, fft_size, ldr, ldr_apply, ldr_dense,
                                toeplitz, toeplitz_apply, toeplitz_index)
 
 from ._validate import linear_config

@@ -37,7 +37,7 @@ import math
 import torch
 import torch.nn as nn
 
-from decomp.tt import max_tt_ranks, tt_matrix
+from decomp_toolkit.decomp.tt import max_tt_ranks, tt_matrix
 
 from ._tensor import SelectableForward, attach_report
 from .base import FactorizedLayer

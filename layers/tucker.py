@@ -43,8 +43,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from decomp import tucker as tucker_decomp
-from decomp.data_aware import whitened_tucker2
+from decomp_toolkit.decomp import tucker as tucker_decomp
+from decomp_toolkit.decomp.data_aware import whitened_tucker2
 
 from ._tensor import attach_report, combine_bounds, conv_type, group_kernels, probe_config, refuse_depthwise
 from ._validate import conv_config

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from analysis.tables import Table
+from decomp_toolkit.analysis.tables import Table
 
 
 def setup_threads(default: int = 1) -> None:

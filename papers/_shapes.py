@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from layers._accounting import count_params, layer_macs
+from decomp_toolkit.layers._accounting import count_params, layer_macs
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from analysis import (SensitivityTable, Table, energy_curve, energy_table, plot_energy, plot_pareto,
+from decomp_toolkit.analysis import (SensitivityTable, Table, energy_curve, energy_table, plot_energy, plot_pareto,
                       plot_sensitivity, plot_spectrum, sensitivity, spectra, spectrum, tradeoff_curve)
-from decomp.rank import rank_for_energy, tail_errors
-from layers import compress, decompose
+from decomp_toolkit.decomp.rank import rank_for_energy, tail_errors
+from decomp_toolkit.layers import compress, decompose
 
 THRESHOLDS = (0.5, 0.8, 0.9, 0.95, 0.99)
 

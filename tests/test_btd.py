@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from decomp import BlockTermFactors, btd
-from decomp.factors import tucker_block_to_tensor
+from decomp_toolkit.decomp import BlockTermFactors, btd
+from decomp_toolkit.decomp.factors import tucker_block_to_tensor
 
 
 def block_term_tensor(shape, ranks, seed=0, dtype=torch.float64):

@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from analysis import model_io
-from analysis.cli import main
-from analysis.zoo import ZOO
-from layers import compress
+from decomp_toolkit.analysis import model_io
+from decomp_toolkit.analysis.cli import main
+from decomp_toolkit.analysis.zoo import ZOO
+from decomp_toolkit.layers import compress
 
 X = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(1))
 SHAPE = "2,3,12,12"
@@ -242,7 +242,7 @@ def test_scripted_model_the_converter_cannot_handle(capsys, tmp_path):
 
 def test_console_script_error_is_one_line(tmp_path):
     """Through a real process: status 2, one stderr line, no traceback."""
-    proc = subprocess.run([sys.executable, "-m", "analysis.cli", "analyze", str(tmp_path / "missing.pt2")],
+    proc = subprocess.run([sys.executable, "-m", "decomp_toolkit.analysis.cli", "analyze", str(tmp_path / "missing.pt2")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from layers import decompose
+from decomp_toolkit.layers import decompose
 
 CASES = {
     "TuckerConv": (lambda: nn.Conv2d(6, 8, 3, padding=1, padding_mode="reflect"), dict(method="tucker", rank=(3, 2)),

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from layers import LowRankConv, LowRankLinear, compress
-from layers.budget import BudgetProfile, allocate
+from decomp_toolkit.layers import LowRankConv, LowRankLinear, compress
+from decomp_toolkit.layers.budget import BudgetProfile, allocate
 from conftest import decaying_matrix
 
 
@@ -170,7 +170,7 @@ def test_allocate_greedy_order_on_synthetic_profiles():
 
 
 def test_mnist_cnn_budget_beats_uniform_ratio():
-    zoo = pytest.importorskip("analysis.zoo")
+    zoo = pytest.importorskip("decomp_toolkit.analysis.zoo")
     try:
         model = zoo.load_mnist_cnn()
         images, labels = zoo.load_mnist_images(limit=1000)
@@ -184,7 +184,7 @@ def test_mnist_cnn_budget_beats_uniform_ratio():
 
 def test_optimize_speed_times_layers_and_keeps_slower_ones_dense(monkeypatch):
     """compress passes each layer's recorded input shape; a layer measured slower stays dense."""
-    from layers import speed
+    from decomp_toolkit.layers import speed
 
     def fake_times(modules, x, repeats=7, warmup=2):  # the factorized conv "loses", the linear "wins"
         slow = x.ndim == 4
@@ -209,7 +209,7 @@ def test_optimize_speed_needs_example_input():
 def test_calibrated_budget_allocates_by_output_energy():
     """With calibration, the allocation reads s_i(W L), so an input that only excites a few
     directions makes the layer cheap to compress even though its weight spectrum is flat."""
-    from layers import calibrate
+    from decomp_toolkit.layers import calibrate
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))

@@ -5,8 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from decomp import CPFactors, cp
-from decomp.factors import cp_reconstruct
+from decomp_toolkit.decomp import CPFactors, cp
+from decomp_toolkit.decomp.factors import cp_reconstruct
 
 
 def cp_tensor(shape, R, seed=0, dtype=torch.float64):

@@ -20,11 +20,11 @@ import torch.nn as nn
 from hypothesis import given
 from hypothesis import strategies as st
 
-from decomp import svd, whitened_svd
-from decomp.rank import tail_errors
-from decomp.whitened import output_error
-from layers import Calibration, calibrate, compress, decompose, finetune
-from layers.calibrate import input_gram
+from decomp_toolkit.decomp import svd, whitened_svd
+from decomp_toolkit.decomp.rank import tail_errors
+from decomp_toolkit.decomp.whitened import output_error
+from decomp_toolkit.layers import Calibration, calibrate, compress, decompose, finetune
+from decomp_toolkit.layers.calibrate import input_gram
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 PAD_MODES = ("zeros", "reflect", "replicate", "circular")

@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from decomp.whitened import output_error
-from layers import calibrate, compress, decompose
+from decomp_toolkit.decomp.whitened import output_error
+from decomp_toolkit.layers import calibrate, compress, decompose
 
 torch.set_num_threads(1)
 

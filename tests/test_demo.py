@@ -1,7 +1,7 @@
 """`decomp demo` on the real pretrained MNIST CNN (a subset of the runs, to stay fast)."""
 import pytest
 
-from analysis import demo, zoo
+from decomp_toolkit.analysis import demo, zoo
 
 
 @pytest.fixture

@@ -26,8 +26,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from torch.nn.utils import parametrizations
 
-from layers import LowRankConv, LowRankLinear, SpatialLowRankConv, decompose
-from layers._accounting import count_params
+from decomp_toolkit.layers import LowRankConv, LowRankLinear, SpatialLowRankConv, decompose
+from decomp_toolkit.layers._accounting import count_params
 
 PAD_MODES = ("zeros", "reflect", "replicate", "circular")
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}

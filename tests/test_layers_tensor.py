@@ -25,10 +25,10 @@ import torch.nn as nn
 from hypothesis import given
 from hypothesis import strategies as st
 
-import layers.speed as speed
-from layers import BlockTermConv, CPConv, LowRankLinear, SlowerThanDenseWarning, TTLinear, TuckerConv, compress, \
+import decomp_toolkit.layers.speed as speed
+from decomp_toolkit.layers import BlockTermConv, CPConv, LowRankLinear, SlowerThanDenseWarning, TTLinear, TuckerConv, compress, \
     decompose
-from layers._accounting import count_params
+from decomp_toolkit.layers._accounting import count_params
 from test_layers_svd import (assert_same_options, assert_unchanged, conv_setups, reference_conv, rel_close, snapshot,
                              stage_macs)
 

@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from decomp import pq_size_bits
-from layers import LowRankConv, PQConv
+from decomp_toolkit.decomp import pq_size_bits
+from decomp_toolkit.layers import LowRankConv, PQConv
 from papers import _shapes
 from papers._common import Check, failures
 from papers.jaderberg2014 import run as jaderberg
@@ -85,7 +85,7 @@ def test_zhang_only_the_paper_accounting_matches():
 
 def test_zhang_budget_allocation_on_real_weights():
     """At equal MACs the greedy allocation keeps more of Zhang's objective than uniform ranks."""
-    from analysis.zoo import load_mnist_cnn
+    from decomp_toolkit.analysis.zoo import load_mnist_cnn
 
     model = load_mnist_cnn()
     result = zhang.allocations(model, torch.zeros(1, 1, 28, 28), 0.3)

@@ -8,9 +8,9 @@ import torch.nn as nn
 from hypothesis import given
 from hypothesis import strategies as st
 
-from decomp import pq, pq_size_bits
-from decomp.pq import block_for_bits, code_dtype, kmeans
-from layers import PQConv, PQLinear, decompose
+from decomp_toolkit.decomp import pq, pq_size_bits
+from decomp_toolkit.decomp.pq import block_for_bits, code_dtype, kmeans
+from decomp_toolkit.layers import PQConv, PQLinear, decompose
 
 
 

@@ -14,8 +14,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from conftest import decaying_matrix
-from decomp import parse_rank_spec, rank_for_energy, rank_for_tol, select_rank, svd, vbmf_rank
-from decomp.rank import RankSpec, check_rank, largest_rank_within, tail_errors
+from decomp_toolkit.decomp import parse_rank_spec, rank_for_energy, rank_for_tol, select_rank, svd, vbmf_rank
+from decomp_toolkit.decomp.rank import RankSpec, check_rank, largest_rank_within, tail_errors
 
 # Relative slack for comparisons of float64 sums computed along different paths.
 SLACK = 1e-12

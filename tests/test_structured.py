@@ -8,10 +8,10 @@ import torch.nn as nn
 from hypothesis import given
 from hypothesis import strategies as st
 
-from decomp import circulant, ldr, toeplitz
-from decomp.structured import (circulant_apply, circulant_index, displacement, ldr_apply, ldr_dense, toeplitz_apply,
+from decomp_toolkit.decomp import circulant, ldr, toeplitz
+from decomp_toolkit.decomp.structured import (circulant_apply, circulant_index, displacement, ldr_apply, ldr_dense, toeplitz_apply,
                                toeplitz_index)
-from layers import CirculantLinear, LDRLinear, ToeplitzLinear, available_methods, decompose
+from decomp_toolkit.layers import CirculantLinear, LDRLinear, ToeplitzLinear, available_methods, decompose
 
 dims = st.integers(1, 12)
 seeds = st.integers(0, 2 ** 16)

@@ -16,8 +16,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from conftest import decaying_matrix
-from decomp import SVDFactors, randomized_svd, svd
-from decomp.svd import optimal_error
+from decomp_toolkit.decomp import SVDFactors, randomized_svd, svd
+from decomp_toolkit.decomp.svd import optimal_error
 
 dims = st.integers(2, 32)
 decays = st.floats(0.2, 0.95)

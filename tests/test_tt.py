@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import decaying_matrix
-from decomp import (TTFactors, TTMatrixFactors, balanced_factorization, tt, tt_matrix, tt_matrix_num_params,
+from decomp_toolkit.decomp import (TTFactors, TTMatrixFactors, balanced_factorization, tt, tt_matrix, tt_matrix_num_params,
                     tt_num_params, tt_round)
 
 

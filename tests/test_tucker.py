@@ -8,8 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import decaying_matrix
-from decomp import TuckerFactors, tucker, tucker_params
-from decomp.factors import mode_product
+from decomp_toolkit.decomp import TuckerFactors, tucker, tucker_params
+from decomp_toolkit.decomp.factors import mode_product
 
 
 def tucker_tensor(shape, ranks, seed=0, decay=None):

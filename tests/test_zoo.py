@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from analysis import zoo
-from analysis.sentences import CALIBRATION_SENTENCES, EVAL_SENTENCES
-from analysis.zoo import ZOO, MissingZooPackage, ZooEntry, zoo_entry
-from layers import compress
+from decomp_toolkit.analysis import zoo
+from decomp_toolkit.analysis.sentences import CALIBRATION_SENTENCES, EVAL_SENTENCES
+from decomp_toolkit.analysis.zoo import ZOO, MissingZooPackage, ZooEntry, zoo_entry
+from decomp_toolkit.layers import compress
 
 # Evaluation subsets small enough for 1 thread on a shared 2-core machine.
 EVAL_LIMIT = {"mnist-cnn": 300, "minilm": 16, "mobilenet-v2": 6}

@@ -12,8 +12,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from layers import SpatialLowRankConv  # noqa: E402
-from layers._accounting import layer_macs  # noqa: E402
+from decomp_toolkit.layers import SpatialLowRankConv  # noqa: E402
+from decomp_toolkit.layers._accounting import layer_macs  # noqa: E402
 from papers._common import Check, run_paper, table  # noqa: E402
 from papers._shapes import TEXTNET_CONV2, TEXTNET_CONV3  # noqa: E402
 

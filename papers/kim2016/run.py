@@ -22,10 +22,10 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from decomp import tucker  # noqa: E402
-from layers import decompose  # noqa: E402
-from layers._accounting import conv_output_spatial, count_params, layer_macs  # noqa: E402
-from layers.tucker import TuckerConv  # noqa: E402
+from decomp_toolkit.decomp import tucker  # noqa: E402
+from decomp_toolkit.layers import decompose  # noqa: E402
+from decomp_toolkit.layers._accounting import conv_output_spatial, count_params, layer_macs  # noqa: E402
+from decomp_toolkit.layers.tucker import TuckerConv  # noqa: E402
 from papers._common import Check, run_paper, table  # noqa: E402
 from papers._shapes import ALEXNET, ALEXNET_CONVS, network_totals  # noqa: E402
 
@@ -113,7 +113,7 @@ def network_table():
 
 def mnist_vbmf_experiment(n_images=None):
     """VBMF ranks (decomp.tucker(..., rank='vbmf', modes=(0, 1))) of the ccexam CNN's real kernels."""
-    from analysis.zoo import accuracy, load_mnist_cnn, load_mnist_images
+    from decomp_toolkit.analysis.zoo import accuracy, load_mnist_cnn, load_mnist_images
 
     model = load_mnist_cnn()
     images, labels = load_mnist_images(n_images)

@@ -19,9 +19,9 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from layers import decompose  # noqa: E402
-from layers._accounting import count_params, layer_macs  # noqa: E402
-from layers.cp import CPConv  # noqa: E402
+from decomp_toolkit.layers import decompose  # noqa: E402
+from decomp_toolkit.layers._accounting import count_params, layer_macs  # noqa: E402
+from decomp_toolkit.layers.cp import CPConv  # noqa: E402
 from papers._common import Check, run_paper, table  # noqa: E402
 from papers._shapes import ALEXNET_CONVS  # noqa: E402
 
@@ -82,7 +82,7 @@ MNIST_RANKS = (4, 8, 16, 32, 64, 128)
 
 def mnist_cp_experiment(ranks=MNIST_RANKS, n_images=None):
     """features.3 (64x32x3x3) as CPConv at several ranks (CP-ALS, seed 0), no fine-tuning."""
-    from analysis.zoo import accuracy, load_mnist_cnn, load_mnist_images
+    from decomp_toolkit.analysis.zoo import accuracy, load_mnist_cnn, load_mnist_images
 
     model = load_mnist_cnn()
     images, labels = load_mnist_images(n_images)

@@ -15,9 +15,9 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from layers import decompose  # noqa: E402
-from layers._accounting import count_params, layer_macs  # noqa: E402
-from layers.tt import TTLinear  # noqa: E402
+from decomp_toolkit.layers import decompose  # noqa: E402
+from decomp_toolkit.layers._accounting import count_params, layer_macs  # noqa: E402
+from decomp_toolkit.layers.tt import TTLinear  # noqa: E402
 from papers._common import Check, run_paper, table  # noqa: E402
 from papers._shapes import VGG16, network_totals  # noqa: E402
 
@@ -94,7 +94,7 @@ def relative_error(layer, dense) -> float:
 
 def mnist_tt_experiment(ranks=MNIST_RANKS, n_images=None):
     """classifier.0 (3136 -> 128) as a TTLinear (automatic balanced shapes) at several TT-ranks."""
-    from analysis.zoo import accuracy, load_mnist_cnn, load_mnist_images
+    from decomp_toolkit.analysis.zoo import accuracy, load_mnist_cnn, load_mnist_images
 
     model = load_mnist_cnn()
     images, labels = load_mnist_images(n_images)

@@ -25,8 +25,8 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from layers import PQConv, PQLinear  # noqa: E402
-from layers._accounting import count_params  # noqa: E402
+from decomp_toolkit.layers import PQConv, PQLinear  # noqa: E402
+from decomp_toolkit.layers._accounting import count_params  # noqa: E402
 from papers._common import Check, run_paper, table  # noqa: E402
 from papers._shapes import RESNETS, resnet_modules, resnet_param_count  # noqa: E402
 
@@ -116,8 +116,8 @@ MNIST_CONFIGS = [
 
 def mnist_pq_experiment(n_images=None, n_iter=20):
     """PQ the ccexam MNIST CNN (conv 256 centroids; shared codebook per layer, fp16) and measure accuracy."""
-    from analysis.zoo import accuracy, load_mnist_cnn, load_mnist_images
-    from layers import compress
+    from decomp_toolkit.analysis.zoo import accuracy, load_mnist_cnn, load_mnist_images
+    from decomp_toolkit.layers import compress
 
     model = load_mnist_cnn()
     images, labels = load_mnist_images(n_images)

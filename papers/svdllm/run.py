@@ -25,9 +25,9 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from decomp import svd, whitened_svd  # noqa: E402
-from decomp.whitened import output_error  # noqa: E402
-from layers import calibrate, compress  # noqa: E402
+from decomp_toolkit.decomp import svd, whitened_svd  # noqa: E402
+from decomp_toolkit.decomp.whitened import output_error  # noqa: E402
+from decomp_toolkit.layers import calibrate, compress  # noqa: E402
 from papers._common import Check, finish, setup_threads, table  # noqa: E402
 
 RANK_FRACTIONS = (0.125, 0.25, 0.5)   # rank k as a fraction of min(out, in)
@@ -48,7 +48,7 @@ class PackedMiniLM(nn.Module):
 
 def sentence_batches(which: str) -> list:
     """Unpadded ``(B, 2, T)`` batches, one per sentence length: padding tokens never enter a Gram."""
-    from analysis.zoo import load_sentences
+    from decomp_toolkit.analysis.zoo import load_sentences
 
     ids, mask = load_sentences(which=which)
     lengths = mask.sum(1)
@@ -135,7 +135,7 @@ def per_layer_table(title, rows, fraction=0.25, limit=None):
 # ----------------------------------------------------------------------------- models
 
 def minilm_study():
-    from analysis.zoo import load_minilm
+    from decomp_toolkit.analysis.zoo import load_minilm
 
     model = PackedMiniLM(load_minilm())
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -144,7 +144,7 @@ def minilm_study():
 
 def minilm_end_to_end(model, ratios=(0.5, 0.3)):
     """compress(all 36 Linear, method='svd', ratio=r), plain vs calibration=: embedding cosine on eval sentences."""
-    from analysis.zoo import embed, load_sentences
+    from decomp_toolkit.analysis.zoo import embed, load_sentences
 
     data = load_sentences(which="eval")
     cal = calibrate(model, sentence_batches("calibration"), progress=False)
@@ -164,7 +164,7 @@ def minilm_end_to_end(model, ratios=(0.5, 0.3)):
 
 def mnist_study(n_cal=1000, n_eval=2000):
     """classifier.0 (3136 -> 128) of the ccexam MNIST CNN: calibration on images [0, n_cal), held out after."""
-    from analysis.zoo import load_mnist_cnn, load_mnist_images
+    from decomp_toolkit.analysis.zoo import load_mnist_cnn, load_mnist_images
 
     model = load_mnist_cnn()
     images, _ = load_mnist_images(n_cal + n_eval)

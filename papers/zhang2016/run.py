@@ -16,8 +16,8 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from layers import LowRankConv, LowRankLinear, compress, decompose  # noqa: E402
-from layers._accounting import layer_macs  # noqa: E402
+from decomp_toolkit.layers import LowRankConv, LowRankLinear, compress, decompose  # noqa: E402
+from decomp_toolkit.layers._accounting import layer_macs  # noqa: E402
 from papers._common import Check, run_paper, table  # noqa: E402
 from papers._shapes import VGG16_CONVS, VGG16_FCS  # noqa: E402
 
@@ -158,7 +158,7 @@ def allocations(model, example_input, fraction) -> dict:
     at equal (or lower) cost. Returns ``{label: dict(ranks, model, MACs, energy)}`` with
     ``energy`` the product over layers of the kept energy fractions (Zhang's objective).
     """
-    from layers.compress import record_input_shapes
+    from decomp_toolkit.layers.compress import record_input_shapes
 
     names = [n for n, _ in _targets(model)]
     shapes = record_input_shapes(model, example_input, names)
@@ -178,7 +178,7 @@ def allocations(model, example_input, fraction) -> dict:
 
 def mnist_budget_experiment(fractions=(0.5, 0.3, 0.2, 0.1), n_images=None):
     """Selected vs uniform ranks at equal MACs on the ccexam MNIST CNN, with accuracy (see ``allocations``)."""
-    from analysis.zoo import accuracy, load_mnist_cnn, load_mnist_images
+    from decomp_toolkit.analysis.zoo import accuracy, load_mnist_cnn, load_mnist_images
 
     model = load_mnist_cnn()
     images, labels = load_mnist_images(n_images)
