@@ -27,6 +27,7 @@ demo: $(STAMP)
 	$(BIN)/decomp demo
 
 bench: $(STAMP)
+	DECOMP_TEST_THREADS=1 $(BIN)/python -m pytest -q -m slow
 	$(BIN)/python benchmarks/bench_layers.py
 
 # Reproductions of the papers' tables (papers/README.md); fails if an arithmetic claim differs.
