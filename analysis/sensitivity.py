@@ -13,7 +13,7 @@ import glob
 import numpy as np
 
 from decomp_toolkit.layers import available_methods, compress
-from decomp_toolkit.layers._validate import layer_kind
+from decomp_toolkit.layers.kinds import layer_kind
 
 from .spectra import LAYER_TYPES
 from .tables import Table

@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 
 from decomp_toolkit.decomp.rank import parse_rank_spec, select_rank
-from decomp_toolkit.layers._accounting import count_params
-from decomp_toolkit.layers._validate import conv_config, linear_config
+from decomp_toolkit.layers import count_params
+from decomp_toolkit.layers.kinds import conv_config, linear_config
 from decomp_toolkit.layers.lowrank import SCHEMES, LowRankLinear
 
 from .tables import Table
@@ -53,7 +53,11 @@ def _weight_of(layer_or_weight, groups=None):
             np.asarray(layer_or_weight))
         groups = 1 if groups is None else int(groups)
         label = f"array of shape {tuple(weight.shape)}"
+    if weight.device.type == "meta":
+        raise ValueError(f"{label}: the weight is on the meta device (no values); load the weights first")
     weight = weight.detach().to("cpu", torch.float64)
+    if not torch.isfinite(weight).all():
+        raise ValueError(f"{label}: contains NaN or Inf entries, so it has no spectrum; fix the weights first")
     if weight.ndim < 2:
         raise ValueError(f"spectrum() needs a weight with at least 2 dimensions, got the {label}")
     if weight.shape[0] % groups:
@@ -136,7 +140,10 @@ def spectra(model, scheme: str = "channel", *, modes=None) -> dict:
     for name, layer in named_layers(model):
         if modes is None and _not_applicable(layer, scheme):
             continue
-        out[name] = spectrum(layer, scheme, modes=modes)
+        try:
+            out[name] = spectrum(layer, scheme, modes=modes)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from err
     return out
 
 
@@ -192,7 +199,10 @@ def energy_table(model, thresholds=DEFAULT_THRESHOLDS, scheme: str = "channel") 
             row.update({f"{k}@{_label(s.value)}": None for s in specs for k in ("rank", "params")})
             rows.append(row)
             continue
-        s = spectrum(layer, scheme)
+        try:
+            s = spectrum(layer, scheme)
+        except ValueError as err:
+            raise ValueError(f"energy_table: layer {name}: {err}") from err
         row["max_rank"] = max_rank = int(np.atleast_2d(s).shape[1])
         for spec in specs:
             rank = select_rank(spec, s, max_rank=max_rank)

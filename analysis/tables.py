@@ -2,17 +2,11 @@
 
 Cells are formatted like :class:`layers.Report` (ints with thousands separators, floats
 with 4 decimals, shapes as ``64x32x3x3``, ``None`` as ``-``); numbers are right-aligned.
-In a notebook the table renders as Markdown.
+In a notebook the table renders as HTML (and as Markdown where HTML is not shown).
 """
 from __future__ import annotations
 
-import numbers
-
-from decomp_toolkit.layers.report import _fmt
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, numbers.Number) and not isinstance(value, bool)
+from decomp_toolkit.layers.render import format_value, html_table, is_number, markdown_table
 
 
 class Table(list):
@@ -37,7 +31,7 @@ class Table(list):
         return [row.get(name) for row in self]
 
     def _cells(self) -> list:
-        return [[_fmt(row.get(c)) for c in self.columns] for row in self]
+        return [[format_value(row.get(c)) for c in self.columns] for row in self]
 
     def __str__(self) -> str:
         header = [str(c) for c in self.columns]
@@ -47,7 +41,7 @@ class Table(list):
         def line(row, raw=None):
             out = []
             for i, (cell, width) in enumerate(zip(row, widths)):
-                right = raw is not None and _is_number(raw.get(self.columns[i]))
+                right = raw is not None and is_number(raw.get(self.columns[i]))
                 out.append(cell.rjust(width) if right else cell.ljust(width))
             return "  ".join(out).rstrip()
 
@@ -58,19 +52,21 @@ class Table(list):
     __repr__ = __str__
 
     def to_markdown(self) -> str:
-        lines = [f"**{self.title}**\n"] if self.title else []
-        lines += ["| " + " | ".join(str(c) for c in self.columns) + " |", "|" + "---|" * len(self.columns)]
-        lines += ["| " + " | ".join(row) + " |" for row in self._cells()]
-        return "\n".join(lines + [f"\n{note}" for note in self.notes])
+        return markdown_table(self.columns, self._cells(), title=self.title, notes=self.notes)
 
     def _repr_markdown_(self) -> str:
         return self.to_markdown()
+
+    def _repr_html_(self) -> str:
+        right = [any(is_number(row.get(c)) for row in self) for c in self.columns]
+        return html_table(self.columns, self._cells(), title=self.title, notes=self.notes, right=right)
 
     def to_dataframe(self):
         try:
             import pandas as pd
         except ImportError as err:  # pragma: no cover - depends on the environment
-            raise ImportError("Table.to_dataframe() needs pandas: pip install pandas") from err
+            raise ImportError("Table.to_dataframe() needs pandas: pip install pandas "
+                              "(or pip install 'decomp-toolkit[notebook]')") from err
         return pd.DataFrame([{c: row.get(c) for c in self.columns} for row in self], columns=self.columns)
 
 

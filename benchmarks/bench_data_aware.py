@@ -1,8 +1,9 @@
 """Data-aware decomposition (SVD-LLM whitening) and distillation: accuracy at equal parameter counts.
 
-Run:  .venv/bin/python benchmarks/bench_data_aware.py [--quick] [--epochs 2]
+Run:  .venv/bin/python benchmarks/bench_data_aware.py [--quick] [--epochs 2] [--threads 1]
 
-torch.set_num_threads(2). For each model, side by side at the SAME ranks / parameter
+Harness: benchmarks/_timing.py (1 torch thread by default); the printed tables are also
+written to benchmarks/results/bench_data_aware.md. For each model, side by side at the SAME ranks / parameter
 counts: plain truncated SVD (weights only), data-aware SVD (``compress(..., calibration=)``,
 centered Gram + bias correction), data-aware + knowledge distillation (``layers.finetune``,
 Hinton KD with T=4, alpha=0.9, Adam lr=1e-3) and, for reference, plain + the same KD.
@@ -39,12 +40,13 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from _timing import Bench, add_bench_args  # noqa: E402
 
 from decomp_toolkit.analysis import zoo  # noqa: E402
 from decomp_toolkit.layers import calibrate, compress, finetune  # noqa: E402
 
-THREADS = 2
 HAS_BUDGET = "budget" in inspect.signature(compress).parameters
 
 
@@ -177,22 +179,23 @@ def mobilenet(quick):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = add_bench_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--quick", action="store_true", help="fewer rows for MiniLM / MobileNetV2")
     parser.add_argument("--epochs", type=int, default=2, help="distillation epochs (MNIST)")
     parser.add_argument("--only", choices=("mnist", "minilm", "mobilenet"), default=None)
     args = parser.parse_args()
-    torch.set_num_threads(THREADS)
-    torch.manual_seed(0)
-    print(f"# Data-aware decomposition benchmark (torch {torch.__version__}, torch.set_num_threads({THREADS}))\n")
+    bench = Bench("bench_data_aware" + ("_quick" if args.quick else ""), args)
+    print(f"# Data-aware decomposition benchmark\n\n{bench.environment()}\n")
     start = time.perf_counter()
-    if args.only in (None, "mnist"):
-        mnist(args.epochs)
-    if args.only in (None, "minilm"):
-        minilm(args.quick)
-    if args.only in (None, "mobilenet"):
-        mobilenet(args.quick)
-    print(f"total time {time.perf_counter() - start:.0f} s")
+    with bench.capture():
+        if args.only in (None, "mnist"):
+            mnist(args.epochs)
+        if args.only in (None, "minilm"):
+            minilm(args.quick)
+        if args.only in (None, "mobilenet"):
+            mobilenet(args.quick)
+        print(f"total time {time.perf_counter() - start:.0f} s")
+    bench.write()
 
 
 if __name__ == "__main__":

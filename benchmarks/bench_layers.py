@@ -1,21 +1,22 @@
 """Dense vs SVD-factorized layer speed, next to the FLOP-theoretical ratio.
 
-Run: .venv/bin/python benchmarks/bench_layers.py [--threads 2] [--quick]
-Reports dense time / factorized time ("realized") and dense MACs / factorized MACs
-("theoretical") for the same layers in the same run, and the time and error of an
-exact vs randomized truncated SVD of a 4096 x 4096 weight.
+Run: .venv/bin/python benchmarks/bench_layers.py [--threads 1] [--quick] [--device cuda --dtype float16]
+Reports dense time / factorized time ("realized", the median of per-round ratios of
+interleaved dense/factorized rounds, on wall and on measuring-thread CPU time) and dense
+MACs / factorized MACs ("theoretical") for the same layers in the same run, and the time
+and error of an exact vs randomized truncated SVD of a 4096 x 4096 weight. Writes
+benchmarks/results/bench_layers.md (harness: benchmarks/_timing.py).
 """
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import markdown_table, median_time  # noqa: E402
+from _timing import Bench, add_bench_args, cpu_ms, ms  # noqa: E402
 
 from decomp_toolkit.decomp import svd  # noqa: E402
 from decomp_toolkit.decomp.svd import optimal_error  # noqa: E402
@@ -37,55 +38,47 @@ def layer_cases(quick):
     return cases
 
 
-def run_layers(quick, device="cpu"):
+def run_layers(bench, quick):
     rows = []
     for label, layer, spec, shape in layer_cases(quick):
-        layer = layer.to(device)
-        small = decompose(layer, **spec).to(device)
-        x = torch.randn(*shape, device=device)
-        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-        def run(module):
-            module(x)
-            sync()
-
-        dense_t, fact_t = median_time(run, layer), median_time(run, small)
+        small = decompose(layer, **spec)
+        dense, x = bench.prepare(layer, *shape)
+        small, _ = bench.prepare(small, *shape)
+        t = bench.compare({"dense": lambda: dense(x), "factorized": lambda: small(x)}, tag=label)
         theory = small.dense_flops(shape) / small.flops(shape)
-        realized = dense_t / fact_t
+        wall, cpu = bench.ratio(t["dense"], t["factorized"]), bench.ratio(t["dense"], t["factorized"], cpu=True)
         extra = ", ".join(f"{k}={v}" for k, v in spec.items() if k != "method")
-        rows.append([label, extra, f"{dense_t * 1e3:.2f}", f"{fact_t * 1e3:.2f}", f"{theory:.2f}x",
-                     f"{realized:.2f}x", f"{realized / theory:.2f}"])
-    header = ["layer", "spec", "dense ms", "factorized ms", "theoretical", "realized", "realized/theory"]
-    return markdown_table(header, rows)
+        rows.append([label, extra, ms(t["dense"]), cpu_ms(t["dense"]), ms(t["factorized"]), cpu_ms(t["factorized"]),
+                     f"{theory:.2f}x", str(wall), str(cpu), f"{cpu.median / theory:.2f}"])
+    header = ["layer", "spec", "dense ms", "dense cpu ms", "factorized ms", "factorized cpu ms", "theoretical",
+              "realized wall", "realized cpu", "realized cpu / theory"]
+    bench.section("Dense vs SVD-factorized layers", header, rows)
 
 
-def run_svd_timing(quick):
+def run_svd_timing(bench, quick):
     torch.manual_seed(0)
     n = 1024 if quick else 4096
     # a trained-like weight: decaying spectrum plus noise
     W = torch.randn(n, 256) @ torch.randn(256, n) / 16 + 0.05 * torch.randn(n, n)
     rows = []
     best = optimal_error(W, 256)
-    for method in ("exact", "randomized"):
-        start = time.perf_counter()
-        f = svd(W, rank=256, method=method, random_state=0)
-        seconds = time.perf_counter() - start
-        rows.append([method, f"{n}x{n}", "256", f"{seconds:.2f}", f"{f.error_bound / best:.4f}"])
-    return markdown_table(["svd method", "shape", "rank", "seconds", "error / optimum"], rows)
+    for algorithm in ("exact", "randomized"):
+        f, wall, cpu = bench.time_once(lambda: svd(W, rank=256, algorithm=algorithm, random_state=0))
+        rows.append([algorithm, f"{n}x{n}", "256", f"{wall:.2f}", f"{cpu:.2f}", f"{f.error_bound / best:.4f}"])
+    bench.section("Exact vs randomized truncated SVD", ["svd algorithm", "shape", "rank", "wall s", "cpu s",
+                                                         "error / optimum"], rows)
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--threads", type=int, default=2)
+    parser = add_bench_args(argparse.ArgumentParser())
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, device={args.device}\n")
-    print(run_layers(args.quick, args.device))
-    if args.device == "cpu":
-        print()
-        print(run_svd_timing(args.quick))
+    bench = Bench("bench_layers" + ("_quick" if args.quick else ""), args)
+    bench.note(bench.environment())
+    run_layers(bench, args.quick)
+    if bench.device.type == "cpu":
+        run_svd_timing(bench, args.quick)
+    bench.write()
 
 
 if __name__ == "__main__":

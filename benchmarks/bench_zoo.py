@@ -1,7 +1,7 @@
 """Quality vs size on the real zoo models, and the time to compress them.
 
-Run: .venv/bin/python benchmarks/bench_zoo.py [--threads 2] [--quick]
-(torch.set_num_threads(2) by default: the project's machines have 2 cores.)
+Run: .venv/bin/python benchmarks/bench_zoo.py [--threads 1] [--quick]
+(harness: benchmarks/_timing.py, 1 torch thread by default; writes benchmarks/results/bench_zoo.md)
 
 * MiniLM (all-MiniLM-L6-v2, 36 Linear layers): mean cosine similarity of the compressed
   model's embeddings to the original's on the 64 evaluation sentences, against the
@@ -16,7 +16,8 @@ Run: .venv/bin/python benchmarks/bench_zoo.py [--threads 2] [--quick]
   foolbox's 20 ImageNet images against the fraction of Linear/Conv MACs kept, for
   ``budget=dict(flops=f)`` and for uniform energies.
 * Time to compress each zoo model (one run each; compress includes the deep copy).
-Prints markdown tables.
+Prints markdown tables. ``compress`` is given ``example_input`` in the timing table, so its
+time includes timing every factorized layer against its dense one (layers.speed.check_speed).
 """
 from __future__ import annotations
 
@@ -28,14 +29,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import markdown_table  # noqa: E402
+from _timing import Bench, add_bench_args, markdown_table  # noqa: E402
 
 from decomp_toolkit.analysis.spectra import spectrum, svd_layer_params  # noqa: E402
 from decomp_toolkit.analysis.zoo import ZOO  # noqa: E402
 from decomp_toolkit.decomp.rank import parse_rank_spec, select_rank  # noqa: E402
 from decomp_toolkit.layers import compress  # noqa: E402
 from decomp_toolkit.layers._accounting import count_params  # noqa: E402
-from decomp_toolkit.layers.compress import CANDIDATE_TYPES  # noqa: E402
+from decomp_toolkit.layers.kinds import is_candidate  # noqa: E402
 
 
 def _timed_compress(model, with_cpu=False, **kwargs):
@@ -46,7 +47,7 @@ def _timed_compress(model, with_cpu=False, **kwargs):
 
 
 def _layers(model):
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, CANDIDATE_TYPES) and n]
+    return [(n, m) for n, m in model.named_modules() if is_candidate(m) and n]
 
 
 def energy_for_fraction(model, fraction, scheme="channel"):
@@ -143,20 +144,21 @@ def bench_times(out):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
+    parser = add_bench_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--quick", action="store_true", help="one fraction / budget each")
     parser.add_argument("--only", choices=("times", "minilm", "mobilenet"), help="run one part only")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    print(f"# bench_zoo (torch {torch.__version__}, torch.set_num_threads({args.threads}))\n")
+    bench = Bench("bench_zoo" + ("_quick" if args.quick else ""), args)
+    bench.note(bench.environment())
+    out = bench.note
     if args.only in (None, "times"):
-        bench_times(print)
+        bench_times(out)
     if args.only in (None, "minilm"):
-        bench_minilm((0.5,) if args.quick else (0.75, 0.5, 0.3), print)
+        bench_minilm((0.5,) if args.quick else (0.75, 0.5, 0.3), out)
     if args.only in (None, "mobilenet"):
         bench_mobilenet((0.8,) if args.quick else (0.95, 0.9, 0.8, 0.7),
-                        () if args.quick else (0.99, 0.95, 0.9), print)
+                        () if args.quick else (0.99, 0.95, 0.9), out)
+    bench.write()
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ converted back to the caller's array kind and dtype.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +49,12 @@ def as_compute_tensor(array, *, name: str = "input", ndim=None, compute_dtype=No
         kind = ArrayKind(True, array.dtype, torch.device("cpu"))
         tensor = torch.from_numpy(np.ascontiguousarray(array))
     elif isinstance(array, torch.Tensor):
+        if array.layout != torch.strided:
+            raise TypeError(f"{name}: got a {array.layout} tensor of shape {tuple(array.shape)}; pass a dense "
+                            f"tensor (tensor.to_dense())")
+        if array.device.type == "meta":
+            raise ValueError(f"{name}: got a meta-device tensor of shape {tuple(array.shape)}, which holds no "
+                             f"values; load the data first")
         if not array.is_floating_point():
             raise TypeError(f"{name}: expected a floating-point tensor, got dtype {array.dtype}")
         kind = ArrayKind(False, array.dtype, array.device)
@@ -66,6 +73,31 @@ def as_compute_tensor(array, *, name: str = "input", ndim=None, compute_dtype=No
     return tensor, kind
 
 
+def times_power_of_two(tensor: torch.Tensor, exponent: int) -> torch.Tensor:
+    """``tensor * 2**exponent``, exact (in steps small enough never to overflow the factor itself)."""
+    while exponent > 1000:
+        tensor, exponent = tensor * 2.0 ** 1000, exponent - 1000
+    while exponent < -1000:
+        tensor, exponent = tensor * 2.0 ** -1000, exponent + 1000
+    return tensor * 2.0 ** exponent if exponent else tensor
+
+
+def unit_scale(tensor: torch.Tensor, even: bool = False) -> tuple:
+    """``(tensor / 2**e, e)`` with the largest magnitude in [1, 2) (or [1, 4) when ``even``: e even).
+
+    Dividing by a power of two is exact, so squares (norms, Grams, energies) of the result
+    neither overflow nor underflow for data anywhere in float64's range (1e-300 .. 1e300);
+    multiply what was computed from it by ``2**e`` (``2**(e/2)`` for square roots).
+    """
+    peak = float(tensor.abs().max()) if tensor.numel() else 0.0
+    if peak == 0.0 or not math.isfinite(peak):
+        return tensor, 0
+    exponent = math.frexp(peak)[1] - 1
+    if even and exponent % 2:
+        exponent -= 1
+    return times_power_of_two(tensor, -exponent), exponent
+
+
 def to_torch(array) -> torch.Tensor:
     """View a numpy array or tensor as a torch tensor (no copy where possible)."""
     if isinstance(array, np.ndarray):
@@ -73,10 +105,21 @@ def to_torch(array) -> torch.Tensor:
     return array
 
 
-def make_generator(random_state, device=None) -> torch.Generator:
-    """A torch.Generator from an int seed, an existing Generator, or None (seed 0).
+def in_kind_of(result: torch.Tensor, like):
+    """The torch ``result`` in the array kind (numpy / torch), dtype and device of ``like``."""
+    if isinstance(like, np.ndarray):
+        return result.detach().cpu().numpy().astype(like.dtype, copy=False)
+    return result.to(device=like.device, dtype=like.dtype)
 
-    None maps to a fixed seed so that results are reproducible by default.
+
+def make_generator(random_state, device=None) -> torch.Generator:
+    """The torch.Generator of a ``random_state``: an int seed, an existing Generator, or None.
+
+    This is the one place where ``random_state`` is interpreted, for every function of
+    :mod:`decomp` that draws random numbers. Deviation from scikit-learn: ``None`` means
+    seed 0, not a fresh non-deterministic stream, so that every decomposition (and every
+    layer built from one) is reproducible by default. Pass a ``torch.Generator`` to draw
+    from your own stream (it is used, and advanced, as given).
     """
     if isinstance(random_state, torch.Generator):
         return random_state
@@ -87,11 +130,11 @@ def make_generator(random_state, device=None) -> torch.Generator:
     return generator
 
 
-def check_iteration_options(where: str, n_iter_max, tol_rel, init, inits) -> None:
+def check_iteration_options(where: str, n_iter_max, convergence_tol, init, inits) -> None:
     """Validate the options shared by the iterative (ALS) methods; ValueError naming ``where``."""
     if not isinstance(n_iter_max, (int, np.integer)) or isinstance(n_iter_max, bool) or n_iter_max < 1:
         raise ValueError(f"{where}: n_iter_max={n_iter_max!r} must be an int >= 1")
-    if isinstance(tol_rel, bool) or not isinstance(tol_rel, (int, float)) or not tol_rel >= 0:
-        raise ValueError(f"{where}: tol_rel={tol_rel!r} must be a number >= 0")
+    if isinstance(convergence_tol, bool) or not isinstance(convergence_tol, (int, float)) or not convergence_tol >= 0:
+        raise ValueError(f"{where}: convergence_tol={convergence_tol!r} must be a number >= 0")
     if init not in inits:
         raise ValueError(f"{where}: init={init!r} is not one of {inits}")

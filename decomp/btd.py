@@ -24,8 +24,8 @@ Algorithm (alternating least squares, De Lathauwer & Nion 2008, with block-wise 
   increases; a sweep that increases it numerically is rolled back and the fit stops
   (``info["stalled"]``). The error history is ``info["errors"]``.
 
-``error_bound`` is ``||A - Â||_F`` computed exactly a posteriori in float64 from the
-explicit residual: a certified value of this fit, not an a-priori bound.
+``error`` is ``||A - Â||_F`` measured exactly a posteriori in float64 from the explicit
+residual; there is no a-priori bound (``error_bound`` is None).
 """
 from __future__ import annotations
 
@@ -34,17 +34,19 @@ import math
 import torch
 
 from ._backend import as_compute_tensor, check_iteration_options, make_generator
-from .factors import BlockTermFactors, tucker_block_to_tensor
-from .rank import largest_rank_within
+from ._kernels import leading_left_vectors, mode_product, multi_mode_product, unfold
+from .formats.btd import BlockTermFactors, btd_num_params
+from .rank import InfeasibleRankError, largest_rank_within
 
 INITS = ("hosvd", "random")
 
 
-def btd(A, n_blocks=None, rank=None, *, ratio=None, energy=None, tol=None, n_iter_max=100, tol_rel=1e-8,
+def btd(A, rank=None, *, n_blocks=None, ratio=None, energy=None, tol=None, n_iter_max=100, convergence_tol=1e-8,
         init="hosvd", n_init=4, random_state=None, compute_dtype=None, context="") -> BlockTermFactors:
     """Block-term decomposition of an N-way array ``A (I_1, ..., I_N)``, N >= 3.
 
-    ``n_blocks`` (int >= 1) Tucker blocks and exactly one of
+    ``n_blocks`` (int >= 1; implied by a per-block ``rank`` sequence) Tucker blocks and
+    exactly one of
 
     * ``rank=(L_1, ..., L_N)``: the multilinear rank of every block (``1 <= L_n <= I_n``),
       or a sequence of ``n_blocks`` such tuples, one per block;
@@ -56,16 +58,16 @@ def btd(A, n_blocks=None, rank=None, *, ratio=None, energy=None, tol=None, n_ite
     no nested ranks to read them from.
 
     ``n_iter_max`` ALS sweeps at most; stops when the relative error decreases by less
-    than ``tol_rel`` in a sweep. ``init`` in ``("hosvd", "random")`` (see module doc).
+    than ``convergence_tol`` in a sweep. ``init`` in ``("hosvd", "random")`` (see module doc).
     ALS on block terms has local minima and swamps: ``n_init`` starts (the first from
     ``init``, the others random) are screened for a few sweeps and the best is continued
-    (see :func:`btd_als`). ``random_state`` (int, Generator or None = seed 0) seeds the
-    random starts, so results are deterministic.
+    (see :func:`btd_als`). ``random_state`` (int, Generator or None = seed 0, see
+    :func:`decomp._backend.make_generator`) seeds the random starts, so results are deterministic.
     Math runs in ``compute_dtype`` (float64 by default); the factors come back in the
     input's kind (numpy / torch) and dtype.
 
-    Returns :class:`~decomp.factors.BlockTermFactors`; ``error_bound`` is the exact
-    a-posteriori error ``||A - Â||_F``; ``info["errors"]`` the relative error after the
+    Returns :class:`~decomp.formats.btd.BlockTermFactors`; ``error`` is the exact
+    a-posteriori error ``||A - Â||_F`` (``error_bound`` is None); ``info["errors"]`` the relative error after the
     initialisation and after every sweep (non-increasing).
     """
     context = context or "btd"
@@ -77,6 +79,9 @@ def btd(A, n_blocks=None, rank=None, *, ratio=None, energy=None, tol=None, n_ite
     if (rank is None) == (ratio is None):
         raise ValueError(f"{context}: pass exactly one of rank=(L_1, ..., L_N) (with n_blocks=) or ratio= "
                          f"(got rank={rank!r}, ratio={ratio!r})")
+    per_block = isinstance(rank, (tuple, list)) and rank and all(isinstance(r, (tuple, list)) for r in rank)
+    if n_blocks is None and per_block:
+        n_blocks = len(rank)
     if isinstance(n_blocks, bool) or not isinstance(n_blocks, int):
         raise TypeError(f"{context}: n_blocks= must be an int >= 1, got {n_blocks!r}")
     if n_blocks < 1:
@@ -87,17 +92,16 @@ def btd(A, n_blocks=None, rank=None, *, ratio=None, energy=None, tol=None, n_ite
         raise ValueError(f"{context}: the block-term decomposition needs an array with at least 3 dimensions, "
                          f"got shape {shape}; for a matrix use decomp.svd")
     where = f"{context} (shape {shape})"
-    check_iteration_options(where, n_iter_max, tol_rel, init, INITS)
+    check_iteration_options(where, n_iter_max, convergence_tol, init, INITS)
     if rank is not None:
         ranks = _block_ranks(rank, n_blocks, shape, where)
     else:
         ranks = _ranks_for_ratio(ratio, n_blocks, shape, where)
-    generator = make_generator(random_state)
-    blocks, info = btd_als(T, ranks, n_iter_max=n_iter_max, tol_rel=tol_rel, init=init, n_init=n_init,
-                           generator=generator)
+    blocks, info = btd_als(T, ranks, n_iter_max=n_iter_max, convergence_tol=convergence_tol, init=init,
+                           n_init=n_init, random_state=random_state)
     norm = float(torch.linalg.norm(T))
     blocks = [(kind.restore(G), [kind.restore(U) for U in Us]) for G, Us in blocks]
-    return BlockTermFactors(blocks, error_bound=info["error"], norm=norm, info=info)
+    return BlockTermFactors(blocks, error=info["error"], norm=norm, info=info)
 
 
 def _is_int(v):
@@ -126,12 +130,9 @@ def _block_ranks(rank, n_blocks, shape, where):
         bad = [n for n, (v, s) in enumerate(zip(r, shape)) if v > s]
         if bad:
             n = bad[0]
-            raise ValueError(f"{where}: block rank {r!r} exceeds the mode sizes (mode {n}: {r[n]} > {shape[n]})")
+            reason = f"block rank {r!r} exceeds the mode sizes (mode {n}: {r[n]} > {shape[n]})"
+            raise InfeasibleRankError(f"{where}: {reason}", reason)
     return ranks
-
-
-def _block_params(r, shape):
-    return math.prod(r) + sum(I * L for I, L in zip(shape, r))
 
 
 def _ranks_for_ratio(ratio, n_blocks, shape, where):
@@ -143,35 +144,20 @@ def _ranks_for_ratio(ratio, n_blocks, shape, where):
     def uniform(L):
         return tuple(min(L, I) for I in shape)
 
-    L = largest_rank_within(lambda L: n_blocks * _block_params(uniform(L), shape), ratio * math.prod(shape),
+    L = largest_rank_within(lambda L: btd_num_params(shape, [uniform(L)] * n_blocks), ratio * math.prod(shape),
                             max(shape), where)
     return [uniform(L)] * n_blocks
 
 
 # ----------------------------------------------------------------------------- ALS core
 
-def _mode_dot(X, M, n):
-    """``X ×_n M`` for ``M (J, I_n)``."""
-    return torch.tensordot(M, X, dims=([1], [n])).movedim(0, n)
-
-
 def _project(T, Us, skip=None):
     """``T ×_m U_m^T`` for every mode m except ``skip`` (largest reduction first)."""
     modes = [m for m in range(T.ndim) if m != skip]
     X = T
     for m in sorted(modes, key=lambda m: Us[m].shape[1] / Us[m].shape[0]):
-        X = _mode_dot(X, Us[m].T, m)
+        X = mode_product(X, Us[m].T, m)
     return X
-
-
-def _unfold(X, n):
-    return X.movedim(n, 0).reshape(X.shape[n], -1)
-
-
-def _leading_vectors(T, n):
-    unfold = _unfold(T, n)
-    _, vecs = torch.linalg.eigh(unfold @ unfold.T)
-    return vecs.flip(-1)
 
 
 def _init(T, ranks, init, generator):
@@ -180,7 +166,7 @@ def _init(T, ranks, init, generator):
     for n in range(N):
         size = T.shape[n]
         if init == "hosvd":
-            vecs = _leading_vectors(T, n)
+            vecs = leading_left_vectors(T, n)
             start = 0
             for b, r in enumerate(ranks):
                 idx = torch.arange(start, start + r[n]) % size
@@ -198,7 +184,7 @@ def _update_cores(T, E, cores, factors, blocks):
     for b in range(len(cores)):
         Rb = E + blocks[b]
         cores[b] = _project(Rb, factors[b])
-        blocks[b] = tucker_block_to_tensor(cores[b], factors[b])
+        blocks[b] = multi_mode_product(cores[b], factors[b])
         E = Rb - blocks[b]
     return E
 
@@ -215,10 +201,10 @@ def _pinv_solve(normal, rhs):
 def _update_mode(T, n, cores, factors):
     """Exact LS update of every block's mode-n factor at once; QR with R pushed into the cores."""
     B, N = len(cores), T.ndim
-    rhs, unfolded = [], [_unfold(G, n) for G in cores]
+    rhs, unfolded = [], [unfold(G, n) for G in cores]
     for b in range(B):
         Y = _project(T, factors[b], skip=n)
-        rhs.append(_unfold(Y, n) @ unfolded[b].T)
+        rhs.append(unfold(Y, n) @ unfolded[b].T)
     sizes = [G.shape[n] for G in cores]
     normal = torch.zeros(sum(sizes), sum(sizes), dtype=T.dtype)
     offsets = [0]
@@ -229,31 +215,29 @@ def _update_mode(T, n, cores, factors):
             W = cores[c]
             for m in range(N):
                 if m != n:
-                    W = _mode_dot(W, factors[b][m].T @ factors[c][m], m)
-            block = unfolded[b] @ _unfold(W, n).T
+                    W = mode_product(W, factors[b][m].T @ factors[c][m], m)
+            block = unfolded[b] @ unfold(W, n).T
             normal[offsets[b]:offsets[b + 1], offsets[c]:offsets[c + 1]] = block
             if c != b:
                 normal[offsets[c]:offsets[c + 1], offsets[b]:offsets[b + 1]] = block.T
-    evals, evecs = torch.linalg.eigh(normal)
-    keep = evals > evals.max().clamp_min(0) * 1e-13
-    if not bool(keep.any()):
+    solved = _pinv_solve(normal, torch.cat(rhs, dim=1).T)
+    if solved is None:
         return  # all blocks are zero: nothing to update
-    inv = (evecs[:, keep] / evals[keep]) @ evecs[:, keep].T
-    stacked = torch.cat(rhs, dim=1) @ inv
+    stacked = solved.T
     for b in range(B):
         U = stacked[:, offsets[b]:offsets[b + 1]]
         Q, Rq = torch.linalg.qr(U)
         factors[b][n] = Q
-        cores[b] = _mode_dot(cores[b], Rq, n)
+        cores[b] = mode_product(cores[b], Rq, n)
 
 
-def _als_loop(T, cores, factors, n_iter, tol_rel, scale, offset2=0.0):
+def _als_loop(T, cores, factors, n_iter, convergence_tol, scale, offset2=0.0):
     """ALS sweeps from fitted cores; returns ``(cores, factors, errors, sweeps, converged, stalled)``.
 
     ``errors`` are ``sqrt(offset2 + ||T - Â||^2) / scale`` (``offset2``: the squared error
     already lost by a compression), starting with the error of the starting point.
     """
-    blocks = [tucker_block_to_tensor(G, Us) for G, Us in zip(cores, factors)]
+    blocks = [multi_mode_product(G, Us) for G, Us in zip(cores, factors)]
     E = T - sum(blocks)
     err = float(torch.linalg.norm(E))
     errors = [math.sqrt(offset2 + err ** 2) / scale]
@@ -263,7 +247,7 @@ def _als_loop(T, cores, factors, n_iter, tol_rel, scale, offset2=0.0):
         saved = ([G.clone() for G in cores], [list(Us) for Us in factors])
         for n in range(T.ndim):
             _update_mode(T, n, cores, factors)
-        blocks = [tucker_block_to_tensor(G, Us) for G, Us in zip(cores, factors)]
+        blocks = [multi_mode_product(G, Us) for G, Us in zip(cores, factors)]
         E = _update_cores(T, T - sum(blocks), cores, factors, blocks)
         new = float(torch.linalg.norm(E))
         sweeps += 1
@@ -273,7 +257,7 @@ def _als_loop(T, cores, factors, n_iter, tol_rel, scale, offset2=0.0):
             break
         err = new
         errors.append(math.sqrt(offset2 + err ** 2) / scale)
-        if errors[-2] - errors[-1] < tol_rel:
+        if errors[-2] - errors[-1] < convergence_tol:
             converged = True
             break
     return cores, factors, errors, sweeps, converged or err == 0, stalled
@@ -286,8 +270,8 @@ def _start(T, ranks, init, generator):
     return cores, factors
 
 
-def btd_als(T: torch.Tensor, ranks, *, n_iter_max=100, tol_rel=1e-8, init="hosvd", n_init=4, screen_iter=10,
-            generator=None):
+def btd_als(T: torch.Tensor, ranks, *, n_iter_max=100, convergence_tol=1e-8, init="hosvd", n_init=4,
+            screen_iter=10, random_state=None):
     """Monotone ALS for a block-term decomposition of a validated compute tensor ``T``.
 
     ``ranks``: one multilinear-rank tuple per block. When the blocks' summed ranks
@@ -296,19 +280,19 @@ def btd_als(T: torch.Tensor, ranks, *, n_iter_max=100, tol_rel=1e-8, init="hosvd
     lies in those subspaces), ALS runs on the core, and the expanded fit is refined by
     sweeps on ``T`` itself. ALS on block terms has local minima, so ``n_init`` starts are
     screened for ``screen_iter`` sweeps on the (compressed) tensor, the first from
-    ``init`` and the others random (from ``generator``: deterministic), and the best is
+    ``init`` and the others random (from ``random_state``: deterministic), and the best is
     continued. Returns ``(blocks, info)`` with ``blocks = [(core, [U_n])]`` in ``T``'s
     dtype; ``info`` has ``iterations`` (sweeps of the kept start), ``converged``,
     ``stalled``, ``errors`` (relative, non-increasing), ``compressed_to`` and ``error``
     (``||T - Â||_F``, exact).
     """
-    generator = generator if generator is not None else make_generator(None)
+    generator = make_generator(random_state)
     norm = float(torch.linalg.norm(T))
     scale = norm if norm > 0 else 1.0
     P = [min(I, sum(r[n] for r in ranks)) for n, I in enumerate(T.shape)]
     compressed = any(p < I for p, I in zip(P, T.shape))
     if compressed:
-        Q = [_leading_vectors(T, n)[:, :p] for n, p in enumerate(P)]
+        Q = [leading_left_vectors(T, n)[:, :p] for n, p in enumerate(P)]
         S = _project(T, Q)
         lost2 = max(norm ** 2 - float(torch.linalg.norm(S)) ** 2, 0.0)
     else:
@@ -317,7 +301,7 @@ def btd_als(T: torch.Tensor, ranks, *, n_iter_max=100, tol_rel=1e-8, init="hosvd
     best = None
     for start in starts:
         cores, factors = _start(S, ranks, start, generator)
-        run = _als_loop(S, cores, factors, min(screen_iter, n_iter_max), tol_rel, scale, lost2)
+        run = _als_loop(S, cores, factors, min(screen_iter, n_iter_max), convergence_tol, scale, lost2)
         if best is None or run[2][-1] < best[2][-1]:
             best = run
         if best[2][-1] * scale <= 1e-10 * scale + math.sqrt(lost2):
@@ -325,17 +309,17 @@ def btd_als(T: torch.Tensor, ranks, *, n_iter_max=100, tol_rel=1e-8, init="hosvd
     cores, factors, errors, sweeps, converged, stalled = best
     if not (converged or stalled) and sweeps < n_iter_max:
         cores, factors, more, extra, converged, stalled = _als_loop(S, cores, factors, n_iter_max - sweeps,
-                                                                    tol_rel, scale, lost2)
+                                                                    convergence_tol, scale, lost2)
         errors, sweeps = errors + more[1:], sweeps + extra
     if compressed:
         factors = [[Qn @ U for Qn, U in zip(Q, Us)] for Us in factors]
         if lost2 > 0 and sweeps < n_iter_max:
             cores, factors, more, extra, converged_full, stalled = _als_loop(T, cores, factors, n_iter_max - sweeps,
-                                                                             tol_rel, scale)
+                                                                             convergence_tol, scale)
             # the refinement starts from the expanded fit, whose error is errors[-1] up to rounding
             errors, sweeps = errors + [min(e, errors[-1]) for e in more[1:]], sweeps + extra
             converged = converged_full
-    error = float(torch.linalg.norm(T - sum(tucker_block_to_tensor(G, Us) for G, Us in zip(cores, factors))))
+    error = float(torch.linalg.norm(T - sum(multi_mode_product(G, Us) for G, Us in zip(cores, factors))))
     info = dict(iterations=sweeps, converged=converged, stalled=stalled, errors=errors, n_init=len(starts),
                 compressed_to=tuple(P) if compressed else None, error=error)
     return [(G, Us) for G, Us in zip(cores, factors)], info

@@ -29,10 +29,9 @@ Algorithm (``cp_als``):
   records it in ``info``. Non-finite values trigger a restart of the sweep with a larger
   ridge; if that cannot help, ``FloatingPointError`` is raised: NaN/Inf is never returned.
 
-``error_bound`` is the Frobenius error ``||A - Â||_F`` computed exactly a posteriori in
-float64 from the reconstruction (a certified value of the fitted model, not an a-priori
-bound from a theorem: CP has no Eckart–Young analogue, and best rank-R CP
-approximations need not exist).
+``error`` is the Frobenius error ``||A - Â||_F`` measured exactly a posteriori in float64
+from the reconstruction. There is no ``error_bound``: CP has no Eckart–Young analogue,
+and best rank-R CP approximations need not exist.
 """
 from __future__ import annotations
 
@@ -41,15 +40,16 @@ import string
 
 import torch
 
-from ._backend import as_compute_tensor, check_iteration_options, make_generator
-from .factors import CPFactors, cp_reconstruct
+from ._backend import as_compute_tensor, check_iteration_options, make_generator, times_power_of_two, unit_scale
+from ._kernels import balanced_mode_split, khatri_rao, leading_left_vectors
+from .formats.cp import CPFactors, cp_num_params, cp_reconstruct
 from .rank import check_rank, largest_rank_within, parse_rank_spec
 
 INITS = ("svd", "random")
 _LETTERS = string.ascii_lowercase.replace("z", "")  # 'z' is the rank index
 
 
-def cp(A, rank=None, *, energy=None, tol=None, ratio=None, n_iter_max=100, tol_rel=1e-8, init="svd",
+def cp(A, rank=None, *, energy=None, tol=None, ratio=None, n_iter_max=100, convergence_tol=1e-8, init="svd",
        linesearch=True, random_state=None, max_rank=None, degeneracy_threshold=10.0, mixed_precision=True,
        compute_dtype=None, context="") -> CPFactors:
     """CP decomposition of an N-way array ``A (I_1, ..., I_N)``, N >= 3.
@@ -61,7 +61,7 @@ def cp(A, rank=None, *, energy=None, tol=None, ratio=None, n_iter_max=100, tol_r
       ``||A - Â||_F / ||A||_F <= t``. CP approximations are not nested (the best rank-R
       fit is not contained in the rank-(R+1) one) and ALS is a local method, so the rank
       returned is the smallest one *found* by a doubling-then-bisection search, each
-      candidate fitted with the same ``n_iter_max`` / ``tol_rel`` / init; ranks are
+      candidate fitted with the same ``n_iter_max`` / ``convergence_tol`` / init; ranks are
       searched up to ``max_rank`` and ``ValueError`` is raised when even that rank misses
       ``t``. ``info["rank_search"]`` lists every rank tried with its relative error;
     * ``ratio=q``: the largest rank whose ``num_params = R * sum(I_n)`` is ``<= q * prod(I_n)``.
@@ -70,17 +70,17 @@ def cp(A, rank=None, *, energy=None, tol=None, ratio=None, n_iter_max=100, tol_r
 
     ``max_rank`` defaults to ``prod(I) / max(I)``, an upper bound of the CP rank of every
     tensor of this shape. ``n_iter_max`` ALS sweeps at most; stops when the relative error
-    decreases by less than ``tol_rel`` between sweeps (tensorly's ``tol``). ``random_state``
-    (int, Generator or None = seed 0) seeds the random columns, so results are
-    deterministic. ``linesearch`` switches the extrapolation on. Math runs in
+    decreases by less than ``convergence_tol`` between sweeps (tensorly's ``tol``).
+    ``random_state`` (int, Generator or None = seed 0, see :func:`decomp._backend.make_generator`)
+    seeds the random columns, so results are deterministic. ``linesearch`` switches the extrapolation on. Math runs in
     ``compute_dtype`` (float64 by default); with ``mixed_precision`` (default) the two big
     contractions of the early sweeps run in float32 while the fit is far from converged
     (see :func:`cp_als`; every solve, norm and error stays float64, and the final sweeps
-    and ``error_bound`` are float64). The factors come back in the input's kind
+    and ``error`` are float64). The factors come back in the input's kind
     (numpy / torch) and dtype.
 
-    Returns :class:`~decomp.factors.CPFactors` whose ``error_bound`` is the exact
-    a-posteriori error ``||A - Â||_F`` (float64), and ``info`` with ``iterations``,
+    Returns :class:`~decomp.formats.cp.CPFactors` whose ``error`` is the exact
+    a-posteriori error ``||A - Â||_F`` (float64; ``error_bound`` is None), and ``info`` with ``iterations``,
     ``converged``, ``errors`` (relative error per sweep), ``degenerate``, ``ridge``,
     ``weights_ratio`` (``||w|| / ||A||``), ``min_congruence``, ``linesearch_accepted``.
     """
@@ -100,25 +100,26 @@ def cp(A, rank=None, *, energy=None, tol=None, ratio=None, n_iter_max=100, tol_r
         max_rank = bound_rank
     elif not isinstance(max_rank, int) or isinstance(max_rank, bool) or max_rank < 1:
         raise ValueError(f"{where}: max_rank={max_rank!r} must be an int >= 1")
-    _check_options(where, n_iter_max, tol_rel, init, degeneracy_threshold)
-    generator = make_generator(random_state)
-    options = dict(n_iter_max=n_iter_max, tol_rel=tol_rel, init=init, linesearch=linesearch,
-                   generator=generator, degeneracy_threshold=degeneracy_threshold,
+    _check_options(where, n_iter_max, convergence_tol, init, degeneracy_threshold)
+    options = dict(n_iter_max=n_iter_max, convergence_tol=convergence_tol, init=init, linesearch=linesearch,
+                   random_state=make_generator(random_state), degeneracy_threshold=degeneracy_threshold,
                    mixed_precision=mixed_precision, context=where)
+    T, exponent = unit_scale(T)  # exact power-of-two scaling: squares stay finite for 1e-300 .. 1e300
     norm = float(torch.linalg.norm(T))
 
     if spec.kind == "rank":
         R = check_rank(spec.value, max_rank, where)
         weights, factors, info = cp_als(T, R, **options)
     elif spec.kind == "ratio":
-        total = sum(shape)
-        R = largest_rank_within(lambda r: r * total, spec.value * math.prod(shape), max_rank, where)
+        R = largest_rank_within(lambda r: cp_num_params(shape, r), spec.value * math.prod(shape), max_rank, where)
         weights, factors, info = cp_als(T, R, **options)
     else:
         weights, factors, info = _bisect_rank(T, spec.value, max_rank, norm, options, where)
-    error = info["error"]
+    scale = math.ldexp(1.0, exponent)
+    info = {k: v * scale if k == "error" else v for k, v in info.items()}
     factors = [kind.restore(f) for f in factors]
-    return CPFactors(kind.restore(weights), factors, error_bound=error, norm=norm, info=info)
+    return CPFactors(kind.restore(times_power_of_two(weights, exponent)), factors, error=info["error"],
+                     norm=norm * scale, info=info)
 
 
 def _validate(A, context, compute_dtype):
@@ -129,8 +130,8 @@ def _validate(A, context, compute_dtype):
     return T, kind
 
 
-def _check_options(where, n_iter_max, tol_rel, init, degeneracy_threshold):
-    check_iteration_options(where, n_iter_max, tol_rel, init, INITS)
+def _check_options(where, n_iter_max, convergence_tol, init, degeneracy_threshold):
+    check_iteration_options(where, n_iter_max, convergence_tol, init, INITS)
     if not isinstance(degeneracy_threshold, (int, float)) or not degeneracy_threshold > 1:
         raise ValueError(f"{where}: degeneracy_threshold={degeneracy_threshold!r} must be a number > 1")
 
@@ -167,16 +168,6 @@ def _bisect_rank(T, tol, max_rank, norm, options, where):
 
 # ----------------------------------------------------------------------------- ALS core
 
-def _split_modes(shape):
-    """Two groups of modes with balanced products (the two halves of the dimension tree)."""
-    groups, sizes = ([], []), [1, 1]
-    for m in sorted(range(len(shape)), key=lambda m: -shape[m]):
-        g = 0 if sizes[0] <= sizes[1] else 1
-        groups[g].append(m)
-        sizes[g] *= shape[m]
-    return [sorted(groups[0]), sorted(groups[1])]
-
-
 class _Unfoldings:
     """The two-group dimension tree: ``T`` unfolded once per group, contracted by one GEMM.
 
@@ -197,10 +188,9 @@ class _Unfoldings:
 
     def partial(self, g, factors):
         R = factors[0].shape[1]
-        other = self.others[g]
-        kr = factors[other[0]]
-        for m in other[1:]:
-            kr = (kr[:, None, :] * factors[m][None, :, :]).reshape(-1, R)
+        other = [factors[m] for m in self.others[g]]
+        # no other modes (every dim of the tensor is 1): the empty Khatri-Rao product is a row of ones
+        kr = khatri_rao(other) if other else torch.ones(1, R, dtype=factors[0].dtype, device=factors[0].device)
         X = self.mats[g] @ kr.to(self.dtype)
         return X.to(factors[0].dtype).reshape(self.dims[g] + [R])
 
@@ -259,10 +249,7 @@ def _init_factors(T, R, init, generator):
         if init == "random":
             F = torch.randn(size, R, generator=generator, dtype=T.dtype)
         else:
-            unfold = T.movedim(n, 0).reshape(size, -1)
-            _, vecs = torch.linalg.eigh(unfold @ unfold.T)
-            k = min(R, size)
-            F = vecs[:, -k:].flip(-1)
+            F = leading_left_vectors(T, n)[:, :min(R, size)]
             if R > size:
                 F = torch.cat([F, torch.randn(size, R - size, generator=generator, dtype=T.dtype)], dim=1)
         factors.append(_normalize(F)[0])
@@ -281,12 +268,94 @@ def _solve(H, M, mu):
     raise FloatingPointError("normal equations stayed singular after regularization")
 
 
-def cp_als(T: torch.Tensor, R: int, *, n_iter_max=100, tol_rel=1e-8, init="svd", linesearch=True,
-           generator=None, degeneracy_threshold=10.0, mixed_precision=True, ridge=1e-13, ridge_max=1e-2,
+class _ALSState:
+    """The iterate of CP-ALS and its bookkeeping (ridge, extrapolation schedule, cached contraction)."""
+
+    def __init__(self, T, R, init, generator, mixed_precision, ridge):
+        self.T, self.R = T, R
+        self.norm = float(torch.linalg.norm(T))
+        self.groups = [g for g in balanced_mode_split(T.shape) if g]
+        self.exact_tree = _Unfoldings(T, self.groups, T.dtype)
+        fast = mixed_precision and T.dtype == torch.float64
+        self.tree = _Unfoldings(T, self.groups, torch.float32) if fast else self.exact_tree
+        self.factors = _init_factors(T, R, init, generator)
+        self.weights = torch.ones(R, dtype=T.dtype)
+        self.grams = [F.T @ F for F in self.factors]
+        self.mu, self.degenerate, self.restarts, self.accepted = ridge, False, 0, 0
+        self.acc_pow, self.acc_fail = 2.0, 0
+        self.previous = None  # factors/weights after the previous sweep (for extrapolation)
+        self.cached = None  # partial contraction of group 0, valid for the current factors
+
+    def sweep(self):
+        """One ALS sweep; the relative error after it, or None when it produced non-finite values."""
+        factors, grams = self.factors, self.grams
+        for gi, group in enumerate(self.groups):
+            X = self.cached if (gi == 0 and self.cached is not None) else self.tree.partial(gi, factors)
+            for n in group:
+                M = _mttkrp_from(X, group, factors, n)
+                F, self.mu = _solve(_hadamard(grams, skip=n), M, self.mu)
+                factors[n], self.weights = _normalize(F)
+                grams[n] = factors[n].T @ factors[n]
+                last_M, last_n = M, n
+        self.cached = None
+        if not (all(bool(torch.isfinite(F).all()) for F in factors) and bool(torch.isfinite(self.weights).all())):
+            return None
+        inner = float((last_M * factors[last_n] * self.weights).sum())
+        err2 = self.norm ** 2 - 2 * inner + _model_norm2(grams, self.weights)
+        rel = math.sqrt(max(err2, 0.0)) / self.norm
+        if rel < 1e-6:  # below the cancellation floor of the cheap formula: measure exactly
+            rel = float(torch.linalg.norm(self.T - cp_reconstruct(self.weights, factors))) / self.norm
+        return rel if math.isfinite(rel) else None
+
+    def extrapolate(self, iteration, rel, max_fail=4):
+        """Bro's line search along the last step, kept only when it lowers the error; the error after it."""
+        jump = iteration ** (1.0 / self.acc_pow)
+        pf, pw = self.previous
+        ext = [_normalize(p + jump * (F - p)) for p, F in zip(pf, self.factors)]
+        ext_factors = [e[0] for e in ext]
+        ext_weights = pw + jump * (self.weights - pw)
+        for _, scale in ext:
+            ext_weights = ext_weights * scale
+        ext_grams = [F.T @ F for F in ext_factors]
+        X_ext = self.tree.partial(0, ext_factors)
+        ext_err2 = self.norm ** 2 - 2 * _inner_from(X_ext, self.groups[0], ext_factors, ext_weights) + \
+            _model_norm2(ext_grams, ext_weights)
+        ext_rel = math.sqrt(max(ext_err2, 0.0)) / self.norm
+        if math.isfinite(ext_rel) and ext_rel < rel and bool(torch.isfinite(ext_weights).all()):
+            self.factors, self.weights, self.grams, self.cached = ext_factors, ext_weights, ext_grams, X_ext
+            self.accepted, self.acc_fail = self.accepted + 1, 0
+            return ext_rel
+        self.acc_fail += 1
+        if self.acc_fail >= max_fail:
+            self.acc_pow, self.acc_fail = self.acc_pow + 1, 0
+        return rel
+
+    def guard(self, degeneracy_threshold, ridge_max):
+        """Grow the Tikhonov term when the weights diverge or a cancelling pair forms."""
+        ratio = float(torch.linalg.vector_norm(self.weights)) / self.norm
+        if ratio > degeneracy_threshold:  # diverging weights: grow the Tikhonov term
+            self.degenerate = True
+            self.mu = min(max(self.mu * 10, 1e-8), ridge_max)
+            self.previous, self.cached = None, None  # do not extrapolate along a diverging path
+        elif ratio > 2 and self.R > 1 and _min_congruence(self.grams) < -0.9:  # cancelling pair forming
+            self.degenerate = True
+            self.mu = max(self.mu, 1e-8)
+
+
+def _zero_fit(T, R):
+    factors = [torch.zeros(s, R, dtype=T.dtype) for s in T.shape]
+    info = dict(iterations=0, converged=True, errors=[0.0], degenerate=False, ridge=0.0, weights_ratio=0.0,
+                min_congruence=None, linesearch_accepted=0, restarts=0, float32_sweeps=0, error=0.0)
+    return torch.zeros(R, dtype=T.dtype), factors, info
+
+
+def cp_als(T: torch.Tensor, R: int, *, n_iter_max=100, convergence_tol=1e-8, init="svd", linesearch=True,
+           random_state=None, degeneracy_threshold=10.0, mixed_precision=True, ridge=1e-13, ridge_max=1e-2,
            context="cp"):
     """Accelerated CP-ALS on a validated compute tensor ``T``; returns ``(weights, factors, info)``.
 
     ``weights (R,)``, ``factors[n] (I_n, R)`` with unit-norm columns, in ``T``'s dtype.
+    ``random_state`` as everywhere in :mod:`decomp` (:func:`decomp._backend.make_generator`).
     ``ridge`` is the baseline Tikhonov weight relative to the Gram scale (a numerical
     safeguard, negligible for the fit). ``mixed_precision`` (float64 ``T`` only): the two
     big contractions per sweep run in float32 while the fit is far from converged
@@ -295,109 +364,44 @@ def cp_als(T: torch.Tensor, R: int, *, n_iter_max=100, tol_rel=1e-8, init="svd",
     solve, norm and error is float64, and the remaining sweeps (and the final error)
     are all float64. See the module docstring for the rest.
     """
-    generator = generator if generator is not None else make_generator(None)
-    norm = float(torch.linalg.norm(T))
-    if norm == 0:
-        factors = [torch.zeros(s, R, dtype=T.dtype) for s in T.shape]
-        info = dict(iterations=0, converged=True, errors=[0.0], degenerate=False, ridge=0.0, weights_ratio=0.0,
-                    min_congruence=None, linesearch_accepted=0, restarts=0, float32_sweeps=0, error=0.0)
-        return torch.zeros(R, dtype=T.dtype), factors, info
-    norm2 = norm ** 2
-    groups = [g for g in _split_modes(T.shape) if g]
-    exact_tree = _Unfoldings(T, groups, T.dtype)
-    fast = mixed_precision and T.dtype == torch.float64
-    tree = _Unfoldings(T, groups, torch.float32) if fast else exact_tree
-    factors = _init_factors(T, R, init, generator)
-    weights = torch.ones(R, dtype=T.dtype)
-    grams = [F.T @ F for F in factors]
-    mu, degenerate, restarts, float32_sweeps = ridge, False, 0, 0
-    errors, converged, accepted = [], False, 0
-    acc_pow, acc_fail, max_fail = 2.0, 0, 4
-    previous = None  # factors/weights after the previous sweep (for extrapolation)
-    cached = None  # partial contraction of group 0, valid for the current factors
-    iteration = 0
+    if float(torch.linalg.norm(T)) == 0:
+        return _zero_fit(T, R)
+    st = _ALSState(T, R, init, make_generator(random_state), mixed_precision, ridge)
+    errors, converged, iteration, float32_sweeps = [], False, 0, 0
     while iteration < n_iter_max:
-        state = ([F.clone() for F in factors], weights.clone(), [G.clone() for G in grams])
-        for gi, group in enumerate(groups):
-            X = cached if (gi == 0 and cached is not None) else tree.partial(gi, factors)
-            for n in group:
-                M = _mttkrp_from(X, group, factors, n)
-                F, mu = _solve(_hadamard(grams, skip=n), M, mu)
-                factors[n], weights = _normalize(F)
-                grams[n] = factors[n].T @ factors[n]
-                last_M, last_n = M, n
-        cached = None
-        ok = all(bool(torch.isfinite(F).all()) for F in factors) and bool(torch.isfinite(weights).all())
-        if ok:
-            inner = float((last_M * factors[last_n] * weights).sum())
-            err2 = norm2 - 2 * inner + _model_norm2(grams, weights)
-            rel = math.sqrt(max(err2, 0.0)) / norm
-            if rel < 1e-6:  # below the cancellation floor of the cheap formula: measure exactly
-                rel = float(torch.linalg.norm(T - cp_reconstruct(weights, factors))) / norm
-            ok = math.isfinite(rel)
-        if not ok:
-            restarts += 1
-            if restarts > 5:
+        saved = ([F.clone() for F in st.factors], st.weights.clone(), [G.clone() for G in st.grams])
+        rel = st.sweep()
+        if rel is None:
+            st.restarts += 1
+            if st.restarts > 5:
                 raise FloatingPointError(f"{context}: CP-ALS at rank {R} produced non-finite values even with "
-                                         f"ridge {mu:.3g}; the problem is too ill-conditioned (try a lower rank)")
-            factors, weights, grams = state
-            mu, degenerate, previous = max(mu * 100, 1e-6), True, None
+                                         f"ridge {st.mu:.3g}; the problem is too ill-conditioned (try a lower rank)")
+            st.factors, st.weights, st.grams = saved
+            st.mu, st.degenerate, st.previous = max(st.mu * 100, 1e-6), True, None
             continue
         iteration += 1
-        float32_sweeps += tree is not exact_tree
-
-        # extrapolation (Bro's line search), accepted only when it lowers the error
-        if linesearch and previous is not None and iteration > 3:
-            jump = iteration ** (1.0 / acc_pow)
-            pf, pw = previous
-            ext = [_normalize(p + jump * (F - p)) for p, F in zip(pf, factors)]
-            ext_factors = [e[0] for e in ext]
-            ext_weights = pw + jump * (weights - pw)
-            for _, scale in ext:
-                ext_weights = ext_weights * scale
-            ext_grams = [F.T @ F for F in ext_factors]
-            X_ext = tree.partial(0, ext_factors)
-            ext_err2 = norm2 - 2 * _inner_from(X_ext, groups[0], ext_factors, ext_weights) + \
-                _model_norm2(ext_grams, ext_weights)
-            ext_rel = math.sqrt(max(ext_err2, 0.0)) / norm
-            if math.isfinite(ext_rel) and ext_rel < rel and bool(torch.isfinite(ext_weights).all()):
-                factors, weights, grams, cached, rel = ext_factors, ext_weights, ext_grams, X_ext, ext_rel
-                accepted += 1
-                acc_fail = 0
-            else:
-                acc_fail += 1
-                if acc_fail >= max_fail:
-                    acc_pow, acc_fail = acc_pow + 1, 0
-        previous = ([F.clone() for F in factors], weights.clone())
-
-        # degeneracy guard
-        ratio = float(torch.linalg.vector_norm(weights)) / norm
-        if ratio > degeneracy_threshold:  # diverging weights: grow the Tikhonov term
-            degenerate = True
-            mu = min(max(mu * 10, 1e-8), ridge_max)
-            previous, cached = None, None  # do not extrapolate along a diverging path
-        elif ratio > 2 and R > 1 and _min_congruence(grams) < -0.9:  # cancelling pair forming
-            degenerate = True
-            mu = max(mu, 1e-8)
-
+        float32_sweeps += st.tree is not st.exact_tree
+        if linesearch and st.previous is not None and iteration > 3:
+            rel = st.extrapolate(iteration, rel)
+        st.previous = ([F.clone() for F in st.factors], st.weights.clone())
+        st.guard(degeneracy_threshold, ridge_max)
         errors.append(rel)
         change = abs(errors[-2] - errors[-1]) if len(errors) > 1 else math.inf
-        if tree is not exact_tree:
+        if st.tree is not st.exact_tree:
             if rel < 1e-3 or change < 1e-4:  # close to convergence: finish in float64
-                tree, cached = exact_tree, None
+                st.tree, st.cached = st.exact_tree, None
             continue
-        if change < tol_rel:
+        if change < convergence_tol:
             converged = True
             break
-
-    exact = float(torch.linalg.norm(T - cp_reconstruct(weights, factors)))
+    exact = float(torch.linalg.norm(T - cp_reconstruct(st.weights, st.factors)))
     if not math.isfinite(exact):
         raise FloatingPointError(f"{context}: CP-ALS at rank {R} produced a non-finite reconstruction")
-    info = dict(iterations=iteration, converged=converged, errors=errors, degenerate=degenerate,
-                ridge=mu, weights_ratio=float(torch.linalg.vector_norm(weights)) / norm,
-                min_congruence=_min_congruence(grams) if R > 1 else None, linesearch_accepted=accepted,
-                restarts=restarts, float32_sweeps=float32_sweeps, error=exact)
-    return weights, factors, info
+    info = dict(iterations=iteration, converged=converged, errors=errors, degenerate=st.degenerate,
+                ridge=st.mu, weights_ratio=float(torch.linalg.vector_norm(st.weights)) / st.norm,
+                min_congruence=_min_congruence(st.grams) if R > 1 else None, linesearch_accepted=st.accepted,
+                restarts=st.restarts, float32_sweeps=float32_sweeps, error=exact)
+    return st.weights, st.factors, info
 
 
 __all__ = ["cp", "cp_als", "INITS"]

@@ -1,4 +1,4 @@
-"""Data-aware Tucker-2 and product quantization (issue 7): fits that target the OUTPUT error.
+"""Data-aware Tucker-2 and product quantization: fits that target the OUTPUT error.
 
 Both take the Gram ``G = X^T X`` (or the centered covariance) of the layer's inputs as
 its weight matrix sees them (:func:`layers.calibrate`: per group, im2col patch entries
@@ -6,8 +6,10 @@ ordered ``(channel, *kernel offsets)``) and measure ``||(W - W') X^T||_F^2 = tr(
 with ``E = W - W'``. Neither has a closed-form optimum, so both are *refinements* started
 from the plain (weight-space) decomposition, and the plain one is kept when the
 refinement does not lower the output error on the calibration statistics: the returned
-``output_error`` is never above the plain fit's (``fit`` says which one was kept).
-``output_error`` is MEASURED on the given Gram, not a theorem bound.
+``error`` (the output error) is never above the plain fit's ``plain_error`` (``fit`` says
+which one was kept). It is MEASURED on the given Gram, not a theorem bound, so the
+results (:class:`~decomp.formats.tucker.WhitenedTucker2Factors`,
+:class:`~decomp.formats.pq.WeightedPQFactors`) have no ``error_bound``.
 
 Tucker-2 of a conv kernel ``W (N, C, *k)`` (:func:`whitened_tucker2`). In matrix form
 ``W' = U_out M (U_in ⊗ I_k)^T`` with ``M (R_out, R_in*prod(k))`` the core. With
@@ -44,7 +46,9 @@ import math
 
 import torch
 
-from .pq import _assign, _decode
+from .formats.pq import WeightedPQFactors, code_dtype, pq_decode
+from .formats.tucker import WhitenedTucker2Factors, grouped_tucker2_matrices
+from .pq import assign_nearest
 
 DEFAULT_RIDGE = 1e-8
 
@@ -111,178 +115,193 @@ def _best_in(W4, U_out, Gc_chol, Gk, r_in):
 
 
 def _reconstruct(U_out, M, U_in, kk):
-    r_out = U_out.shape[1]
-    inner = torch.einsum("osk,cs->ock", M.reshape(r_out, -1, kk), U_in)     # (R_out, C, kk)
-    return U_out @ inner.reshape(r_out, -1)
+    """The weight ``(N, C*kk)`` of one group's Tucker-2 with core matrix ``M (R_out, R_in*kk)``."""
+    core = M.reshape(M.shape[0], U_in.shape[1], kk)
+    return grouped_tucker2_matrices(U_out[None], core[None], U_in[None])[0]
 
 
-def whitened_tucker2(kernels, gram, factors, *, n_iter=5, ridge=DEFAULT_RIDGE, context="whitened_tucker2"):
+def _refit_group(W4, G, factors, n_iter_max, ridge):
+    """One group's data-aware Tucker-2 from the plain ``factors``.
+
+    Returns ``(best error^2, plain error^2, U_out, M, U_in, refined)``.
+    """
+    N, C, kk = W4.shape
+    W0 = W4.reshape(N, C * kk)
+    Gr4 = _ridged(G, ridge).reshape(C, kk, C, kk)
+    Gc = torch.einsum("akck->ac", Gr4)
+    Gk = torch.einsum("akal->kl", Gr4)
+    Gc_chol = torch.linalg.cholesky(_ridged(Gc, ridge))
+    U_out0, U_in0, core0 = (torch.as_tensor(t, dtype=torch.float64) for t in factors)
+    r_out, r_in = U_out0.shape[1], U_in0.shape[1]
+    M0 = core0.reshape(r_out, r_in * kk)
+
+    def err(U_out, M, U_in):
+        return output_sq_error((W0 - _reconstruct(U_out, M, U_in, kk))[None], G[None])
+
+    plain = err(U_out0, M0, U_in0)
+    best = (plain, U_out0, M0, U_in0, False)
+    U_in, U_out = U_in0, U_out0
+    for sweep in range(n_iter_max + 1):
+        if sweep > 0:
+            U_in = _best_in(W4, U_out, Gc_chol, Gk, r_in)
+        H, BtGB = _tucker_pieces(W0, Gr4, U_in)
+        chol = torch.linalg.cholesky(BtGB)
+        if sweep == 0:  # plain factors with their least-squares core first
+            M = _core(U_out0, H, chol)
+            e = err(U_out0, M, U_in)
+            if e < best[0]:
+                best = (e, U_out0, M, U_in, True)
+        U_out = _best_out(H, chol, r_out)
+        M = _core(U_out, H, chol)
+        e = err(U_out, M, U_in)
+        previous = best[0]
+        if e < best[0]:
+            best = (e, U_out, M, U_in, True)
+        if sweep > 0 and previous - e <= 1e-6 * previous:
+            break
+    return (best[0], plain) + best[1:]
+
+
+def whitened_tucker2(kernels, gram, factors, *, n_iter_max=5, ridge=DEFAULT_RIDGE,
+                     context="whitened_tucker2") -> WhitenedTucker2Factors:
     """Data-aware Tucker-2 of per-group kernels at the ranks of the given plain factors.
 
     ``kernels (g, N, C, *k)``; ``gram (P, P)`` or ``(g, P, P)`` with ``P = C*prod(k)``;
     ``factors``: per group ``(U_out (N, R_out), U_in (C, R_in), core (R_out, R_in, *k))`` of
-    the plain Tucker-2 (the start, and the fallback). Returns a dict with ``U_out (g, N, R_out)``,
-    ``U_in (g, C, R_in)``, ``core (g, R_out, R_in, *k)`` (float64), ``output_error`` (measured
-    ``sqrt(sum_g tr(E G E^T))``, never above ``plain_output_error``), ``plain_output_error``,
-    ``output_norm`` (``sqrt(sum_g tr(W G W^T))``), ``weight_error`` and ``fit``
+    the plain Tucker-2 (the start, and the fallback). At most ``n_iter_max`` alternating
+    sweeps. Returns :class:`~decomp.formats.tucker.WhitenedTucker2Factors` (float64):
+    ``U_out (g, N, R_out)``, ``U_in (g, C, R_in)``, ``core (g, R_out, R_in, *k)``, ``error``
+    (measured ``sqrt(sum_g tr(E G E^T))``, never above ``plain_error``), ``norm``
+    (``sqrt(sum_g tr(W G W^T))``), ``weight_error``, ``weight_norm`` and ``fit``
     (``"data-aware"`` or ``"plain"``: which one was kept).
     """
     K = torch.as_tensor(kernels, dtype=torch.float64)
     g, N, C = K.shape[:3]
     ks = tuple(K.shape[3:])
     kk = math.prod(ks)
-    P = C * kk
-    G = _check_grams(gram, g, P, context)
+    G = _check_grams(gram, g, C * kk, context)
     out = dict(U_out=[], U_in=[], core=[])
     total = plain_total = norm_sq = weight_sq = 0.0
     improved = False
     for i in range(g):
         W4 = K[i].reshape(N, C, kk)
-        W0 = W4.reshape(N, P)
-        Gi = G[i]
-        Gr = _ridged(Gi, ridge)
-        Gr4 = Gr.reshape(C, kk, C, kk)
-        Gc = torch.einsum("akck->ac", Gr4)
-        Gk = torch.einsum("akal->kl", Gr4)
-        Gc_chol = torch.linalg.cholesky(_ridged(Gc, ridge))
-        U_out0, U_in0, core0 = (torch.as_tensor(t, dtype=torch.float64) for t in factors[i])
-        r_out, r_in = U_out0.shape[1], U_in0.shape[1]
-        M0 = core0.reshape(r_out, r_in * kk)
-
-        def err(U_out, M, U_in):
-            E = (W0 - _reconstruct(U_out, M, U_in, kk))[None]
-            return output_sq_error(E, Gi[None])
-
-        plain = err(U_out0, M0, U_in0)
-        best = (plain, U_out0, M0, U_in0, False)
-        U_in, U_out = U_in0, U_out0
-        for sweep in range(n_iter + 1):
-            if sweep > 0:
-                U_in = _best_in(W4, U_out, Gc_chol, Gk, r_in)
-            H, BtGB = _tucker_pieces(W0, Gr4, U_in)
-            chol = torch.linalg.cholesky(BtGB)
-            if sweep == 0:  # plain factors with their least-squares core first
-                M = _core(U_out0, H, chol)
-                e = err(U_out0, M, U_in)
-                if e < best[0]:
-                    best = (e, U_out0, M, U_in, True)
-            U_out = _best_out(H, chol, r_out)
-            M = _core(U_out, H, chol)
-            e = err(U_out, M, U_in)
-            previous = best[0]
-            if e < best[0]:
-                best = (e, U_out, M, U_in, True)
-            if sweep > 0 and previous - e <= 1e-6 * previous:
-                break
-        e, U_out, M, U_in, refined = best
+        e, plain, U_out, M, U_in, refined = _refit_group(W4, G[i], factors[i], n_iter_max, ridge)
         improved |= refined
         total += e
         plain_total += plain
-        norm_sq += output_sq_error(W0[None], Gi[None])
+        W0 = W4.reshape(N, -1)
+        norm_sq += output_sq_error(W0[None], G[i][None])
         weight_sq += float(((W0 - _reconstruct(U_out, M, U_in, kk)) ** 2).sum())
         out["U_out"].append(U_out)
         out["U_in"].append(U_in)
-        out["core"].append(M.reshape(r_out, r_in, *ks))
-    result = {k: torch.stack(v) for k, v in out.items()}
-    result.update(output_error=math.sqrt(total), plain_output_error=math.sqrt(plain_total),
-                  output_norm=math.sqrt(norm_sq), weight_error=math.sqrt(weight_sq),
-                  fit="data-aware" if improved else "plain")
-    return result
+        out["core"].append(M.reshape(U_out.shape[1], U_in.shape[1], *ks))
+    stacked = {k: torch.stack(v) for k, v in out.items()}
+    return WhitenedTucker2Factors(**stacked, error=math.sqrt(total), norm=math.sqrt(norm_sq),
+                                  plain_error=math.sqrt(plain_total), weight_error=math.sqrt(weight_sq),
+                                  weight_norm=float(torch.linalg.norm(K)), fit="data-aware" if improved else "plain")
 
 
 # ----------------------------------------------------------------------------- PQ
 
-def weighted_pq(M, gram, codebooks, codes, block_size, *, groups=1, n_iter=50, rel_tol=1e-6, ridge=DEFAULT_RIDGE,
-                context="weighted_pq"):
-    """Refine a PQ of ``M (rows, n_sub*d)`` (padded rows) under the input metric of ``gram``.
-
-    ``gram (P, P)`` or ``(groups, P, P)`` with ``P <= n_sub*d`` (the un-padded row length;
-    rows ``[i*rows/groups, (i+1)*rows/groups)`` see group ``i``'s Gram); ``codebooks
-    (n_books, k, d)`` (``n_books`` 1 = shared, else one per sub-space) and ``codes (rows, n_sub)``
-    the plain PQ (the start and the fallback). Returns ``(codebooks, codes, info)`` with
-    ``info``: ``output_error``, ``plain_output_error`` (measured, sqrt of ``sum tr(E G E^T)``),
-    ``output_norm``, ``history`` (the weighted objective per assignment, non-increasing) and
-    ``fit`` (``"data-aware"`` or ``"plain"``).
-    """
-    Mf = torch.as_tensor(M, dtype=torch.float64)
-    rows, padded = Mf.shape
-    d = int(block_size)
-    n_sub = padded // d
-    g = int(groups)
-    if rows % g:
-        raise ValueError(f"{context}: {rows} rows do not split into {g} groups")
+def _padded_grams(gram, g, padded, context):
+    """Validated per-group Grams ``(g, padded, padded)``; the padding columns are never excited (zero)."""
     G0 = torch.as_tensor(gram, dtype=torch.float64)
     P = G0.shape[-1]
     if P > padded:
         raise ValueError(f"{context}: gram of size {P} exceeds the row length {padded}")
     G = _check_grams(G0, g, P, context)
-    if P < padded:  # padding columns: never excited by the data
+    if P < padded:
         grown = G.new_zeros(*G.shape[:-2], padded, padded)
         grown[..., :P, :P] = G
         G = grown
-    m = rows // g
-    C = torch.as_tensor(codebooks, dtype=torch.float64).clone()
-    codes0 = torch.as_tensor(codes).long()
-    n_books, k = C.shape[0], C.shape[1]
-    # metric blocks (g, n_sub, d, d) of the diagonal, ridged so the Cholesky factors exist
+    return G, P
+
+
+def _sub_space_metrics(G, n_sub, d, ridge):
+    """Diagonal blocks ``G_JJ`` of every group and sub-space, ridged: ``(Gb (g*n_sub, d, d), its Cholesky L, prox)``."""
+    g, padded = G.shape[0], G.shape[-1]
     idx = torch.arange(n_sub)
     blocks = G.reshape(g, n_sub, d, n_sub, d)[:, idx, :, idx].transpose(0, 1)          # (g, n_sub, d, d)
     scale = (torch.diagonal(G, dim1=-2, dim2=-1).sum(-1) / padded)[:, None, None, None]
-    blocks = blocks + ridge * scale * torch.eye(d, dtype=torch.float64)
-    Gb = blocks.reshape(g * n_sub, d, d)
-    L = torch.linalg.cholesky(Gb)                                                         # Gb = L L^T
+    Gb = (blocks + ridge * scale * torch.eye(d, dtype=torch.float64)).reshape(g * n_sub, d, d)
+    return Gb, torch.linalg.cholesky(Gb), ridge * float(scale.mean())
+
+
+def _weighted_centroids(C, X, codes_b, Gb, g, n_sub, prox):
+    """Weighted means: ``(sum_b n_bk G_b + prox I) c = sum_b G_b S_bk + prox c_old``, per codebook."""
+    n_books, k, d = C.shape
+    offsets = (torch.arange(g * n_sub) * k)[:, None]
+    flat = (codes_b + offsets).reshape(-1)
+    counts = torch.bincount(flat, minlength=g * n_sub * k).reshape(g, n_sub, k).double()
+    sums = torch.zeros(g * n_sub * k, d, dtype=torch.float64).index_add_(0, flat, X.reshape(-1, d))
+    sums = sums.reshape(g, n_sub, k, d)
+    Gq = Gb.reshape(g, n_sub, d, d)
+    if n_books == 1:
+        A = torch.einsum("gjk,gjde->kde", counts, Gq)[None]
+        rhs = torch.einsum("gjde,gjke->kd", Gq, sums)[None]
+    else:
+        A = torch.einsum("gjk,gjde->jkde", counts, Gq)
+        rhs = torch.einsum("gjde,gjke->jkd", Gq, sums)
+    A = A + prox * torch.eye(d, dtype=torch.float64)
+    return torch.linalg.solve(A, (rhs + prox * C)[..., None])[..., 0]
+
+
+def weighted_pq(M, gram, codebooks, codes, block_size, *, groups=1, n_iter=50, convergence_tol=1e-6,
+                ridge=DEFAULT_RIDGE, codebook_bits=16, context="weighted_pq") -> WeightedPQFactors:
+    """Refine a PQ of ``M (rows, n_sub*d)`` (padded rows) under the input metric of ``gram``.
+
+    ``gram (P, P)`` or ``(groups, P, P)`` with ``P <= n_sub*d`` (the un-padded row length;
+    rows ``[i*rows/groups, (i+1)*rows/groups)`` see group ``i``'s Gram); ``codebooks
+    (n_books, k, d)`` (``n_books`` 1 = shared, else one per sub-space) and ``codes (rows, n_sub)``
+    the plain PQ (the start and the fallback). At most ``n_iter`` weighted Lloyd steps,
+    stopped when the objective drops by at most ``convergence_tol`` relative. Returns
+    :class:`~decomp.formats.pq.WeightedPQFactors` of shape ``(rows, P)`` (float64 codebooks):
+    ``error`` and ``plain_error`` the measured output errors (sqrt of ``sum tr(E G E^T)``),
+    ``norm`` the output norm, ``history`` the weighted objective per assignment
+    (non-increasing) and ``fit`` (``"data-aware"`` or ``"plain"``).
+    """
+    Mf = torch.as_tensor(M, dtype=torch.float64)
+    rows, padded = Mf.shape
+    d, g = int(block_size), int(groups)
+    n_sub = padded // d
+    if rows % g:
+        raise ValueError(f"{context}: {rows} rows do not split into {g} groups")
+    G, P = _padded_grams(gram, g, padded, context)
+    m = rows // g
+    C0 = torch.as_tensor(codebooks, dtype=torch.float64)
+    codes0 = torch.as_tensor(codes).long()
+    Gb, L, prox = _sub_space_metrics(G, n_sub, d, ridge)
     X = Mf.reshape(g, m, n_sub, d).transpose(1, 2).reshape(g * n_sub, m, d)               # (B, m, d)
     Y = X @ L                                                                             # whitened points
-    book = (idx if n_books > 1 else torch.zeros_like(idx)).repeat(g)                     # codebook of batch b
-    prox = ridge * float(scale.mean())
-
-    def assign(C):
-        codes, dist = _assign(Y, C[book] @ L)
-        return codes, float(dist.sum())
+    idx = torch.arange(n_sub)
+    book = (idx if C0.shape[0] > 1 else torch.zeros_like(idx)).repeat(g)                 # codebook of batch b
 
     def full_error(C, codes):
-        approx = _decode(C, codes, rows, n_sub, d)
-        E = (Mf - approx).reshape(g, m, padded)
-        return output_sq_error(E, G)
+        return output_sq_error((Mf - pq_decode(C, codes)).reshape(g, m, padded), G)
 
-    plain = full_error(C, codes0)
-    offsets = (torch.arange(g * n_sub) * k)[:, None]
+    C = C0.clone()
     codes_b = codes0.reshape(g, m, n_sub).permute(0, 2, 1).reshape(g * n_sub, m)
     history = []
     for it in range(n_iter + 1):
         if it > 0:
-            codes_b, obj = assign(C)
+            codes_b, dist = assign_nearest(Y, C[book] @ L)
+            obj = float(dist.sum())
         else:
             chosen = torch.gather(C[book], 1, codes_b[..., None].expand(-1, -1, d))
             obj = float((((X - chosen) @ L) ** 2).sum())
         history.append(obj)
-        if it == n_iter or (it > 1 and history[-2] - history[-1] <= rel_tol * history[-2]):
+        if it == n_iter or (it > 1 and history[-2] - history[-1] <= convergence_tol * history[-2]):
             break
-        # centroid update: (sum_b n_bk G_b + prox I) c = sum_b G_b S_bk + prox c_old, per codebook
-        flat = (codes_b + offsets).reshape(-1)
-        counts = torch.bincount(flat, minlength=g * n_sub * k).reshape(g, n_sub, k).double()
-        sums = torch.zeros(g * n_sub * k, d, dtype=torch.float64).index_add_(0, flat, X.reshape(-1, d))
-        sums = sums.reshape(g, n_sub, k, d)
-        Gq = Gb.reshape(g, n_sub, d, d)
-        if n_books == 1:
-            A = torch.einsum("gjk,gjde->kde", counts, Gq)[None]
-            rhs = torch.einsum("gjde,gjke->kd", Gq, sums)[None]
-        else:
-            A = torch.einsum("gjk,gjde->jkde", counts, Gq)
-            rhs = torch.einsum("gjde,gjke->jkd", Gq, sums)
-        A = A + prox * torch.eye(d, dtype=torch.float64)
-        C = torch.linalg.solve(A, (rhs + prox * C)[..., None])[..., 0]
+        C = _weighted_centroids(C, X, codes_b, Gb, g, n_sub, prox)
     codes_new = codes_b.reshape(g, n_sub, m).permute(0, 2, 1).reshape(rows, n_sub)
-    refined = full_error(C, codes_new)
-    norm = output_sq_error(Mf.reshape(g, m, padded), G)
-    if refined < plain:
-        info = dict(output_error=math.sqrt(refined), fit="data-aware")
-        result_c, result_codes = C, codes_new
-    else:
-        info = dict(output_error=math.sqrt(plain), fit="plain")
-        result_c, result_codes = torch.as_tensor(codebooks, dtype=torch.float64), codes0
-    info.update(plain_output_error=math.sqrt(plain), output_norm=math.sqrt(norm), history=history)
-    return result_c, result_codes, info
+    plain, refined = full_error(C0, codes0), full_error(C, codes_new)
+    keep_new = refined < plain
+    C, codes_kept = (C, codes_new) if keep_new else (C0, codes0)
+    return WeightedPQFactors(codebooks=C, codes=codes_kept.to(code_dtype(C.shape[1])), shape=(rows, P), block_size=d,
+                             error=math.sqrt(refined if keep_new else plain),
+                             norm=math.sqrt(output_sq_error(Mf.reshape(g, m, padded), G)),
+                             codebook_bits=int(codebook_bits), history=history, shared_codebook=C0.shape[0] == 1,
+                             plain_error=math.sqrt(plain), fit="data-aware" if keep_new else "plain")
 
 
 __all__ = ["whitened_tucker2", "weighted_pq", "output_sq_error"]

@@ -21,12 +21,11 @@ K-means: k-means++ seeding, Lloyd iterations vectorized in torch (batched over s
 chunked distances), seeded by ``random_state``, empty clusters re-seeded at the points
 with the largest residual (which lowers the objective). The objective
 ``sum ||x - c(x)||^2`` is recorded after every assignment step (``history``) and never
-increases. ``error_bound`` is the measured residual ``||W - to_tensor()||_F`` (exact, a
-posteriori: it is the square root of the final k-means objective, recomputed in float64).
+increases. ``error`` is the measured residual ``||W - to_tensor()||_F`` (exact, a
+posteriori: it is the square root of the final k-means objective, recomputed in float64);
+PQ has no certified bound.
 
-Size accounting (:func:`pq_size_bits`, used by REFERENCES.md's Stock et al. sizes):
-codes cost ``ceil(log2 k)`` bits each, codebook entries ``codebook_bits`` (16 = fp16 by
-default) bits each; the dense reference is fp32. MB in Stock et al. are MiB (2**20 bytes).
+The result's format, decoding and size accounting live in :mod:`decomp.formats.pq`.
 """
 from __future__ import annotations
 
@@ -36,45 +35,11 @@ import numpy as np
 import torch
 
 from ._backend import as_compute_tensor, describe, make_generator
-from .factors import ProductQuantized
+from .formats.pq import ProductQuantized, code_dtype, pq_decode
+from .rank import InfeasibleRankError
 
 DEFAULT_MAX_CENTROIDS = 256
-_CHUNK_ELEMENTS = 1 << 23  # distance-matrix entries per chunk of the assignment step
-
-
-# ----------------------------------------------------------------------------- accounting
-
-def code_bits_for(n_centroids: int) -> int:
-    """Bits of one code: ``ceil(log2 k)`` (0 for k = 1)."""
-    return max(0, math.ceil(math.log2(n_centroids))) if n_centroids > 1 else 0
-
-
-def code_dtype(n_centroids: int, numpy: bool = False):
-    """The smallest unsigned integer dtype that holds codes ``0 .. k-1``."""
-    for bits, tdt, ndt in ((8, torch.uint8, np.uint8), (16, torch.uint16, np.uint16), (32, torch.uint32, np.uint32)):
-        if n_centroids <= 1 << bits:
-            return ndt if numpy else tdt
-    raise ValueError(f"n_centroids={n_centroids} needs more than 32-bit codes")
-
-
-def pq_size_bits(shape, block_size: int, n_centroids: int, *, code_bits: int | None = None,
-                 codebook_bits: int = 16, shared_codebook: bool = True, pad: bool = False) -> int:
-    """Storage in bits of a product-quantized weight of ``shape`` (codes + codebooks).
-
-    ``shape`` is ``(rows, *rest)``; the row length ``prod(rest)`` is cut into blocks of
-    ``block_size`` (rounded up when ``pad``). Codes take ``code_bits`` bits each
-    (default ``ceil(log2 n_centroids)``), codebooks ``n_books * k * block_size`` entries of
-    ``codebook_bits`` bits, ``n_books`` = 1 if shared else the number of sub-spaces.
-    Bias and other parameters are not included.
-    """
-    rows, row_length = int(shape[0]), math.prod(int(s) for s in shape[1:])
-    if row_length % block_size and not pad:
-        raise ValueError(f"block_size={block_size} does not divide the row length {row_length} of shape "
-                         f"{tuple(shape)}; pass pad=True or a divisor")
-    n_sub = -(-row_length // block_size)
-    bits = code_bits_for(n_centroids) if code_bits is None else int(code_bits)
-    n_books = 1 if shared_codebook else n_sub
-    return rows * n_sub * bits + n_books * n_centroids * block_size * codebook_bits
+_CHUNK_ELEMENTS = 1 << 16  # point-centroid scores per chunk of the assignment step (256 KB: in cache)
 
 
 # ----------------------------------------------------------------------------- k-means
@@ -83,22 +48,24 @@ def _sq_norms(X):
     return X[..., 0] ** 2 if X.shape[-1] == 1 else (X * X).sum(-1)
 
 
-def _assign(X, C):
-    """Nearest centroid of every point: X (B, n, d), C (B, k, d) -> (codes (B, n), dist2 (B, n))."""
+def assign_nearest(X, C):
+    """Nearest centroid of every point: X (B, n, d), C (B, k, d) -> (codes (B, n), dist2 (B, n)).
+
+    Chunks of ``_CHUNK_ELEMENTS`` point-centroid scores ``||c||^2 - 2 x.c`` (``||x||^2`` does
+    not change the argmin) stay in cache: one fused ``baddbmm`` and an ``argmin`` per chunk.
+    The returned squared distances are recomputed exactly from the chosen centroids.
+    """
     B, n, d = X.shape
     k = C.shape[1]
     if d == 1:
         return _assign_scalar(X, C)
     c2 = _sq_norms(C)[:, None, :]
+    Ct = C.transpose(1, 2)
     step = max(1, _CHUNK_ELEMENTS // max(1, B * k))
     codes = torch.empty(B, n, dtype=torch.long, device=X.device)
-    dist = torch.empty(B, n, dtype=X.dtype, device=X.device)
     for start in range(0, n, step):
-        x = X[:, start:start + step]
-        d2 = (_sq_norms(x)[..., None] - 2 * x @ C.transpose(1, 2) + c2).clamp_min_(0)
-        value, index = d2.min(-1)
-        codes[:, start:start + step] = index
-        dist[:, start:start + step] = value
+        scores = torch.baddbmm(c2, X[:, start:start + step], Ct, alpha=-2)
+        codes[:, start:start + step] = scores.argmin(-1)
     # exact squared distances of the chosen centroids (the expansion above loses digits)
     chosen = torch.gather(C, 1, codes[..., None].expand(B, n, d))
     return codes, _sq_norms(X - chosen)
@@ -137,13 +104,14 @@ def _kmeans_pp(X, k, generator):
     return C
 
 
-def kmeans(X, n_centroids: int, *, n_iter: int = 50, rel_tol: float = 1e-6, random_state=None):
+def kmeans(X, n_centroids: int, *, n_iter: int = 50, convergence_tol: float = 1e-6, random_state=None):
     """Batched k-means on ``X (B, n, d)`` (a float tensor); returns ``(C, codes, history)``.
 
     ``C (B, k, d)`` centroids, ``codes (B, n)`` int64, ``history`` the objective
     ``sum_b sum_i ||x_bi - C_b[codes_bi]||^2`` after every assignment step (non-increasing;
     the last entry is the objective of the returned pair). Stops after ``n_iter`` Lloyd
-    steps or when the relative decrease is <= ``rel_tol``.
+    steps or when the relative decrease is <= ``convergence_tol``. ``random_state`` as
+    everywhere in :mod:`decomp` (:func:`decomp._backend.make_generator`).
     """
     B, n, d = X.shape
     k = int(n_centroids)
@@ -152,9 +120,9 @@ def kmeans(X, n_centroids: int, *, n_iter: int = 50, rel_tol: float = 1e-6, rand
     history = []
     offsets = (torch.arange(B, device=X.device) * k)[:, None]
     for it in range(n_iter + 1):
-        codes, dist = _assign(X, C)
+        codes, dist = assign_nearest(X, C)
         history.append(float(dist.sum()))
-        if it == n_iter or (it > 0 and history[-2] - history[-1] <= rel_tol * history[-2]):
+        if it == n_iter or (it > 0 and history[-2] - history[-1] <= convergence_tol * history[-2]):
             break
         counts = torch.bincount((codes + offsets).reshape(-1), minlength=B * k).reshape(B, k)
         _repair_empty(codes, dist, counts)
@@ -217,7 +185,7 @@ def _sub_vectors(M, d, shared):
     return blocks.reshape(1, rows * n_sub, d) if shared else blocks.transpose(0, 1).contiguous()
 
 
-def pq(W, block_size: int | None = None, n_centroids: int | None = None, *, bits: float | None = None,
+def pq(W, n_centroids: int | None = None, *, block_size: int | None = None, bits: float | None = None,
        tol: float | None = None, shared_codebook: bool = True, pad: bool = False, n_iter: int = 50,
        max_centroids: int = DEFAULT_MAX_CENTROIDS, codebook_bits: int = 16, random_state=None,
        compute_dtype=None, context: str = "") -> ProductQuantized:
@@ -233,8 +201,9 @@ def pq(W, block_size: int | None = None, n_centroids: int | None = None, *, bits
       exact) whose measured relative error ``||W - W^||_F / ||W||_F <= t``.
 
     ``pad=True`` zero-pads rows to a multiple of ``block_size`` (padding is dropped on
-    decoding); otherwise a non-dividing block size is an error. ``random_state`` seeds
-    k-means (same seed, same codes). Returns :class:`~decomp.factors.ProductQuantized`.
+    decoding); otherwise a non-dividing block size is an error. ``n_iter`` k-means steps
+    at most; ``random_state`` seeds k-means (same seed, same codes).
+    Returns :class:`~decomp.formats.pq.ProductQuantized` (``error`` measured).
     """
     context = context or "pq"
     given = {k: v for k, v in dict(n_centroids=n_centroids, bits=bits, tol=tol).items() if v is not None}
@@ -246,81 +215,82 @@ def pq(W, block_size: int | None = None, n_centroids: int | None = None, *, bits
         raise ValueError(f"{context}: expected a weight with >= 2 dims (rows, ...), got {describe(W)}")
     shape = tuple(T.shape)
     rows, row_length = shape[0], math.prod(shape[1:])
-    if block_size is not None:
-        _check_positive_int(block_size, "block_size", context)
-    if n_centroids is not None:
-        _check_positive_int(n_centroids, "n_centroids", context)
-    if bits is not None and (isinstance(bits, bool) or not isinstance(bits, (int, float)) or not bits > 0):
-        raise ValueError(f"{context}: bits={bits!r} must be a positive number of code bits per weight")
-    if tol is not None and not 0 <= tol < 1:
-        raise ValueError(f"{context}: tol={tol!r} is outside [0, 1)")
-    if bits is not None and block_size is None:
-        block_size, n_centroids = block_for_bits(row_length, rows, bits, max_centroids=max_centroids, pad=pad)
-    if block_size is None:
-        block_size = default_block_size(shape)
-    if block_size > row_length:
-        raise ValueError(f"{context}: block_size={block_size} exceeds the row length {row_length} of {describe(W)}")
-    if row_length % block_size and not pad:
-        raise ValueError(f"{context}: block_size={block_size} does not divide the row length {row_length} of "
-                         f"{describe(W)}; pass a divisor or pad=True to zero-pad the rows")
-    if bits is not None and n_centroids is None:
-        exponent = bits * block_size
-        if abs(exponent - round(exponent)) > 1e-9:
-            raise ValueError(f"{context}: bits={bits!r} * block_size={block_size} is not an integer number of "
-                             f"code bits; pick them so that 2**(bits*block_size) is an integer")
-        n_centroids = 2 ** int(round(exponent))
+    block_size, n_centroids = _codebook_size(shape, block_size, n_centroids, bits, tol, pad, max_centroids,
+                                             f"{context}: ", describe(W))
     n_sub = -(-row_length // block_size)
     M = T.reshape(rows, row_length)
     if n_sub * block_size != row_length:
         M = torch.cat([M, M.new_zeros(rows, n_sub * block_size - row_length)], dim=1)
     X = _sub_vectors(M, block_size, shared_codebook)
-    n_points = X.shape[1]
-    where = "the layer" if shared_codebook else "each sub-space"
+    where = f"{'the layer' if shared_codebook else 'each sub-space'} ({describe(W)}, block_size={block_size})"
     norm = float(torch.linalg.norm(T))
-
-    def run(k):
-        C, codes, history = kmeans(X, k, n_iter=n_iter, random_state=random_state)
-        return C, codes, history
-
-    if tol is None:
-        if n_centroids > n_points:
-            raise ValueError(f"{context}: n_centroids={n_centroids} exceeds the {n_points} sub-vectors of {where} "
-                             f"({describe(W)}, block_size={block_size}); pass at most {n_points}")
-        k = int(n_centroids)
-        C, codes, history = run(k)
-    else:
-        candidates = sorted({min(2 ** j, n_points) for j in range(0, math.ceil(math.log2(n_points)) + 1)})
-        for k in candidates:
-            C, codes, history = run(k)
-            if math.sqrt(max(history[-1], 0.0)) <= tol * norm or k == n_points:
-                break
+    k, C, codes, history = _fit_codebook(X, n_centroids, tol, norm, n_iter, random_state, f"{context}: ", where)
     # codes back to (rows, n_sub), codebooks (n_books, k, d)
     codes = codes.reshape(rows, n_sub) if shared_codebook else codes.transpose(0, 1)
-    approx = _decode(C, codes, rows, n_sub, block_size)[:, :row_length]
-    error = float(torch.linalg.norm(M[:, :row_length] - approx))
-    numpy_kind = kind.is_numpy
-    dtype = code_dtype(k, numpy=numpy_kind)
-    codes_out = codes.cpu().numpy().astype(dtype) if numpy_kind else codes.to(dtype=dtype, device=kind.device)
+    error = float(torch.linalg.norm(M[:, :row_length] - pq_decode(C, codes, row_length)))
+    dtype = code_dtype(k, numpy=kind.is_numpy)
+    codes_out = codes.cpu().numpy().astype(dtype) if kind.is_numpy else codes.to(dtype=dtype, device=kind.device)
     return ProductQuantized(codebooks=kind.restore(C), codes=codes_out, shape=shape, block_size=int(block_size),
-                            error_bound=error, norm=norm, codebook_bits=int(codebook_bits),
+                            error=error, norm=norm, codebook_bits=int(codebook_bits),
                             history=history, shared_codebook=bool(shared_codebook))
 
 
-def _decode(C, codes, rows, n_sub, d):
-    """Codebooks C (n_books, k, d) and codes (rows, n_sub) -> padded matrix (rows, n_sub*d)."""
-    codes = codes.long()
-    if C.shape[0] == 1:
-        blocks = C[0][codes]
+def _codebook_size(shape, block_size, n_centroids, bits, tol, pad, max_centroids, prefix, what):
+    """Validated ``(block_size, n_centroids)``; ``n_centroids`` stays None for ``tol=``."""
+    rows, row_length = shape[0], math.prod(shape[1:])
+    if block_size is not None:
+        _check_positive_int(block_size, "block_size", prefix)
+    if n_centroids is not None:
+        _check_positive_int(n_centroids, "n_centroids", prefix)
+    if bits is not None and (isinstance(bits, bool) or not isinstance(bits, (int, float)) or not bits > 0):
+        raise ValueError(f"{prefix}bits={bits!r} must be a positive number of code bits per weight")
+    if tol is not None and not 0 <= tol < 1:
+        raise ValueError(f"{prefix}tol={tol!r} is outside [0, 1)")
+    if bits is not None and block_size is None:
+        block_size, n_centroids = block_for_bits(row_length, rows, bits, max_centroids=max_centroids, pad=pad)
+    if block_size is None:
+        block_size = default_block_size(shape)
+    if block_size > row_length:
+        _infeasible(prefix, f"block_size={block_size} exceeds the row length {row_length} of {what}")
+    if row_length % block_size and not pad:
+        _infeasible(prefix, f"block_size={block_size} does not divide the row length {row_length} of {what}; "
+                            f"pass a divisor or pad=True to zero-pad the rows")
+    if bits is not None and n_centroids is None:
+        exponent = bits * block_size
+        if abs(exponent - round(exponent)) > 1e-9:
+            raise ValueError(f"{prefix}bits={bits!r} * block_size={block_size} is not an integer number of "
+                             f"code bits; pick them so that 2**(bits*block_size) is an integer")
+        n_centroids = 2 ** int(round(exponent))
+    return block_size, n_centroids
+
+
+def _fit_codebook(X, n_centroids, tol, norm, n_iter, random_state, prefix, where):
+    """k-means at ``n_centroids``, or at the smallest power of two meeting ``tol``: ``(k, C, codes, history)``."""
+    n_points = X.shape[1]
+    if tol is None:
+        if n_centroids > n_points:
+            _infeasible(prefix, f"n_centroids={n_centroids} exceeds the {n_points} sub-vectors of {where}; "
+                                f"pass at most {n_points}")
+        candidates = [int(n_centroids)]
     else:
-        blocks = C[torch.arange(n_sub, device=codes.device)[None, :], codes]
-    return blocks.reshape(rows, n_sub * d)
+        candidates = sorted({min(2 ** j, n_points) for j in range(0, math.ceil(math.log2(n_points)) + 1)})
+    for k in candidates:
+        C, codes, history = kmeans(X, k, n_iter=n_iter, random_state=random_state)
+        if tol is None or math.sqrt(max(history[-1], 0.0)) <= tol * norm or k == n_points:
+            break
+    return k, C, codes, history
 
 
-def _check_positive_int(value, name, context):
+def _infeasible(prefix, reason):
+    """A valid request this weight's shape cannot meet (compress keeps such a layer dense)."""
+    raise InfeasibleRankError(prefix + reason, reason)
+
+
+def _check_positive_int(value, name, prefix):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{context}: {name}= must be an int, got {type(value).__name__} {value!r}")
+        raise TypeError(f"{prefix}{name}= must be an int, got {type(value).__name__} {value!r}")
     if value < 1:
-        raise ValueError(f"{context}: {name}={value} must be >= 1")
+        raise ValueError(f"{prefix}{name}={value} must be >= 1")
 
 
-__all__ = ["pq", "kmeans", "pq_size_bits", "code_bits_for", "code_dtype", "block_for_bits", "default_block_size"]
+__all__ = ["pq", "kmeans", "block_for_bits", "default_block_size"]

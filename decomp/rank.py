@@ -25,6 +25,17 @@ from scipy.optimize import minimize_scalar
 SPEC_KINDS = ("rank", "energy", "tol", "ratio")
 
 
+class InfeasibleRankError(ValueError):
+    """A valid request this array's shape cannot meet (a rank above the maximum, a ratio below rank 1, ...).
+
+    ``reason`` is the message without its context prefix. Layer adapters turn it into "kept dense: reason".
+    """
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason or message
+
+
 @dataclass(frozen=True)
 class RankSpec:
     """A parsed rank specification: ``kind`` in rank/energy/tol/ratio/vbmf, and its value."""
@@ -97,7 +108,8 @@ def check_rank(rank: int, max_rank: int, context: str = "", what: str = "rank") 
     """Return ``rank`` if ``1 <= rank <= max_rank``; otherwise raise ValueError."""
     if not 1 <= rank <= max_rank:
         prefix = f"{context}: " if context else ""
-        raise ValueError(f"{prefix}{what}={rank} is outside [1, {max_rank}] (the maximum for this shape)")
+        reason = f"{what}={rank} is outside [1, {max_rank}] (the maximum for this shape)"
+        raise InfeasibleRankError(prefix + reason, reason)
     return rank
 
 
@@ -147,8 +159,9 @@ def largest_rank_within(params_of_rank: Callable[[int], int], budget: float, max
     """
     if params_of_rank(1) > budget:
         prefix = f"{context}: " if context else ""
-        raise ValueError(f"{prefix}even rank 1 needs {params_of_rank(1)} parameters, more than the "
-                         f"budget of {budget:.0f}; pass a larger ratio= or use another method")
+        reason = (f"even rank 1 needs {params_of_rank(1)} parameters, more than the budget of {budget:.0f}; "
+                  f"pass a larger ratio= or use another method")
+        raise InfeasibleRankError(prefix + reason, reason)
     low, high = 1, max_rank
     while low < high:
         mid = (low + high + 1) // 2

@@ -28,52 +28,35 @@ rank), Cheng et al. 2015 (circulant projections), Ding et al. 2017 (block-circul
   0), so rectangular Toeplitz matrices stay exactly representable at r = 2; the
   approximation is ``M[:m, :n]``.
 
-Error reporting: for toeplitz/circulant ``error_bound`` is the exact projection residual.
-For ldr a ``tol=`` bounds the *displacement* error only, not the weight error; the
-weight error is amplified by at most ``||L^{-1}|| = 1 / (2 sin(pi / 2N))`` (``L`` is
-normal with eigenvalues ``lambda_i - mu_j``), which is reported as ``operator_bound``;
-``error_bound`` is the measured residual ``||W - M[:m, :n]||_F`` (a posteriori, exact).
+Error reporting: for toeplitz/circulant ``error`` is the exact projection residual
+(measured; no ``error_bound``). For ldr a ``tol=`` bounds the *displacement* error only,
+not the weight error; the weight error is amplified by at most
+``||L^{-1}|| = 1 / (2 sin(pi / 2N))`` (``L`` is normal with eigenvalues ``lambda_i - mu_j``),
+which gives the certified ``error_bound`` (= ``operator_bound``); ``error`` is the
+measured residual ``||W - M[:m, :n]||_F`` (a posteriori, exact).
 
 Quality caveat (measured, benchmarks/bench_pq_structured.py): truncating the displacement
 is not a best approximation in the weight norm — the inverse operator can amplify the
-discarded displacement by up to ~N/pi — and on the trained MNISTNet Linear(3136 -> 128)
-the rank-1..16 LDR reconstructions have relative weight errors above 1. Sindhwani et al.
+discarded displacement by up to ~N/pi — and on trained layers the low-rank LDR
+reconstructions can have relative weight errors above 1. Sindhwani et al.
 train LDR layers; use :func:`ldr` as an initialization to fine-tune, not as a drop-in
 compression of a trained layer (the Toeplitz/circulant projections are at least
 Frobenius-optimal in their class).
 
-FFT products (used by the layers): ``Z_1(c) x = irfft(rfft(c) * rfft(x))``;
-``Z_{-1}(v) x = D^{-1} Z_1(D v) D x`` with ``D = diag(exp(i pi k / N))``.
+The factor objects, index maps, dense reconstruction and the FFT products the layers use
+are in :mod:`decomp.formats.structured`.
 """
 from __future__ import annotations
 
-import math
-
 import torch
-from scipy.fft import next_fast_len
 
 from ._backend import as_compute_tensor, describe
-from .factors import CirculantFactors, LDRFactors, ToeplitzFactors
+from .formats.structured import (CirculantFactors, LDRFactors, ToeplitzFactors, circulant_index, ldr_dense,
+                                 toeplitz_index)
 from .rank import parse_rank_spec, select_rank, tail_errors
 
 
-# ----------------------------------------------------------------------------- index maps
-
-def toeplitz_index(m: int, n: int, device=None) -> torch.Tensor:
-    """``(m, n)`` long tensor: entry (i, j) lies on diagonal ``i - j + n - 1``."""
-    i = torch.arange(m, device=device)[:, None]
-    j = torch.arange(n, device=device)[None, :]
-    return i - j + (n - 1)
-
-
-def circulant_index(m: int, n: int, block_size: int, device=None) -> torch.Tensor:
-    """``(m, n)`` long tensor: flat index into ``blocks (n_out, n_in, b)`` of entry (i, j)."""
-    b = block_size
-    n_in = -(-n // b)
-    i = torch.arange(m, device=device)[:, None]
-    j = torch.arange(n, device=device)[None, :]
-    return ((i // b) * n_in + j // b) * b + torch.remainder(i - j, b)
-
+# ----------------------------------------------------------------------------- projections
 
 def _class_means(M: torch.Tensor, index: torch.Tensor, n_classes: int) -> torch.Tensor:
     """Mean of the entries of ``M`` per class of ``index`` (0 for empty classes)."""
@@ -83,13 +66,11 @@ def _class_means(M: torch.Tensor, index: torch.Tensor, n_classes: int) -> torch.
     return sums / counts.clamp_min(1)
 
 
-# ----------------------------------------------------------------------------- projections
-
 def toeplitz(W, *, compute_dtype=None, context: str = "") -> ToeplitzFactors:
     """Frobenius-nearest Toeplitz matrix of ``W (m, n)``: every diagonal replaced by its mean.
 
-    Returns :class:`~decomp.factors.ToeplitzFactors` (``diagonals`` of length ``m + n - 1``,
-    ``error_bound`` = the exact residual ``||W - T||_F``).
+    Returns :class:`~decomp.formats.structured.ToeplitzFactors` (``diagonals`` of length
+    ``m + n - 1``, ``error`` = the exact residual ``||W - T||_F``).
     """
     context = context or "toeplitz"
     T, kind = as_compute_tensor(W, name=context, ndim=2, compute_dtype=compute_dtype)
@@ -97,14 +78,14 @@ def toeplitz(W, *, compute_dtype=None, context: str = "") -> ToeplitzFactors:
     index = toeplitz_index(m, n, device=T.device)
     diagonals = _class_means(T, index, m + n - 1)
     error = float(torch.linalg.norm(T - diagonals[index]))
-    return ToeplitzFactors(kind.restore(diagonals), (m, n), error_bound=error, norm=float(torch.linalg.norm(T)))
+    return ToeplitzFactors(kind.restore(diagonals), (m, n), error=error, norm=float(torch.linalg.norm(T)))
 
 
 def circulant(W, *, block_size: int | None = None, compute_dtype=None, context: str = "") -> CirculantFactors:
     """Frobenius-nearest (block-)circulant matrix of ``W (m, n)`` (see module docstring).
 
     ``block_size=None`` is ``max(m, n)``: one circulant cropped to ``(m, n)``.
-    Returns :class:`~decomp.factors.CirculantFactors` with the exact projection residual.
+    Returns :class:`~decomp.formats.structured.CirculantFactors` with ``error`` the exact projection residual.
     """
     context = context or "circulant"
     T, kind = as_compute_tensor(W, name=context, ndim=2, compute_dtype=compute_dtype)
@@ -116,7 +97,7 @@ def circulant(W, *, block_size: int | None = None, compute_dtype=None, context: 
     index = circulant_index(m, n, b, device=T.device)
     blocks = _class_means(T, index, n_out * n_in * b)
     error = float(torch.linalg.norm(T - blocks[index]))
-    return CirculantFactors(kind.restore(blocks.reshape(n_out, n_in, b)), (m, n), error_bound=error,
+    return CirculantFactors(kind.restore(blocks.reshape(n_out, n_in, b)), (m, n), error=error,
                             norm=float(torch.linalg.norm(T)))
 
 
@@ -128,43 +109,6 @@ def displacement(M: torch.Tensor) -> torch.Tensor:
     shifted_cols = torch.roll(M, -1, dims=1).clone()          # M Z_{-1}: columns shift left ...
     shifted_cols[:, -1] = -M[:, 0]                            # ... last column is -M[:, 0]
     return shifted_rows - shifted_cols
-
-
-def _twist(N, dtype, device):
-    """``exp(i pi k / N)``, k = 0..N-1 (diagonal of D in Z_{-1}(v) = D^-1 Z_1(Dv) D)."""
-    real = torch.float64 if dtype == torch.float64 else torch.float32
-    k = torch.arange(N, dtype=real, device=device)
-    return torch.polar(torch.ones_like(k), math.pi * k / N)
-
-
-def ldr_apply(G: torch.Tensor, H: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``M x`` for ``M = 1/2 sum_i Z_1(G[i]) Z_{-1}(J H[i])`` and ``x (..., N)``, by FFT.
-
-    Cost per vector: one complex FFT, r complex inverse FFTs, r real FFTs and one
-    inverse real FFT of length N: O(r N log N).
-    """
-    N = G.shape[-1]
-    eta = _twist(N, x.dtype, x.device)
-    Hf = torch.fft.fft(H.flip(-1) * eta, dim=-1)                       # (r, N)
-    Xf = torch.fft.fft(x * eta, dim=-1)                                 # (..., N)
-    U = (torch.fft.ifft(Xf.unsqueeze(-2) * Hf, dim=-1) * eta.conj()).real   # (..., r, N) = Z_{-1}(J h_i) x
-    Gf = torch.fft.rfft(G, dim=-1)                                      # (r, F)
-    Yf = (torch.fft.rfft(U, dim=-1) * Gf).sum(-2)
-    return 0.5 * torch.fft.irfft(Yf, n=N, dim=-1)
-
-
-def ldr_dense(G: torch.Tensor, H: torch.Tensor, n_cols: int | None = None) -> torch.Tensor:
-    """The dense ``N x N`` matrix of the generators ``G, H (r, N)`` (its first ``n_cols`` columns)."""
-    r, N = G.shape
-    n_cols = N if n_cols is None else n_cols
-    step = max(1, (1 << 22) // max(1, r * N))          # bounds the (chunk, r, N) complex intermediate
-    columns = []
-    for start in range(0, n_cols, step):
-        stop = min(n_cols, start + step)
-        eye = torch.zeros(stop - start, N, dtype=G.dtype, device=G.device)
-        eye[torch.arange(stop - start), torch.arange(start, stop)] = 1
-        columns.append(ldr_apply(G, H, eye))
-    return torch.cat(columns).T
 
 
 def _displacement_svd(D: torch.Tensor):
@@ -215,7 +159,8 @@ def ldr(W, rank=None, *, energy=None, tol=None, ratio=None, compute_dtype=None, 
 
     Exactly one of ``rank`` (displacement rank r), ``energy``, ``tol`` (relative error
     of the *displacement*, not of W), ``ratio`` (``2 r N <= ratio * m n``) picks r.
-    Returns :class:`~decomp.factors.LDRFactors` with ``error_bound`` the measured residual.
+    Returns :class:`~decomp.formats.structured.LDRFactors` with ``error`` the measured residual and
+    ``error_bound`` the certified operator bound.
     """
     context = context or "ldr"
     spec = parse_rank_spec(rank, energy, tol, ratio, allowed=("rank", "energy", "tol", "ratio"), context=context)
@@ -236,47 +181,8 @@ def ldr(W, rank=None, *, energy=None, tol=None, ratio=None, compute_dtype=None, 
     H = (root[:, None] * Vh[:r]).contiguous()
     approx = ldr_dense(G, H, n_cols=n)[:m]
     error = float(torch.linalg.norm(T - approx))
-    return LDRFactors(kind.restore(G), kind.restore(H), (m, n), error_bound=error, norm=float(torch.linalg.norm(T)),
+    return LDRFactors(kind.restore(G), kind.restore(H), (m, n), error=error, norm=float(torch.linalg.norm(T)),
                       displacement_error=float(tail_errors(spectrum)[r]), displacement_singular_values=spectrum)
 
 
-# ----------------------------------------------------------------------------- FFT products
-
-def fft_size(length: int) -> int:
-    """A fast real-FFT length >= ``length`` (5-smooth)."""
-    return int(next_fast_len(int(length), real=True))
-
-
-def toeplitz_apply(diagonals: torch.Tensor, x: torch.Tensor, m: int, n: int) -> torch.Tensor:
-    """``T x`` for the Toeplitz ``T[i, j] = diagonals[i - j + n - 1]`` and ``x (..., n)``.
-
-    ``T`` is embedded in a circulant of size ``L >= m + n - 1`` (no wrap-around), so the
-    product is one rfft / irfft pair: O(L log L).
-    """
-    L = fft_size(m + n - 1)
-    pad = diagonals.new_zeros(L - (m + n - 1))
-    c = torch.cat([diagonals[n - 1:], pad, diagonals[:n - 1]])         # c[k] = t[k + n - 1], wrapped
-    y = torch.fft.irfft(torch.fft.rfft(c) * torch.fft.rfft(x, n=L, dim=-1), n=L, dim=-1)
-    return y[..., :m]
-
-
-def circulant_apply(blocks: torch.Tensor, x: torch.Tensor, m: int) -> torch.Tensor:
-    """``C x`` for the block-circulant ``blocks (n_out, n_in, b)`` and ``x (..., n)``."""
-    n_out, n_in, b = blocks.shape
-    n = x.shape[-1]
-    if n != n_in * b:
-        x = torch.cat([x, x.new_zeros(*x.shape[:-1], n_in * b - n)], dim=-1)
-    Xf = torch.fft.rfft(x.reshape(*x.shape[:-1], n_in, b), dim=-1)      # (..., n_in, F)
-    Cf = torch.fft.rfft(blocks, dim=-1)                                 # (n_out, n_in, F)
-    if n_in == 1:
-        Yf = Xf * Cf[:, 0]
-    else:                                                               # one complex bmm over frequencies
-        lead = Xf.shape[:-2]
-        Xb = Xf.reshape(-1, n_in, Xf.shape[-1]).permute(2, 0, 1)        # (F, B, n_in)
-        Yf = torch.matmul(Xb, Cf.permute(2, 1, 0)).permute(1, 2, 0).reshape(*lead, n_out, -1)
-    y = torch.fft.irfft(Yf, n=b, dim=-1).reshape(*x.shape[:-1], n_out * b)
-    return y[..., :m]
-
-
-__all__ = ["toeplitz", "circulant", "ldr", "displacement", "ldr_apply", "ldr_dense", "toeplitz_apply",
-           "circulant_apply", "toeplitz_index", "circulant_index", "fft_size"]
+__all__ = ["toeplitz", "circulant", "ldr", "displacement"]

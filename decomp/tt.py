@@ -22,12 +22,12 @@ import math
 import numpy as np
 import torch
 
-from ._backend import as_compute_tensor
-from .factors import TTFactors, TTMatrixFactors
-from .rank import largest_rank_within, parse_rank_spec, rank_for_energy, tail_errors
+from ._backend import as_compute_tensor, times_power_of_two, unit_scale
+from ._kernels import left_basis
+from .formats.tt import TTFactors, TTMatrixFactors, tt_num_params
+from .rank import InfeasibleRankError, largest_rank_within, parse_rank_spec, rank_for_energy, tail_errors
 
 TT_SPEC_KINDS = ("rank", "energy", "tol", "ratio")
-SMALL_SVD_FLOPS = 2e7  # below this size (m^2 c) an exact SVD is cheap: use it for full accuracy
 
 
 def tt(A, rank=None, *, energy=None, tol=None, ratio=None, max_rank=None, compute_dtype=None,
@@ -50,7 +50,8 @@ def tt(A, rank=None, *, energy=None, tol=None, ratio=None, max_rank=None, comput
     missed; ``error_bound`` always reports the truth). Math in ``compute_dtype`` (float64
     default); cores come back in ``A``'s kind and dtype.
 
-    Returns :class:`~decomp.factors.TTFactors`; ``error_bound = sqrt(sum_k eps_k^2)``.
+    Returns :class:`~decomp.formats.tt.TTFactors`; ``error_bound = sqrt(sum_k eps_k^2)``
+    (attained: ``error`` is the same number).
     """
     context = context or "tt"
     spec = parse_rank_spec(rank, energy, tol, ratio, allowed=TT_SPEC_KINDS, allow_tuple=True, context=context)
@@ -58,42 +59,17 @@ def tt(A, rank=None, *, energy=None, tol=None, ratio=None, max_rank=None, comput
     if T.ndim < 2:
         raise ValueError(f"{context}: TT needs an array with at least 2 dimensions, got shape {tuple(T.shape)}")
     dims = tuple(T.shape)
+    T, exponent = unit_scale(T)  # exact power-of-two scaling: squares stay finite for 1e-300 .. 1e300
     cores, errors, norm = tt_svd(T, dims, spec, max_rank, f"{context} (shape {dims})")
-    bound = math.sqrt(sum(e * e for e in errors))
-    return TTFactors([kind.restore(c) for c in cores], error_bound=bound, norm=norm)
+    scale = math.ldexp(1.0, exponent)
+    bound = math.sqrt(sum(e * e for e in errors)) * scale
+    cores[0] = times_power_of_two(cores[0], exponent)
+    return TTFactors([kind.restore(c) for c in cores], error_bound=bound, norm=norm * scale, error=bound)
 
 
 def max_tt_ranks(dims) -> tuple:
     """Largest possible bond ranks ``min(n_1...n_k, n_{k+1}...n_d)``, k = 1..d-1."""
     return tuple(min(math.prod(dims[:k]), math.prod(dims[k:])) for k in range(1, len(dims)))
-
-
-def tt_num_params(dims, ranks) -> int:
-    """``sum_k r_{k-1} n_k r_k`` for bond ranks ``ranks`` (d-1 bonds, or all d+1 ranks)."""
-    ranks = _full_ranks(ranks, len(dims))
-    return sum(ranks[k] * n * ranks[k + 1] for k, n in enumerate(dims))
-
-
-def tt_matrix_num_params(in_shape, out_shape, ranks) -> int:
-    """TT-matrix parameters ``sum_k r_{k-1} m_k n_k r_k`` (Novikov et al. 2015).
-
-    ``ranks``: an int (every bond), the ``d - 1`` bond ranks or all ``d + 1`` ranks.
-    E.g. VGG FC6 ``in_shape=(2, 7, 8, 8, 7, 4)``, ``out_shape=(4,) * 6``, rank 8: 7,872.
-    """
-    if len(in_shape) != len(out_shape):
-        raise ValueError(f"in_shape {tuple(in_shape)} and out_shape {tuple(out_shape)} need the same length")
-    return tt_num_params([m * n for m, n in zip(out_shape, in_shape)], ranks)
-
-
-def _full_ranks(ranks, d):
-    if isinstance(ranks, (int, np.integer)):
-        return (1,) + (int(ranks),) * (d - 1) + (1,)
-    ranks = tuple(int(r) for r in ranks)
-    if len(ranks) == d - 1:
-        return (1,) + ranks + (1,)
-    if len(ranks) == d + 1:
-        return ranks
-    raise ValueError(f"expected {d - 1} bond ranks (or {d + 1} with the boundary 1s), got {ranks}")
 
 
 def _bond_plan(spec, dims, max_rank, context):
@@ -113,9 +89,9 @@ def _bond_plan(spec, dims, max_rank, context):
         for k in range(1, d):
             left, right = full[k - 1] * dims[k - 1], dims[k] * full[k + 1]
             if full[k] > min(left, right):
-                raise ValueError(f"{context}: bond rank r_{k}={full[k]} exceeds "
-                                 f"min(r_{k - 1}*n_{k}, n_{k + 1}*r_{k + 1}) = min({left}, {right}), "
-                                 f"the largest TT rank possible there")
+                reason = (f"bond rank r_{k}={full[k]} exceeds min(r_{k - 1}*n_{k}, n_{k + 1}*r_{k + 1}) = "
+                          f"min({left}, {right}), the largest TT rank possible there")
+                raise InfeasibleRankError(f"{context}: {reason}", reason)
         if max_rank is not None and max(ranks) > max_rank:
             raise ValueError(f"{context}: rank={ranks!r} conflicts with max_rank={max_rank}; pass one of them")
         caps = list(ranks)
@@ -158,14 +134,9 @@ def _truncate(C, spec, cap, delta):
     the rank is raised until the measured ``eps <= delta`` (only ever needed below the
     Gram's rounding floor, ~1e-7 relative).
     """
-    m, c = C.shape
-    limit = min(m, c)
-    if m <= c and m * m * c > SMALL_SVD_FLOPS:
-        lam, V = torch.linalg.eigh(C @ C.T)
-        V, s = V.flip(-1), lam.flip(-1).clamp_min(0).sqrt().cpu().numpy()
-    else:
-        V, S, _ = torch.linalg.svd(C, full_matrices=False)
-        s = S.cpu().numpy()
+    limit = min(C.shape)
+    V, S = left_basis(C)
+    s = S.cpu().numpy()
     if spec.kind == "energy":
         r = rank_for_energy(s, spec.value)
     elif spec.kind == "tol":
@@ -235,8 +206,8 @@ def tt_round(factors, rank=None, *, energy=None, tol=None, ratio=None, max_rank=
         shapes = [(c.shape[1], c.shape[2]) for c in factors.cores]
         out = [c.reshape(c.shape[0], m, n, c.shape[-1]) for c, (m, n) in zip(cores, shapes)]
         return TTMatrixFactors([kind.restore(c) for c in out], error_bound=bound, norm=factors.norm,
-                               method="tt-round")
-    return TTFactors([kind.restore(c) for c in cores], error_bound=bound, norm=factors.norm, method="tt-round")
+                               algorithm="tt-round")
+    return TTFactors([kind.restore(c) for c in cores], error_bound=bound, norm=factors.norm, algorithm="tt-round")
 
 
 # --- TT-matrix -------------------------------------------------------------------------------
@@ -305,7 +276,7 @@ def _check_shape(name, shape, dim, context):
     return tuple(int(s) for s in shape)
 
 
-def tt_matrix(W, in_shape=None, out_shape=None, rank=None, *, energy=None, tol=None, ratio=None, max_rank=None,
+def tt_matrix(W, rank=None, *, in_shape=None, out_shape=None, energy=None, tol=None, ratio=None, max_rank=None,
               d=None, compute_dtype=None, context="") -> TTMatrixFactors:
     """TT-matrix of ``W (out, in)`` — the torch ``Linear.weight`` layout, rows = outputs.
 
@@ -351,8 +322,8 @@ def tt_matrix(W, in_shape=None, out_shape=None, rank=None, *, energy=None, tol=N
     cores, errors, norm = tt_svd(merged, dims, spec, max_rank, f"{where}, dims {dims}")
     cores = [c.reshape(c.shape[0], m, n, c.shape[-1]) for c, m, n in zip(cores, out_shape, in_shape)]
     bound = math.sqrt(sum(e * e for e in errors))
-    return TTMatrixFactors([kind.restore(c) for c in cores], error_bound=bound, norm=norm)
+    return TTMatrixFactors([kind.restore(c) for c in cores], error_bound=bound, norm=norm, error=bound)
 
 
-__all__ = ["tt", "tt_round", "tt_matrix", "tt_svd", "tt_num_params", "tt_matrix_num_params", "max_tt_ranks",
-           "balanced_factorization", "default_tt_order", "TT_SPEC_KINDS"]
+__all__ = ["tt", "tt_round", "tt_matrix", "tt_svd", "max_tt_ranks", "balanced_factorization", "default_tt_order",
+           "TT_SPEC_KINDS"]

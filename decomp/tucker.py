@@ -15,8 +15,8 @@ and the same bound holds. ``error_bound`` is this bound (or the measured error i
 floating-point rounding ever put that above it).
 
 Speed: the mode spectra come from ``eigh`` of the Gram matrix of each unfolding
-(``I_n x I_n``), never from an SVD of the long unfolding (a 512x512x3x3 Tucker-2 takes
-a fraction of a second). The Gram's eigenvalues carry an absolute error of about
+(``I_n x I_n``), never from an SVD of the long unfolding (timings:
+benchmarks/bench_decomp.py). The Gram's eigenvalues carry an absolute error of about
 ``eps * ||A||^2``, so spectrum tails below ~1e-7 of ``||A||_F`` are noise: the error is
 therefore also measured a posteriori (exactly, by reconstruction, when it is small) and
 ``error_bound`` is the larger of the two, which keeps it certified in floating point.
@@ -28,16 +28,16 @@ import math
 import numpy as np
 import torch
 
-from ._backend import as_compute_tensor, make_generator
-from .factors import TuckerFactors, mode_product
+from ._backend import as_compute_tensor, make_generator, times_power_of_two, unit_scale
+from ._kernels import fold, left_basis, mode_product, prefers_gram, unfold
+from .formats.tucker import TuckerFactors, tucker_params
 from .rank import check_rank, parse_rank_spec, rank_for_energy, rank_for_tol, tail_errors, vbmf_rank
 
-METHODS = ("hooi", "sthosvd", "hosvd")
-SMALL_SVD_FLOPS = 2e7  # unfoldings below this size (I_n^2 * rest) get an exact SVD: full accuracy, cheap
+ALGORITHMS = ("hooi", "sthosvd", "hosvd")
 
 
-def tucker(A, rank=None, *, energy=None, tol=None, ratio=None, modes=None, method="hooi", n_iter_max=10,
-           tol_iter=1e-3, compute_dtype=None, context="") -> TuckerFactors:
+def tucker(A, rank=None, *, energy=None, tol=None, ratio=None, modes=None, algorithm="hooi", n_iter_max=10,
+           convergence_tol=1e-3, compute_dtype=None, context="") -> TuckerFactors:
     """Tucker decomposition of ``A`` (N >= 2 dimensions) on the modes ``modes`` (default: all).
 
     Shapes: ``A (I_1, ..., I_N)``; result ``factors[i] (I_n, R_n)`` for ``n = modes[i]``
@@ -59,25 +59,24 @@ def tucker(A, rank=None, *, energy=None, tol=None, ratio=None, modes=None, metho
       (bisection); the leftover budget then raises, greedily, the rank whose next
       singular value buys the most energy per added parameter.
 
-    ``method``: ``"hooi"`` (default; ``n_iter_max`` sweeps of higher-order orthogonal
+    ``algorithm``: ``"hooi"`` (default; ``n_iter_max`` sweeps of higher-order orthogonal
     iteration from ST-HOSVD, stopped when a sweep lowers the error by less than
-    ``tol_iter`` relative; the best iterate is kept), ``"sthosvd"`` (sequentially
+    ``convergence_tol`` relative; the best iterate is kept), ``"sthosvd"`` (sequentially
     truncated HOSVD, modes processed in ``modes`` order), ``"hosvd"``. Math runs in
     ``compute_dtype`` (float64 default); results come back in ``A``'s kind and dtype.
 
-    Returns :class:`~decomp.factors.TuckerFactors` with ``error_bound`` the HOSVD bound
-    (see module docstring; the measured error if rounding ever put that higher),
-    ``mode_spectra`` the per-mode spectra of ``A`` (``modes`` order) and ``info``:
-    ``error`` (measured ``||A - Â||_F``), ``sthosvd_error``, ``errors`` (per HOOI sweep,
-    starting with ST-HOSVD's) and ``n_iter``.
-
-    Cost: a 512x512x3x3 Tucker-2 is about 0.4 s CPU (ST-HOSVD) / 1 s (HOOI, 2-3 sweeps)
-    on one thread; pass ``method="sthosvd"`` or a small ``n_iter_max`` when speed matters.
+    Returns :class:`~decomp.formats.tucker.TuckerFactors` with ``error_bound`` the HOSVD
+    bound (see module docstring; the measured error if rounding ever put that higher),
+    ``error`` the measured ``||A - Â||_F``, ``mode_spectra`` the per-mode spectra of ``A``
+    (``modes`` order) and ``info``: ``error`` (the same), ``sthosvd_error``, ``errors`` (per
+    HOOI sweep, starting with ST-HOSVD's) and ``n_iter``. HOOI costs a few ST-HOSVDs; pass
+    ``algorithm="sthosvd"`` or a small ``n_iter_max`` when speed matters (timings:
+    benchmarks/bench_decomp.py).
     """
     context = context or "tucker"
     spec = parse_rank_spec(rank, energy, tol, ratio, allow_tuple=True, context=context)
-    if method not in METHODS:
-        raise ValueError(f"{context}: method={method!r} is not one of {METHODS}")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"{context}: algorithm={algorithm!r} is not one of {ALGORITHMS}")
     if not isinstance(n_iter_max, (int, np.integer)) or n_iter_max < 0:
         raise ValueError(f"{context}: n_iter_max={n_iter_max!r} must be an int >= 0")
     T, kind = as_compute_tensor(A, name=context, compute_dtype=compute_dtype)
@@ -86,19 +85,10 @@ def tucker(A, rank=None, *, energy=None, tol=None, ratio=None, modes=None, metho
     shape = tuple(T.shape)
     where = f"{context} (shape {shape})"
     modes = normalize_modes(modes, T.ndim, where)
+    T, exponent = unit_scale(T)  # exact power-of-two scaling: squares stay finite for 1e-300 .. 1e300
     norm = float(torch.linalg.norm(T))
 
-    bases, spectra, grams, unfoldings = [], [], [], {}
-    for i, n in enumerate(modes):
-        X = unfoldings[n] = unfold(T, n)
-        gram = X @ X.T if X.shape[0] <= X.shape[1] and X.shape[0] ** 2 * X.shape[1] > SMALL_SVD_FLOPS else None
-        if gram is not None and i > 0 and method != "hosvd":  # ST-HOSVD/HOOI need only the values here
-            U, s = None, torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0).sqrt()
-        else:
-            U, s = left_basis(X, gram)
-        bases.append(U)
-        grams.append(gram)
-        spectra.append(s.cpu().numpy())
+    bases, spectra, grams, unfoldings = _mode_spectra(T, modes, algorithm)
     T = _Unfolded(T, unfoldings)
     ranks = select_tucker_ranks(spec, spectra, shape, modes, norm, where)
 
@@ -106,7 +96,7 @@ def tucker(A, rank=None, *, energy=None, tol=None, ratio=None, modes=None, metho
         return math.sqrt(sum(float(tail_errors(s)[min(r, s.size)]) ** 2 for s, r in zip(spectra, rks)))
 
     while True:
-        factors, core, info = _decompose(T, modes, ranks, bases, grams, method, n_iter_max, tol_iter)
+        factors, core, info = _decompose(T, modes, ranks, bases, grams, algorithm, n_iter_max, convergence_tol)
         info["error"] = _measured_error(T.tensor, core, factors, modes, norm)
         bound = max(hosvd_bound(ranks), info["error"])
         full = all(r >= shape[n] for r, n in zip(ranks, modes))
@@ -114,8 +104,28 @@ def tucker(A, rank=None, *, energy=None, tol=None, ratio=None, modes=None, metho
             break
         # Only reachable when tol is below the Gram's rounding floor (~1e-7): raise the ranks.
         ranks = tuple(min(shape[n], r + max(1, r // 8)) for r, n in zip(ranks, modes))
-    return TuckerFactors(kind.restore(core), [kind.restore(U) for U in factors], modes, error_bound=bound,
-                         norm=norm, mode_spectra=spectra, method=method, info=info)
+    scale = math.ldexp(1.0, exponent)
+    info = {k: ([e * scale for e in v] if k == "errors" else v * scale if k.endswith("error") else v)
+            for k, v in info.items()}
+    return TuckerFactors(kind.restore(times_power_of_two(core, exponent)), [kind.restore(U) for U in factors], modes,
+                         error_bound=bound * scale, norm=norm * scale, mode_spectra=[s * scale for s in spectra],
+                         algorithm=algorithm, info=info, error=info["error"])
+
+
+def _mode_spectra(T, modes, algorithm):
+    """Per mode (``modes`` order): left basis (None where only the values are needed), spectrum, Gram, unfolding."""
+    bases, spectra, grams, unfoldings = [], [], [], {}
+    for i, n in enumerate(modes):
+        X = unfoldings[n] = unfold(T, n)
+        gram = X @ X.T if prefers_gram(*X.shape) else None
+        if gram is not None and i > 0 and algorithm != "hosvd":  # ST-HOSVD/HOOI need only the values here
+            U, s = None, torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0).sqrt()
+        else:
+            U, s = left_basis(X, gram)
+        bases.append(U)
+        grams.append(gram)
+        spectra.append(s.cpu().numpy())
+    return bases, spectra, grams, unfoldings
 
 
 def normalize_modes(modes, ndim: int, context: str) -> tuple:
@@ -142,29 +152,6 @@ def normalize_modes(modes, ndim: int, context: str) -> tuple:
     return tuple(out)
 
 
-def unfold(T: torch.Tensor, n: int) -> torch.Tensor:
-    """Mode-n unfolding ``(I_n, prod of the other sizes)`` (other modes in increasing order)."""
-    return T.movedim(n, 0).reshape(T.shape[n], -1)
-
-
-def left_basis(X: torch.Tensor, gram: torch.Tensor | None = None):
-    """Left singular basis and spectrum of ``X (m, c)``: ``(U, s)``, ``s`` descending.
-
-    For ``m <= c`` and a large ``X`` (``m^2 c > SMALL_SVD_FLOPS``, or ``gram`` given):
-    ``eigh`` of the Gram ``X X^T`` (``m x m``), so ``U (m, m)`` and
-    ``s = sqrt(max(eigenvalues, 0))`` (``m`` values); this is several times faster than an SVD of the wide ``X`` and accurate to ``~1e-8 * s_1`` in each
-    ``s_i`` (eigenvalues carry an absolute error ``~eps * s_1^2``). For ``m > c``: an SVD
-    of ``X`` gives ``U (m, c)`` and ``s (c,)`` to full accuracy (a small wide ``X`` likewise
-    gets an exact SVD). ``gram``: ``X X^T`` if already computed.
-    """
-    m, c = X.shape
-    if m <= c and (gram is not None or m * m * c > SMALL_SVD_FLOPS):
-        lam, V = torch.linalg.eigh(X @ X.T if gram is None else gram)
-        return V.flip(-1), lam.flip(-1).clamp_min(0).sqrt()
-    U, S, _ = torch.linalg.svd(X, full_matrices=False)
-    return U, S
-
-
 def complete_basis(U: torch.Tensor, r: int) -> torch.Tensor:
     """Extend orthonormal ``U (m, k)`` to ``r <= m`` orthonormal columns (deterministic)."""
     m, k = U.shape
@@ -176,14 +163,6 @@ def complete_basis(U: torch.Tensor, r: int) -> torch.Tensor:
         E = E - U @ (U.T @ E)
     Q = torch.linalg.qr(E).Q
     return torch.cat([U, Q], dim=1)
-
-
-def tucker_params(ranks, shape, modes) -> int:
-    """Parameters of a (partial) Tucker: ``core.numel + sum_n I_n R_n``."""
-    core = list(shape)
-    for n, r in zip(modes, ranks):
-        core[n] = r
-    return math.prod(core) + sum(shape[n] * r for n, r in zip(modes, ranks))
 
 
 def select_tucker_ranks(spec, spectra, shape, modes, norm, context="") -> tuple:
@@ -288,9 +267,8 @@ def _apply(T, pairs):
         if not pairs:
             return T.tensor
         (m, M), pairs = pairs[0], pairs[1:]
-        rest = [size for k, size in enumerate(T.shape) if k != m]
-        Y = (M @ T.unfoldings[m]).reshape([M.shape[0]] + rest).movedim(0, m) if m in T.unfoldings \
-            else mode_product(T.tensor, M, m)
+        shape = T.shape[:m] + (M.shape[0],) + T.shape[m + 1:]
+        Y = fold(M @ T.unfoldings[m], m, shape) if m in T.unfoldings else mode_product(T.tensor, M, m)
     else:
         Y = T
     for m, M in pairs:
@@ -298,17 +276,17 @@ def _apply(T, pairs):
     return Y
 
 
-def _decompose(T, modes, ranks, bases, grams, method, n_iter_max, tol_iter):
-    """Factors and core for the chosen method; ``bases``/``grams`` come from the spectra."""
+def _decompose(T, modes, ranks, bases, grams, algorithm, n_iter_max, convergence_tol):
+    """Factors and core for the chosen algorithm; ``bases``/``grams`` come from the spectra."""
     info = {"n_iter": 0}
-    if method == "hosvd":
+    if algorithm == "hosvd":
         factors = [complete_basis(U, r) for U, r in zip(bases, ranks)]
         return factors, _core(T, modes, factors), info
     norm2 = float(torch.linalg.norm(T.tensor)) ** 2
     factors, comps = _sthosvd(T, modes, ranks, bases, grams, info)
     err = math.sqrt(max(norm2 - info.pop("kept"), 0.0))
     info["sthosvd_error"] = err
-    if method == "sthosvd" or len(modes) == 1:  # one mode: ST-HOSVD is already optimal
+    if algorithm == "sthosvd" or len(modes) == 1:  # one mode: ST-HOSVD is already optimal
         return factors, _core(T, modes, factors), info
     best = (err, list(factors))
     info["errors"] = [err]
@@ -322,7 +300,7 @@ def _decompose(T, modes, ranks, bases, grams, method, n_iter_max, tol_iter):
         improved = best[0] - new_err
         if new_err < best[0]:
             best = (new_err, list(factors))
-        if improved <= tol_iter * best[0]:
+        if improved <= convergence_tol * best[0]:
             break
     return best[1], _core(T, modes, best[1]), info
 
@@ -398,5 +376,4 @@ def _measured_error(T, core, factors, modes, norm) -> float:
     return float(torch.linalg.norm(T - approx))
 
 
-__all__ = ["tucker", "tucker_params", "select_tucker_ranks", "normalize_modes", "unfold", "left_basis",
-           "complete_basis", "METHODS"]
+__all__ = ["tucker", "select_tucker_ranks", "normalize_modes", "complete_basis", "ALGORITHMS"]

@@ -28,55 +28,16 @@ The output error measured a posteriori with the un-jittered ``G`` is reported as
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ._backend import as_compute_tensor
-from .factors import SVDFactors
+from ._backend import as_compute_tensor, times_power_of_two, unit_scale
+from .formats.svd import WhitenedSVDFactors, svd_num_params
 from .rank import parse_rank_spec, select_rank, tail_errors
 
 WHITENINGS = ("cholesky", "eigh")
 _JITTER_START, _JITTER_STEPS = 1e-10, 11  # 1e-10 ... 1e0 times trace(G)/n
-
-
-@dataclass(repr=False)
-class WhitenedSVDFactors(SVDFactors):
-    """Data-aware truncated SVD ``W' = U diag(S) Vh`` (an exact SVD of ``W'``).
-
-    Inherits ``to_tensor``, ``balanced_factors``, ``num_params`` and ``rank`` from
-    :class:`SVDFactors`. Unlike plain SVD, the errors are measured on the OUTPUTS of the
-    calibration data ``X``:
-
-    * ``error_bound``   certified ``||(W - W') X^T||_F`` = ``sqrt(sum_{i>k} s_i(W L)^2)``
-                        (exact when ``jitter == 0``, an upper bound otherwise);
-    * ``norm``          ``||W X^T||_F`` (so ``relative_error_bound`` is the relative OUTPUT error);
-    * ``output_error``  ``||(W - W') X^T||_F`` measured a posteriori with the given Gram;
-    * ``weight_error``  ``||W - W'||_F``; ``weight_norm`` ``||W||_F``;
-    * ``singular_values`` the spectrum of ``W L`` (the output spectrum used for rank selection);
-    * ``whitening``     ``"cholesky"`` or ``"eigh"``; ``jitter`` the absolute diagonal shift
-                        added to ``G`` (the largest over groups; 0.0 when none was needed).
-    """
-
-    output_error: float = 0.0
-    weight_error: float = 0.0
-    weight_norm: float = 0.0
-    whitening: str = "cholesky"
-    jitter: float = 0.0
-
-    @property
-    def relative_output_error(self) -> float:
-        return self.output_error / self.norm if self.norm > 0 else 0.0
-
-    @property
-    def relative_weight_error(self) -> float:
-        return self.weight_error / self.weight_norm if self.weight_norm > 0 else 0.0
-
-    def __repr__(self):
-        return (f"WhitenedSVDFactors(shape={self.shape}, rank={self.rank}, num_params={self.num_params}, "
-                f"output error_bound={self.error_bound:.4g} (relative {self.relative_error_bound:.4g}), "
-                f"weight_error={self.weight_error:.4g}, whitening={self.whitening!r}, jitter={self.jitter:.3g})")
 
 
 def whitening_factor(gram, *, whitening="cholesky", jitter=None, context="whitening"):
@@ -124,13 +85,16 @@ def whitened_svd(W, gram, rank=None, *, energy=None, tol=None, ratio=None, white
 
     ``gram``: ``X^T X`` of the calibration inputs, ``(n, n)`` (shared by all blocks) or
     ``(g, n, n)`` (one per block, e.g. per group of a grouped conv); it must be symmetric
-    positive semi-definite (it is symmetrized; scale is irrelevant for the factors).
+    positive semi-definite (it is symmetrized; an eigenvalue below ``-PSD_TOLERANCE`` times
+    the largest |eigenvalue| (rounding of a float32-accumulated Gram stays far below) raises
+    ValueError; scale is irrelevant for the factors: ``W`` and ``gram`` are
+    scaled by powers of two before any square is formed).
     Exactly one of ``rank`` (int or ``"vbmf"``), ``energy``, ``tol``, ``ratio``: energy and
     tol are measured on the OUTPUT spectrum ``s_i(W L)`` summed over blocks (``tol`` bounds
     the relative output error ``||(W - W')X^T||_F / ||W X^T||_F``); ``ratio`` keeps that
     fraction of the ``g*m*n`` parameters (``g*k*(m+n)``).
 
-    Returns :class:`WhitenedSVDFactors`; its ``error_bound`` is the certified OUTPUT error
+    Returns :class:`~decomp.formats.svd.WhitenedSVDFactors`; its ``error_bound`` is the certified OUTPUT error
     (see the module docstring), ``weight_error`` the weight error. Factors come back in
     ``W``'s array kind and dtype.
     """
@@ -149,31 +113,59 @@ def whitened_svd(W, gram, rank=None, *, energy=None, tol=None, ratio=None, white
     Gb = G.expand(g, n, n) if G.ndim == 2 or G.shape[0] == 1 else G
     Gb = Gb.reshape(g, n, n)
     diag = torch.diagonal(Gb, dim1=-2, dim2=-1)
-    if (diag < 0).any():
-        raise ValueError(f"{context}: gram has negative diagonal entries; it must be X^T X (positive semi-definite)")
     if (diag.sum(-1) == 0).any():
-        raise ValueError(f"{context}: gram is zero for at least one block: the calibration inputs were all zero, "
-                         f"so the output error does not depend on the weight; use plain svd for this layer")
+        raise ValueError(f"{context}: gram is zero for at least one block: the calibration inputs carry no signal "
+                         f"for this layer (all zero, or constant after centering), so the output error does not "
+                         f"depend on the weight; use plain svd for this layer")
+    # exact power-of-two scalings (W by 2^ew, G by 4^(eg/2)): squares stay finite for 1e-300 .. 1e300
+    Tb, ew = unit_scale(Tb)
+    Gb, eg = unit_scale(0.5 * (Gb + Gb.transpose(-2, -1)), even=True)
+    check_psd(Gb, context)
+    output_scale = math.ldexp(1.0, ew + eg // 2)
+    jitter = None if jitter is None else float(jitter) * math.ldexp(1.0, -eg)
     L, used, shift = whitening_factor(Gb, whitening=whitening, jitter=jitter, context=context)
+    shift = shift * math.ldexp(1.0, eg)
     U, S, _ = torch.linalg.svd(Tb @ L, full_matrices=False)
     spectrum = S.cpu().numpy()
     max_rank = min(m, n)
     shape_text = f"shape {tuple(T.shape)}"
-    k = select_rank(spec, spectrum, max_rank=max_rank, params_of_rank=lambda r: g * r * (m + n),
+    k = select_rank(spec, spectrum, max_rank=max_rank, params_of_rank=lambda r: svd_num_params(m, n, r, g),
                     dense_params=g * m * n, matrix_shape=(m, n), context=f"{context} ({shape_text})")
-    bound = float(tail_errors(spectrum)[k])
+    bound = float(tail_errors(spectrum)[k]) * output_scale
     Uk = U[..., :k]
     P, Sk, Vh = torch.linalg.svd(Uk.transpose(-2, -1) @ Tb, full_matrices=False)  # U_k^T W = P S Vh
     Uw = Uk @ P
     E = Tb - (Uw * Sk[..., None, :]) @ Vh
-    output_error = math.sqrt(max(float(((E @ Gb) * E).sum()), 0.0))
-    output_norm = math.sqrt(max(float(((Tb @ Gb) * Tb).sum()), 0.0))
+    output_error = math.sqrt(max(float(((E @ Gb) * E).sum()), 0.0)) * output_scale
+    output_norm = math.sqrt(max(float(((Tb @ Gb) * Tb).sum()), 0.0)) * output_scale
+    Sk, weight_scale = times_power_of_two(Sk, ew), math.ldexp(1.0, ew)
     if not batched:
         Uw, Sk, Vh, spectrum = Uw[0], Sk[0], Vh[0], spectrum[0]
     return WhitenedSVDFactors(kind.restore(Uw), kind.restore(Sk), kind.restore(Vh), error_bound=bound,
-                              norm=output_norm, singular_values=np.asarray(spectrum), method="whitened",
-                              output_error=output_error, weight_error=float(torch.linalg.norm(E)),
-                              weight_norm=float(torch.linalg.norm(T)), whitening=used, jitter=shift)
+                              norm=output_norm, singular_values=np.asarray(spectrum) * output_scale,
+                              algorithm="whitened", output_error=output_error,
+                              weight_error=float(torch.linalg.norm(E)) * weight_scale,
+                              weight_norm=float(torch.linalg.norm(Tb)) * weight_scale, whitening=used, jitter=shift)
+
+
+# a Gram accumulated in float32 over many rows has eigenvalue errors ~ sqrt(rows) * 1.2e-7 of the largest;
+# an indefinite matrix passed by mistake has negative eigenvalues of the order of the largest
+PSD_TOLERANCE = 1e-4
+
+
+def check_psd(gram, context="gram"):
+    """Raise ValueError unless each block of the symmetric ``gram (g, n, n)`` is positive semi-definite
+    up to rounding: no eigenvalue below ``-PSD_TOLERANCE`` times the block's largest |eigenvalue|."""
+    if int(torch.linalg.cholesky_ex(gram).info.max()) == 0:
+        return  # positive definite
+    values = torch.linalg.eigvalsh(gram)
+    low, high = values.min(-1).values, values.abs().max(-1).values
+    bad = low < -PSD_TOLERANCE * high
+    if bad.any():
+        block = int(torch.nonzero(bad)[0])
+        raise ValueError(f"{context}: gram is not positive semi-definite (block {block}: smallest eigenvalue "
+                         f"{float(low[block]):.3g}, largest |eigenvalue| {float(high[block]):.3g}); it must be "
+                         f"X^T X of the layer's inputs (a covariance), not an arbitrary symmetric matrix")
 
 
 def output_error(W, W_approx, gram) -> float:
@@ -183,4 +175,4 @@ def output_error(W, W_approx, gram) -> float:
     return math.sqrt(max(float(((E @ G) * E).sum()), 0.0))
 
 
-__all__ = ["whitened_svd", "whitening_factor", "output_error", "WhitenedSVDFactors", "WHITENINGS"]
+__all__ = ["whitened_svd", "whitening_factor", "output_error", "WHITENINGS"]

@@ -11,7 +11,9 @@ import math
 
 import torch.nn as nn
 
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+from .kinds import is_supported, standard_layer, standard_type
+
+CONV_TYPES = tuple(standard_type(dim) for dim in (1, 2, 3))  # derived from the one table in layers.kinds
 
 
 def conv_dims(conv) -> int:
@@ -69,6 +71,8 @@ def layer_macs(module, input_shape):
         return linear_macs(module, input_shape)
     if isinstance(module, CONV_TYPES):
         return conv_macs(module, input_shape)
+    if is_supported(module):  # a registered layer kind: count its dense equivalent
+        return layer_macs(standard_layer(module), input_shape)
     raise TypeError(f"no FLOP formula for {type(module).__name__}")
 
 

@@ -1,29 +1,55 @@
-"""Base classes shared by every factorized layer.
+"""The protocol every factorized layer follows, declared once (as torch's ``_ConvNd`` declares its own).
 
-A factorized layer is an ``nn.Module`` with the call signature of the layer it
-replaces, and
+A factorized layer is an ``nn.Module`` with the call signature of the layer it replaces, and
 
+* ``dense_config``    the constructor keywords of the original dense layer (``dim`` for convs);
+* ``config``          the constructor keywords that rebuild it (for state_dict round trips):
+                      ``dense_config`` + the attributes named in ``CONFIG`` + ``bias``;
+* ``dense_weight()``  the reconstructed dense weight, original shape (abstract);
+* ``flops_and_shape(input_shape)``  ``(MACs, output shape)`` of one forward (abstract);
 * ``to_dense()``      an equivalent plain nn.Linear / nn.ConvNd (same options, dtype, device);
-* ``num_params``      parameters it stores (bias included);
-* ``flops(shape)``    multiply–accumulates of one forward on an input of that shape;
-* ``config``          the constructor keywords that rebuild it (for state_dict round trips);
-* ``dense_config``    the constructor keywords of the original dense layer.
+* ``num_params``      numbers it stores (parameters and buffers, bias included); ``dense_params`` the dense layer's;
+* ``flops(shape)`` / ``dense_flops(shape)``  MACs of one forward, factorized / dense;
+* ``fit``             the :class:`~layers.fit.Fit` record of the factorization that built it
+                      (None for a module built directly from its constructor).
 """
 from __future__ import annotations
+
+import abc
+import math
 
 import torch
 import torch.nn as nn
 
 from ._accounting import layer_macs
+from .kinds import standard_type
 
-DENSE_TYPES = {"linear": nn.Linear, 1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
+class FactorizedLayer(nn.Module, metaclass=abc.ABCMeta):
+    """Common behaviour of every factorized layer; subclasses implement ``dense_weight`` and ``flops_and_shape``."""
 
-class FactorizedLayer(nn.Module):
-    """Common behaviour; subclasses implement ``dense_weight()`` and ``flops_and_shape``."""
+    #: attributes that, with ``dense_config`` and ``bias``, make up ``config``
+    CONFIG: tuple = ("rank",)
+    dense_config: dict
+    fit = None
 
-    def dense_weight(self) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def dense_weight(self) -> torch.Tensor:
+        """The reconstructed dense weight, in the original layer's shape."""
+
+    @abc.abstractmethod
+    def flops_and_shape(self, input_shape):
+        """``(multiply-accumulates, output shape)`` of one forward on ``input_shape``."""
+
+    @property
+    def config(self) -> dict:
+        """Constructor keywords that rebuild this module (load its state_dict into the result)."""
+        return dict(**self.dense_config, **{k: getattr(self, k) for k in self.CONFIG}, bias=self.bias is not None)
+
+    def extra_repr(self) -> str:
+        shape = ", ".join(f"{k}={v!r}" for k, v in self.dense_config.items() if k in ("in_features", "out_features"))
+        own = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.CONFIG)
+        return ", ".join(part for part in (shape, own) if part)
 
     @property
     def dense_bias(self):
@@ -31,13 +57,15 @@ class FactorizedLayer(nn.Module):
 
     @property
     def dense_type(self) -> type:
-        return DENSE_TYPES[self.dense_config.get("dim", "linear")]
+        return standard_type(self.dense_config.get("dim", "linear"))
+
+    def _dense_kwargs(self) -> dict:
+        return {k: v for k, v in self.dense_config.items() if k != "dim"}
 
     def to_dense(self) -> nn.Module:
         """A plain dense layer computing the same function (weight reconstructed)."""
-        kwargs = {k: v for k, v in self.dense_config.items() if k != "dim"}
         weight = self.dense_weight()
-        dense = self.dense_type(**kwargs, bias=self.dense_bias is not None, device=weight.device,
+        dense = self.dense_type(**self._dense_kwargs(), bias=self.dense_bias is not None, device=weight.device,
                                 dtype=weight.dtype)
         with torch.no_grad():
             dense.weight.copy_(weight)
@@ -47,22 +75,19 @@ class FactorizedLayer(nn.Module):
 
     @property
     def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """Numbers the module stores: its parameters and buffers (e.g. PQ's codes), bias included."""
+        return sum(p.numel() for p in self.parameters()) + sum(b.numel() for b in self.buffers())
 
     @property
     def dense_params(self) -> int:
         """Parameters of the dense layer this replaces (bias included)."""
-        weight_params = self.dense_weight_numel()
-        return weight_params + (self.dense_bias.numel() if self.dense_bias is not None else 0)
+        return self.dense_weight_numel() + (self.dense_bias.numel() if self.dense_bias is not None else 0)
 
     def dense_weight_numel(self) -> int:
         cfg = self.dense_config
         if "in_features" in cfg:
             return cfg["in_features"] * cfg["out_features"]
-        kernel = 1
-        for k in cfg["kernel_size"]:
-            kernel *= k
-        return cfg["out_channels"] * (cfg["in_channels"] // cfg["groups"]) * kernel
+        return cfg["out_channels"] * (cfg["in_channels"] // cfg["groups"]) * math.prod(cfg["kernel_size"])
 
     def flops(self, input_shape) -> int:
         """Multiply–accumulates of one forward on ``input_shape`` (batch dim optional)."""
@@ -70,8 +95,7 @@ class FactorizedLayer(nn.Module):
 
     def dense_flops(self, input_shape) -> int:
         """Multiply–accumulates of the dense layer this replaces on ``input_shape``."""
-        return layer_macs(self.dense_type(**{k: v for k, v in self.dense_config.items() if k != "dim"},
-                                          device="meta"), input_shape)[0]
+        return layer_macs(self.dense_type(**self._dense_kwargs(), device="meta"), input_shape)[0]
 
 
 class FactorizedChain(FactorizedLayer):
@@ -99,3 +123,6 @@ class FactorizedChain(FactorizedLayer):
     def reset_parameters(self):
         for stage in self.children():
             stage.reset_parameters()
+
+
+__all__ = ["FactorizedLayer", "FactorizedChain"]

@@ -19,23 +19,23 @@ Ranks: ``n_blocks=`` (default 4) and ``rank=R`` (R_out = R_in = R) or ``(R_out, 
 (the same for every block), or ``ratio=`` (uniform blocks, :func:`decomp.btd.btd`); no
 ``energy=``/``tol=`` (no spectrum, ranks not nested). Grouped convs: one BTD per group,
 the stages become grouped convs (first/last groups=g, core groups=g*n_blocks); depthwise
-convs are refused. ``error_bound`` is the exact a-posteriori error of the fit (root sum
-of squares over groups). ALS is slow (about 0.1 s per sweep even on small kernels on a
-loaded CPU, minutes for 256x256x3x3 with decomp's defaults), so the layer defaults are
-``n_iter_max=50``, ``n_init=2`` (decomp's: 100, 8); both are passed to :func:`decomp.btd.btd`.
+convs are refused. ``fit.error`` is the exact a-posteriori error of the fit (root sum
+of squares over groups; no bound is certified, ``fit.error_bound`` is None);
+``fit.diagnostics["btd"]`` holds each group's ALS diagnostics. ALS is costly, so the layer
+defaults are ``n_iter_max=50``, ``n_init=2`` (decomp's: 100 and 4); both are passed to
+:func:`decomp.btd.btd` (benchmarks/bench_decomp.py times it).
 """
 from __future__ import annotations
 
 import torch
 
 from decomp_toolkit.decomp import btd as btd_decomp
-from decomp_toolkit.decomp.factors import mode_product
 
-from ._tensor import attach_report, combine_bounds, conv_type, group_kernels, probe_config, refuse_depthwise
-from ._validate import conv_config
+from ._tensor import group_kernels, pair_rank, probe_config, refuse_depthwise
 from .base import FactorizedChain
+from .fit import spec_kwargs, weight_fit
+from .kinds import conv_config, standard_type
 from .registry import register
-from .speed import check_speed_options, finish
 
 
 class BlockTermConv(FactorizedChain):
@@ -46,44 +46,25 @@ class BlockTermConv(FactorizedChain):
         super().__init__()
         self.dense_config = probe_config(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                                          padding_mode, dim)
-        r_out, r_in = (rank, rank) if isinstance(rank, int) else tuple(int(r) for r in rank)
-        self.rank, self.n_blocks = (r_out, r_in), int(n_blocks)
-        g, B, conv = groups, int(n_blocks), conv_type(dim)
+        r_out, r_in = self.rank = pair_rank(rank)
+        self.n_blocks = int(n_blocks)
+        g, B, conv = groups, int(n_blocks), standard_type(dim)
         kw = dict(device=device, dtype=dtype)
         self.first = conv(in_channels, g * B * r_in, 1, groups=g, bias=False, **kw)
         self.core = conv(g * B * r_in, g * B * r_out, kernel_size, stride=stride, padding=padding, dilation=dilation,
                          groups=g * B, bias=False, padding_mode=padding_mode, **kw)
         self.last = conv(g * B * r_out, out_channels, 1, groups=g, bias=bias, **kw)
 
-    @property
-    def config(self):
-        return dict(**self.dense_config, rank=self.rank, n_blocks=self.n_blocks, bias=self.bias is not None)
+    CONFIG = ("rank", "n_blocks")
 
     @classmethod
-    def from_dense(cls, conv, *, rank=None, energy=None, tol=None, ratio=None, context="", n_blocks=4,
-                   n_iter_max=50, n_init=2, random_state=None):
+    def from_dense(cls, conv, spec, *, context="", n_blocks=4, n_iter_max=50, n_init=2, random_state=None):
+        """One BTD per group (:func:`decomp.btd.btd`, spatial modes kept whole) for RankSpec ``spec``."""
         refuse_depthwise(conv, context, "btd")
-        k = tuple(conv.kernel_size)
-        block_rank = None
-        if rank is not None:
-            if isinstance(rank, int) and not isinstance(rank, bool):
-                rank = (rank, rank)
-            if not isinstance(rank, (tuple, list)) or len(rank) != 2:
-                raise ValueError(f"{context}: rank={rank!r}: pass rank=R or rank=(R_out, R_in), the channel ranks "
-                                 f"of every block (the spatial modes are kept whole)")
-            block_rank = tuple(rank) + k
-        results = [btd_decomp(K, n_blocks=n_blocks, rank=block_rank, energy=energy, tol=tol, ratio=ratio,
-                              n_iter_max=n_iter_max, n_init=n_init, random_state=random_state,
-                              compute_dtype=torch.float64, context=context) for K in group_kernels(conv)]
-        # absorb the spatial factors into the cores: every block becomes (R_out, R_in, *k)
-        blocks = []
-        for f in results:
-            group = []
-            for core, Us in f.blocks:
-                for a in range(len(k)):
-                    core = mode_product(core, Us[2 + a], 2 + a)
-                group.append((core, Us[0], Us[1]))
-            blocks.append(group)
+        results = [btd_decomp(K, **_block_spec(spec, conv, context), n_blocks=n_blocks, n_iter_max=n_iter_max,
+                              n_init=n_init, random_state=random_state, compute_dtype=torch.float64,
+                              context=context) for K in group_kernels(conv)]
+        blocks = [_absorb_spatial(f.blocks, len(conv.kernel_size)) for f in results]
         r_out, r_in = blocks[0][0][0].shape[:2]
         module = cls(**conv_config(conv), rank=(int(r_out), int(r_in)), n_blocks=n_blocks, bias=conv.bias is not None,
                      device=conv.weight.device, dtype=conv.weight.dtype)
@@ -95,8 +76,8 @@ class BlockTermConv(FactorizedChain):
                                  .reshape(module.last.weight.shape))
         if conv.bias is not None:
             module.last.bias.copy_(conv.bias)
-        module.btd_info = [f.info for f in results]
-        return attach_report(module, *combine_bounds([f.error_bound for f in results], [f.norm for f in results]))
+        module.fit = weight_fit(results, btd=[f.info for f in results])
+        return module
 
     def dense_weight(self):
         cfg = self.dense_config
@@ -117,18 +98,38 @@ class BlockTermConv(FactorizedChain):
         return f"n_blocks={self.n_blocks}, rank={self.rank}"
 
 
+def _block_spec(spec, conv, context):
+    """The decomp.btd rank spec: a channel-rank pair becomes the block rank ``(R_out, R_in, *k)``."""
+    if spec.kind != "rank":
+        return spec_kwargs(spec)
+    rank = pair_rank(spec.value) if isinstance(spec.value, int) else spec.value
+    if len(rank) != 2:
+        raise ValueError(f"{context}: rank={spec.value!r}: pass rank=R or rank=(R_out, R_in), the channel ranks "
+                         f"of every block (the spatial modes are kept whole)")
+    return {"rank": tuple(rank) + tuple(conv.kernel_size)}
+
+
+def _absorb_spatial(blocks, dims):
+    """Absorb each block's spatial factors into its core: blocks become ``(core (R_out, R_in, *k), U, V)``."""
+    out = []
+    for core, Us in blocks:
+        for a in range(dims):
+            core = torch.movedim(torch.tensordot(Us[2 + a], core, dims=([1], [2 + a])), 0, 2 + a)
+        out.append((core, Us[0], Us[1]))
+    return out
+
+
 @register("btd", [1, 2, 3], "block-term: 1x1, grouped k x k (groups=n_blocks), 1x1 (Wang & Cheng 2016)",
-          spec_kinds=("rank", "ratio"))
-def _btd_conv(layer, *, rank=None, energy=None, tol=None, ratio=None, context="", n_blocks=4, n_iter_max=50,
-              n_init=2, random_state=None, optimize=None, input_shape=None, on_slower="warn"):
-    check_speed_options(optimize, input_shape, on_slower, context)
-    options = dict(context=context, n_blocks=n_blocks, n_iter_max=n_iter_max, n_init=n_init,
-                   random_state=random_state)
-    module = BlockTermConv.from_dense(layer, rank=rank, energy=energy, tol=tol, ratio=ratio, **options)
-    g = layer.groups
-    return finish(module, layer, optimize=optimize, input_shape=input_shape, on_slower=on_slower, context=context,
-                  rebuild=lambda r: BlockTermConv.from_dense(layer, rank=r, **options),
-                  limits=(layer.out_channels // g, layer.in_channels // g))
+          spec_kinds=("rank", "ratio"), rank_tuples=True)
+def _btd_conv(layer, spec, *, context, n_blocks=4, n_iter_max=50, n_init=2, random_state=None):
+    """Options:
+        n_blocks: number of Tucker blocks (default 4)
+        n_iter_max: ALS sweeps at most per start (default 50)
+        n_init: random starts; the best fit is kept (default 2)
+        random_state: seed (int or torch.Generator) of the starts
+    """
+    return BlockTermConv.from_dense(layer, spec, context=context, n_blocks=n_blocks, n_iter_max=n_iter_max,
+                                    n_init=n_init, random_state=random_state)
 
 
 __all__ = ["BlockTermConv"]

@@ -14,6 +14,13 @@ cost saved. We do the same for every spectral method with a *budget profile*:
 A layer starts dense. Its first move jumps to the largest ranks that are cheaper than
 dense; later moves drop one component of one axis. Moves are taken in order of
 ``(log E_before - log E_after) / cost saved`` until the budget is met.
+
+:func:`allocate_by_loss` is the allocator for additive, comparable per-component LOSS
+estimates (:class:`LossProfile`, e.g. Fisher-weighted output spectra from
+:func:`layers.sequential.layer_loss_profiles`): it minimizes the summed estimated loss
+increase under the cost budget, the dense state being one option of every layer (no
+dense -> break-even jump), by a Lagrangian search over the price of a parameter, then fills
+the remaining budget one rank at a time; it ends within one rank step of the budget.
 """
 from __future__ import annotations
 
@@ -59,6 +66,7 @@ class Allocation:
     ranks: dict
     cost: float
     target: float
+    objective: float | None = None  # allocate_by_loss: the estimated loss increase of the allocation
 
     @property
     def met(self) -> bool:
@@ -191,3 +199,118 @@ def _next_move(profile, ranks, cost):
         if best is None or candidate[0] < best[0]:
             best = candidate
     return best
+
+
+@dataclass
+class LossProfile:
+    """One layer for :func:`allocate_by_loss`.
+
+    ``losses[i]``: estimated loss increase of dropping component ``i`` (components in the order
+    they are kept); the layer at rank ``k`` costs ``k * step + fixed_cost`` and loses
+    ``sum(losses[k:])``; dense costs ``dense_cost`` and loses nothing. Ranks below
+    ``min_rank`` are never chosen (the layer stays dense rather than go below it).
+    """
+
+    losses: np.ndarray
+    step: int
+    dense_cost: int
+    fixed_cost: int = 0
+    min_rank: int = 1
+
+    @property
+    def max_rank(self) -> int:
+        """Largest rank cheaper than dense (0 when none is)."""
+        cheaper = (self.dense_cost - self.fixed_cost - 1) // self.step
+        return int(max(0, min(cheaper, len(self.losses))))
+
+    def cost(self, rank) -> int:
+        return self.dense_cost if rank is None else rank * self.step + self.fixed_cost
+
+    def tail(self) -> np.ndarray:
+        """``tail[k] = sum(losses[k:])`` for k = 0 .. len(losses)."""
+        values = np.asarray(self.losses, dtype=float)
+        return np.concatenate([np.cumsum(values[::-1])[::-1], [0.0]])
+
+    def loss(self, rank) -> float:
+        return 0.0 if rank is None else float(self.tail()[rank])
+
+
+def _choice(profile, tail, price):
+    """The rank (None = dense) minimizing ``loss + price * cost`` for one layer."""
+    low, high = profile.min_rank, profile.max_rank
+    if high < low:
+        return None
+    ranks = np.arange(low, high + 1)
+    values = tail[low:high + 1] + price * (ranks * profile.step + profile.fixed_cost)
+    best = int(np.argmin(values))
+    return None if price * profile.dense_cost <= values[best] else int(ranks[best])
+
+
+def allocate_by_loss(profiles: dict, target: float) -> Allocation:
+    """Ranks ``{name: (k,) or None (dense)}`` minimizing the summed estimated loss at total cost <= ``target``.
+
+    ``target`` counts the profiled layers only. Finds the smallest price per parameter
+    whose per-layer choices fit (bisection; the total cost falls as the price rises), then
+    adds single ranks (or switches a layer back to dense) in order of loss saved per extra
+    cost while the budget holds. On return no layer can take one more rank within the
+    budget; ``met`` is False only when every layer at its floor is still over.
+    """
+    tails = {name: p.tail() for name, p in profiles.items()}
+
+    def solve(price):
+        return {name: _choice(p, tails[name], price) for name, p in profiles.items()}
+
+    def total(choice):
+        return sum(profiles[n].cost(r) for n, r in choice.items())
+
+    high = 1.0
+    top = max((float(t[0]) for t in tails.values()), default=1.0) or 1.0
+    floor_choice = {n: (p.min_rank if p.max_rank >= p.min_rank else None) for n, p in profiles.items()}
+    if total(floor_choice) > target:
+        state = floor_choice
+    else:
+        high = top
+        while total(solve(high)) > target and high < top * 1e30:
+            high *= 2
+        low = 0.0
+        for _ in range(200):
+            mid = (low + high) / 2
+            if total(solve(mid)) > target:
+                low = mid
+            else:
+                high = mid
+        state = solve(high)
+        _fill_by_loss(profiles, tails, state, target)
+    cost = total(state)
+    objective = sum(float(tails[n][r]) if r is not None else 0.0 for n, r in state.items())
+    return Allocation(ranks={n: (None if r is None else (r,)) for n, r in state.items()}, cost=cost, target=target,
+                      objective=objective)
+
+
+def _fill_by_loss(profiles, tails, state, target):
+    """Spend what is left of the budget: one rank (or back to dense) at a time, best loss saved per cost first."""
+    spent = sum(profiles[n].cost(r) for n, r in state.items())
+    heap = []
+
+    def push(name):
+        p, r = profiles[name], state[name]
+        if r is None:
+            return
+        up = r + 1 if r + 1 <= p.max_rank else None
+        extra = p.cost(up) - p.cost(r)
+        saved = float(tails[name][r]) - (float(tails[name][up]) if up is not None else 0.0)
+        heapq.heappush(heap, (-saved / max(extra, 1), name, r, up, extra))
+
+    for name in state:
+        push(name)
+    skipped = []
+    while heap:
+        _, name, r, up, extra = heapq.heappop(heap)
+        if state[name] != r:
+            continue
+        if spent + extra > target:
+            skipped.append(name)
+            continue
+        state[name], spent = up, spent + extra
+        push(name)
+    return spent

@@ -19,7 +19,11 @@ each module's training flag is restored afterwards) and removes its hooks even o
 from __future__ import annotations
 
 import fnmatch
+import inspect
+import math
+import os
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._accounting import CONV_TYPES
+from .kinds import standard_layer
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 22  # 4M float64 numbers = 32 MiB of patches at a time
 
@@ -48,6 +53,8 @@ class Calibration:
     samples: dict = field(default_factory=dict)
     weight_shapes: dict = field(default_factory=dict)
     batches: int = 0
+    skipped: dict = field(default_factory=dict)   # name -> why the layer was not calibrated
+    masked: dict = field(default_factory=dict)    # name -> padding rows left out (attention mask)
     _modules: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __contains__(self, name) -> bool:
@@ -74,15 +81,39 @@ class Calibration:
         return self.sums[name] / max(self.samples[name], 1)
 
     def covariance(self, name) -> torch.Tensor:
-        """``(groups, P, P)`` centered Gram ``sum (x - mean)(x - mean)^T = X^T X - n mean mean^T`` (PSD)."""
+        """``(groups, P, P)`` centered Gram ``sum (x - mean)(x - mean)^T = X^T X - n mean mean^T`` (PSD).
+
+        An input entry whose centered variance is within rounding of zero (a constant input
+        channel, e.g. behind a dead ReLU: ``X^T X - n mean^2`` then cancels to +-1e-12) gets its
+        row and column set to exactly 0, so the result is PSD instead of slightly indefinite.
+        """
         G, S, n = self[name], self.sums[name], max(self.samples[name], 1)
         C = G - S[:, :, None] * S[:, None, :] / n
-        return 0.5 * (C + C.transpose(1, 2))
+        C = 0.5 * (C + C.transpose(1, 2))
+        diag_G = torch.diagonal(G, dim1=-2, dim2=-1)
+        rounding = 64 * torch.finfo(torch.float64).eps * math.sqrt(n) * diag_G
+        constant = torch.diagonal(C, dim1=-2, dim2=-1) <= rounding
+        if constant.any():
+            keep = (~constant).to(C.dtype)
+            C = C * keep[:, :, None] * keep[:, None, :]
+        return C
 
-    def statistics(self, name, center: bool = True):
+    def statistics(self, name, center: bool = True, shrinkage="auto"):
         """``(gram, mean)`` to pass as ``gram=, input_mean=``: the covariance and mean when ``center``,
-        else the uncentered Gram and None."""
-        return (self.covariance(name), self.mean(name)) if center else (self[name], None)
+        else the uncentered Gram and None; regularized as ``shrinkage`` says (see :func:`shrink_gram`).
+
+        When ``center`` and the covariance is zero (one sample, or identical rows: the inputs
+        carry no variation), the uncentered Gram is used instead (mean None).
+        """
+        gram, mean = (self.covariance(name), self.mean(name)) if center else (self[name], None)
+        if center and float(torch.diagonal(gram, dim1=-2, dim2=-1).sum()) == 0.0:
+            gram, mean = self[name], None
+        weight = shrinkage_weight(gram, self.samples[name], shrinkage)
+        return shrink_gram(gram, weight), mean
+
+    def is_undersampled(self, name) -> bool:
+        """True when fewer rows than input entries were seen: the Gram has rank < its dimension."""
+        return self.samples[name] < self.grams[name].shape[-1]
 
     def name_of(self, layer, context: str = "") -> str:
         """The name of ``layer``: the calibrated module itself, else the only calibrated layer."""
@@ -109,57 +140,58 @@ class Calibration:
         return f"Calibration({len(self.grams)} layers, {self.batches} batches)"
 
 
-def calibrate(model, data, max_batches=None, layers=None, progress=True, *, batch_size=128,
-              chunk_elements=DEFAULT_CHUNK_ELEMENTS, forward=None) -> Calibration:
+def calibrate(model, data, max_batches=None, include=None, progress=True, *, exclude=(), batch_size=128,
+              chunk_elements=DEFAULT_CHUNK_ELEMENTS, forward=None, memory_limit=None, layers=None) -> Calibration:
     """Run ``data`` through ``model`` and collect each target layer's input Gram (float64).
 
-    ``data``: an iterable of batches, each a tensor or a tuple/list whose first element is
-    the model input (e.g. a DataLoader yielding ``(x, y)``), or one tensor that is split
-    into batches of ``batch_size``. ``max_batches`` stops early. ``layers``: dotted names
-    or fnmatch patterns of the modules to calibrate (default: every Linear/Conv1d/2d/3d;
-    transposed convs are never targeted); a pattern that matches no such module raises
-    ValueError. ``progress`` shows a tqdm bar. The model is not modified (see module
-    docstring). Layers that never ran get no entry. ``forward(model, batch)`` runs the
-    model on one batch (default: ``model(first element)``; e.g. ``lambda m, b: m(*b)`` for
-    a model taking several tensors).
+    ``data``: an iterable of batches or one tensor that is split into batches of
+    ``batch_size``. A batch goes to the model as users have it (:func:`run_model`): a dict /
+    ``BatchEncoding`` as ``model(**batch)``, a tuple/list as ``model(*batch)`` when the
+    model's forward takes that many positional arguments, else ``model(batch[0])`` (a
+    DataLoader's ``(x, y)``); floating tensors are moved to the model's device and dtype.
+    When a dict batch holds an ``attention_mask`` (B, T), the rows of padding tokens
+    (mask 0) are left out of every Gram whose layer input starts with those (B, T) dims.
+    ``forward(model, batch)`` overrides how a batch is run. ``max_batches`` stops early.
+
+    ``include`` (alias ``layers``) / ``exclude``: dotted names or fnmatch patterns of the
+    layers to calibrate (default: every Linear / Conv1d/2d/3d / Conv1D / registered kind);
+    a pattern matching no such layer raises. A module reached by several names is
+    calibrated once, under its first name. Layers the walker cannot factorize (transposed
+    convs, subclasses overriding forward: their weight does not see the input the hook
+    would record) are not calibrated; ``Calibration.skipped`` lists them with the reason.
+
+    ``memory_limit`` (bytes; default half of the available RAM): the Grams are refused
+    before any allocation when one, or all together, would exceed it, naming the layer.
+    NaN/Inf in a batch or in a layer's input raises at the first batch and layer it is seen.
+    The model is not modified (see module docstring). Layers that never ran get no entry.
     """
-    targets = _select_layers(model, layers)
+    if layers is not None:
+        if include is not None:
+            raise TypeError("calibrate: pass include= (or its alias layers=), not both")
+        include = layers
+    targets, skipped = _select_layers(model, include, exclude)
     if isinstance(max_batches, bool) or (max_batches is not None and (not isinstance(max_batches, int)
                                                                        or max_batches < 1)):
         raise ValueError(f"max_batches={max_batches!r} must be a positive int or None")
-    result = Calibration()
-    device = next((p.device for p in model.parameters()), None)
+    check_memory(targets, memory_limit)
+    result = Calibration(skipped=skipped)
+    state = {"mask": None, "batch": 0}
     hooks, modes = [], {m: m.training for m in model.modules()}
-
-    def collect(name):
-        def hook(module, args):
-            if not args or not isinstance(args[0], torch.Tensor):
-                raise TypeError(f"calibrate: {name} ({type(module).__name__}) was called without a tensor input")
-            G, rows, S = input_gram(module, args[0], chunk_elements=chunk_elements, with_sum=True)
-            if name in result.grams:
-                result.grams[name] += G.cpu()
-                result.sums[name] += S.cpu()
-                result.samples[name] += rows
-            else:
-                result.grams[name], result.sums[name], result.samples[name] = G.cpu(), S.cpu(), rows
-                result.weight_shapes[name] = tuple(module.weight.shape)
-                result._modules[name] = weakref.ref(module)
-        return hook
-
     try:
         for name, module in targets:
-            hooks.append(module.register_forward_pre_hook(collect(name)))
+            hooks.append(module.register_forward_pre_hook(_collector(result, name, module, state,
+                                                                     chunk_elements)))
         model.eval()
         with torch.no_grad():
             for index, batch in enumerate(_progress(iter_batches(data, batch_size), progress, "calibrate",
                                                     _count(data, batch_size, max_batches))):
                 if max_batches is not None and index >= max_batches:
                     break
+                state["batch"], state["mask"] = index, attention_mask(batch)
                 if forward is not None:
                     forward(model, batch)
                 else:
-                    x = batch_input(batch)
-                    model(x.to(device) if device is not None and isinstance(x, torch.Tensor) else x)
+                    run_model(model, batch, what=f"calibrate: batch {index}")
                 result.batches += 1
     finally:
         for hook in hooks:
@@ -169,6 +201,184 @@ def calibrate(model, data, max_batches=None, layers=None, progress=True, *, batc
     if result.batches == 0:
         raise ValueError("calibrate: data yielded no batches")
     return result
+
+
+def _collector(result, name, module, state, chunk_elements):
+    """The forward pre-hook that adds one call's inputs of ``module`` to ``result``."""
+    gram_module = standard_layer(module)
+    linear = isinstance(gram_module, nn.Linear)
+
+    def hook(_, args):
+        if not args or not isinstance(args[0], torch.Tensor):
+            raise TypeError(f"calibrate: {name} ({type(module).__name__}) was called without a tensor input")
+        x = args[0].detach()
+        if not torch.isfinite(x).all():
+            raise ValueError(f"calibrate: the input of layer {name} ({type(module).__name__}, weight "
+                             f"{tuple(gram_module.weight.shape)}) contains NaN or Inf at batch {state['batch']}; "
+                             f"the layers before it (or the data) produce non-finite values")
+        mask = state["mask"]
+        if linear and mask is not None and x.ndim >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+            x = x[mask.to(x.device).bool()]
+            result.masked[name] = result.masked.get(name, 0) + int((mask == 0).sum())
+        G, rows, S = input_gram(gram_module, x, chunk_elements=chunk_elements, with_sum=True)
+        if name in result.grams:
+            result.grams[name] += G.cpu()
+            result.sums[name] += S.cpu()
+            result.samples[name] += rows
+        else:
+            result.grams[name], result.sums[name], result.samples[name] = G.cpu(), S.cpu(), rows
+            result.weight_shapes[name] = tuple(gram_module.weight.shape)
+            result._modules[name] = weakref.ref(module)
+    return hook
+
+
+def attention_mask(batch):
+    """The ``attention_mask`` tensor of a dict / BatchEncoding batch (None otherwise)."""
+    if isinstance(batch, Mapping):
+        mask = batch.get("attention_mask")
+        return mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
+    return None
+
+
+def _positional_capacity(model) -> float:
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return 1
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return math.inf
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+
+
+def _model_dtype_device(model):
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return (None, None) if param is None else (param.dtype, param.device)
+
+
+def _to_model(value, dtype, device):
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() and dtype is not None:
+            return value.to(device=device, dtype=dtype)
+        return value.to(device) if device is not None else value
+    return value
+
+
+def model_call(model, batch):
+    """``(args, kwargs)`` the model is called with for ``batch`` (see :func:`calibrate`)."""
+    dtype, device = _model_dtype_device(model)
+    if isinstance(batch, Mapping):
+        return (), {k: _to_model(v, dtype, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise ValueError("got an empty batch")
+        items = [_to_model(v, dtype, device) for v in batch]
+        return (tuple(items) if len(items) <= _positional_capacity(model) else (items[0],)), {}
+    return (_to_model(batch, dtype, device),), {}
+
+
+def _describe_batch(batch) -> str:
+    if isinstance(batch, torch.Tensor):
+        return f"tensor {tuple(batch.shape)} {batch.dtype}"
+    if isinstance(batch, Mapping):
+        return "dict(" + ", ".join(f"{k}={_describe_batch(v)}" for k, v in batch.items()) + ")"
+    if isinstance(batch, (tuple, list)):
+        return type(batch).__name__ + "(" + ", ".join(_describe_batch(v) for v in batch) + ")"
+    return type(batch).__name__
+
+
+def _check_finite(batch, what):
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else [batch]
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            raise ValueError(f"{what}: the data contains NaN or Inf ({_describe_batch(batch)})")
+
+
+def run_model(model, batch, what="batch"):
+    """Run ``model`` on ``batch`` as :func:`model_call` says; a failure inside names the layer it reached.
+
+    Errors raised by the model's forward (wrong shape, wrong dtype, a dict given to a
+    model taking a tensor) become a ValueError naming the batch, the last layer entered and
+    the input shape it got.
+    """
+    _check_finite(batch, what)
+    args, kwargs = model_call(model, batch)
+    names = {id(m): n for n, m in model.named_modules()}
+    last = {}
+
+    def track(module, inputs):
+        if id(module) in names:
+            last["name"], last["module"] = names[id(module)], module
+            last["shape"] = tuple(inputs[0].shape) if inputs and isinstance(inputs[0], torch.Tensor) else None
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(track)
+    try:
+        return model(*args, **kwargs)
+    except (RuntimeError, TypeError, AttributeError, IndexError, KeyError) as err:
+        where = ""
+        if last:
+            weight = getattr(last["module"], "weight", None)
+            shape = f", weight {tuple(weight.shape)}" if isinstance(weight, torch.Tensor) else ""
+            where = (f" at {last['name'] or 'the model'} ({type(last['module']).__name__}{shape}), which got an "
+                     f"input of shape {last['shape']}")
+        raise ValueError(f"{what}: the model's forward failed on {_describe_batch(batch)}{where}: "
+                         f"{type(err).__name__}: {err}") from err
+    finally:
+        handle.remove()
+
+
+# --------------------------------------------------------------------------- memory guard
+
+DEFAULT_MEMORY_FRACTION = 0.5
+
+
+def statistic_bytes(module) -> int:
+    """Bytes of the float64 Gram + row sums ``calibrate`` keeps for ``module``."""
+    layer = standard_layer(module)
+    if isinstance(layer, nn.Linear):
+        groups, P = 1, layer.in_features
+    else:
+        groups, P = layer.groups, (layer.in_channels // layer.groups) * math.prod(layer.kernel_size)
+    return 8 * groups * P * (P + 1)
+
+
+def available_memory() -> int:
+    """Available RAM in bytes (psutil when installed, else /proc via sysconf)."""
+    try:
+        import psutil
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # pragma: no cover - psutil is usually present
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def _size(n_bytes) -> str:
+    for unit, factor in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n_bytes >= factor:
+            return f"{n_bytes / factor:.2f} {unit}"
+    return f"{int(n_bytes)} B"
+
+
+def check_memory(targets, memory_limit=None) -> None:
+    """Refuse (MemoryError naming the layer and what to do) statistics that would exceed ``memory_limit`` bytes."""
+    if memory_limit is None:
+        memory_limit = DEFAULT_MEMORY_FRACTION * available_memory()
+    elif isinstance(memory_limit, bool) or not isinstance(memory_limit, (int, float)) or not memory_limit > 0:
+        raise ValueError(f"calibrate: memory_limit={memory_limit!r} must be a positive number of bytes")
+    sizes = {name: statistic_bytes(module) for name, module in targets}
+    advice = ("exclude it (exclude=[name]), calibrate fewer layers at a time (include=), use a layer with fewer "
+              "input channels x kernel entries per patch, or raise memory_limit=")
+    for name, size in sizes.items():
+        if size > memory_limit:
+            module = dict(targets)[name]
+            raise MemoryError(f"calibrate: layer {name} ({type(module).__name__}, weight "
+                              f"{tuple(standard_layer(module).weight.shape)}) needs a {_size(size)} float64 "
+                              f"Gram, over memory_limit={_size(memory_limit)}; {advice}")
+    total = sum(sizes.values())
+    if total > memory_limit:
+        largest = sorted(sizes, key=sizes.get, reverse=True)[:3]
+        raise MemoryError(f"calibrate: the Grams of the {len(sizes)} layers need {_size(total)} together, "
+                          f"over memory_limit={_size(memory_limit)} (largest: "
+                          f"{', '.join(f'{n} {_size(sizes[n])}' for n in largest)}); calibrate the layers "
+                          f"in several calls with include=/exclude=, or raise memory_limit=")
 
 
 # --------------------------------------------------------------------------- Grams
@@ -265,51 +475,123 @@ def _conv_gram(conv, x, chunk_elements):
     return G, B * positions, S
 
 
+# --------------------------------------------------------------------------- shrinkage
+
+SHRINKAGE_RULES = ("auto", "oas")
+
+
+def oas_weight(gram, samples) -> torch.Tensor:
+    """Per block, the Oracle Approximating Shrinkage weight of Chen, Wiesel, Eldar & Hero (2010, eq. 23).
+
+    For the sample second moment ``S = gram / n`` of dimension ``p``::
+
+        rho = min(1, ((1 - 2/p) tr(S^2) + tr(S)^2) / ((n + 1 - 2/p) (tr(S^2) - tr(S)^2 / p)))
+
+    (scale-free, so it is computed on ``gram`` directly). It minimizes the expected
+    Frobenius error of ``(1 - rho) S + rho tr(S)/p I`` for Gaussian data and, unlike
+    Ledoit-Wolf, needs no fourth moments: the Gram and the row count are enough.
+    """
+    G = gram if gram.ndim == 3 else gram[None]
+    p = G.shape[-1]
+    tr = torch.diagonal(G, dim1=-2, dim2=-1).sum(-1)
+    tr2 = (G * G).sum((-2, -1))
+    numerator = (1 - 2 / p) * tr2 + tr ** 2
+    denominator = (samples + 1 - 2 / p) * (tr2 - tr ** 2 / p)
+    rho = torch.where(denominator > 0, numerator / denominator.clamp_min(1e-300), torch.ones_like(tr))
+    return rho.clamp(0.0, 1.0)
+
+
+def shrinkage_weight(gram, samples, rule="auto"):
+    """The shrinkage weight(s) for ``rule``: ``"auto"`` = OAS when ``samples`` < dimension, else none;
+    ``"oas"`` = OAS always; a number in [0, 1] = that weight; ``None`` / ``0`` = none."""
+    if rule is None:
+        return None
+    if isinstance(rule, str):
+        if rule not in SHRINKAGE_RULES:
+            raise ValueError(f"shrinkage={rule!r} is not one of {SHRINKAGE_RULES}, a number in [0, 1] or None")
+        if rule == "auto" and samples >= gram.shape[-1]:
+            return None
+        return oas_weight(gram, samples)
+    if isinstance(rule, bool) or not isinstance(rule, (int, float)) or not 0 <= rule <= 1:
+        raise ValueError(f"shrinkage={rule!r} must be 'auto', 'oas', a number in [0, 1] or None")
+    return None if rule == 0 else torch.full(gram.shape[:-2] or (1,), float(rule), dtype=gram.dtype)
+
+
+def shrink_gram(gram, weight):
+    """``(1 - w) G + w tr(G)/p I`` per block (``weight`` None: ``gram`` unchanged).
+
+    Why: with fewer calibration rows ``n`` than input entries ``p`` the Gram has rank ``n``,
+    so a data-aware fit can zero the output error on the calibration rows while the error
+    on new inputs is large (directions the data never excited are treated as free). The
+    scaled identity keeps every direction's weight error in the objective, in proportion
+    to how little the data says about it.
+    """
+    if weight is None:
+        return gram
+    G = gram if gram.ndim == 3 else gram[None]
+    p = G.shape[-1]
+    w = weight.to(G.dtype).reshape(-1, 1, 1)
+    mu = torch.diagonal(G, dim1=-2, dim2=-1).sum(-1).reshape(-1, 1, 1) / p
+    eye = torch.eye(p, dtype=G.dtype, device=G.device)
+    out = (1 - w) * G + w * mu * eye
+    return out if gram.ndim == 3 else out[0]
+
+
 # --------------------------------------------------------------------------- compress(calibration=)
 
-OUTPUT_BOUND_NOTE = ("data-aware (calibrated) layers: rel_error_bound is the certified relative OUTPUT error "
-                     "||(W - W')(X - mean)^T||_F / ||W (X - mean)^T||_F on the calibration inputs X (centered; the "
-                     "bias absorbs the mean shift (W - W') mean, so it is the whole output error; layers without a "
-                     "bias use X uncentered), not a weight error; rel_error is still the relative weight error")
+OUTPUT_BOUND_NOTE = ("data-aware (calibrated) layers: rel_error_bound is the relative OUTPUT error "
+                     "||(W - W')(X - mean)^T||_F / ||W (X - mean)^T||_F MEASURED ON THE CALIBRATION DATA X (centered; "
+                     "the bias absorbs the mean shift (W - W') mean; layers without a bias use X uncentered; with "
+                     "shrinkage, on the regularized Gram), not a weight error and not a guarantee on new inputs; "
+                     "rel_error is the relative weight error; pass held_out= to compress to see the held-out error")
 
 
 def calibrated_plan(plan, layers, calibration, report):
-    """``compress``'s per-layer plan with each layer's Gram added as ``gram=`` (returns a new plan).
+    """``compress``'s per-layer plan with each layer's statistics added as ``gram=`` / ``input_mean=``.
 
-    ``plan``: ``{name: settings dict or "skipped: ..." string}``; ``layers``: ``{name: module}``.
-    A targeted layer without a Gram (it did not run during calibrate, or was not selected)
-    is skipped with that reason; a layer whose method has no data-aware variant is
-    decomposed from its weights alone and listed in a report note.
+    ``plan``: ``{name: settings dict or "skipped: ..." string}``; ``layers``: ``{name: the plain
+    Linear/ConvNd equivalent}``. A targeted layer without a Gram (it did not run during
+    calibrate, or was not selected) is skipped with that reason; a layer whose method has no
+    data-aware variant is decomposed from its weights alone and listed in a report note.
+    ``settings["shrinkage"]`` (default ``"auto"``, see :func:`shrinkage_weight`) regularizes
+    the Gram; layers calibrated on fewer rows than their input dimension are listed in a note.
     """
     from .registry import available_methods
 
     if not isinstance(calibration, Calibration):
-        raise TypeError(f"calibration= must be a layers.calibrate.Calibration (from decomp_toolkit.layers.calibrate(model, data)), "
-                        f"got {type(calibration).__name__}")
-    methods, new_plan, weight_only, used = available_methods(), dict(plan), [], False
+        raise TypeError(f"calibration= must be a layers.calibrate.Calibration (from decomp_toolkit.layers.calibrate("
+                        f"model, data)), got {type(calibration).__name__}")
+    methods, new_plan, weight_only, undersampled, used = available_methods(), dict(plan), [], [], False
     for name, settings in plan.items():
-        if isinstance(settings, str) or not isinstance(layers[name], (nn.Linear,) + CONV_TYPES):
+        if isinstance(settings, str) or name not in layers:
             continue
-        method = settings.get("method", "svd")
+        layer, method = layers[name], settings.get("method", "svd")
         entry = methods.get(method)
-        kind = "linear" if isinstance(layers[name], nn.Linear) else len(layers[name].kernel_size)
+        kind = "linear" if isinstance(layer, nn.Linear) else len(layer.kernel_size)
         if entry is None or kind not in entry.builders or not {"gram", "input_mean"} <= set(entry.options(kind)):
             weight_only.append(f"{name} ({method})")
             continue
         if name not in calibration:
-            new_plan[name] = ("skipped: no calibration Gram for this layer (it did not run during calibrate(), "
-                              "or was not selected by its layers=)")
+            why = calibration.skipped.get(name, "it did not run during calibrate(), or was not selected by include=")
+            new_plan[name] = f"skipped: no calibration Gram for this layer ({why})"
             continue
         shape = calibration.weight_shapes.get(name)
-        if shape is not None and tuple(shape) != tuple(layers[name].weight.shape):
+        if shape is not None and tuple(shape) != tuple(layer.weight.shape):
             raise ValueError(f"{name}: the calibration was recorded for a weight of shape {tuple(shape)}, but the "
-                             f"layer's weight has shape {tuple(layers[name].weight.shape)}; calibrate this model")
-        center = settings.get("center", True) and layers[name].bias is not None
-        gram, mean = calibration.statistics(name, center=center)
-        new_plan[name] = {**{k: v for k, v in settings.items() if k != "center"}, "gram": gram, "input_mean": mean}
+                             f"layer's weight has shape {tuple(layer.weight.shape)}; calibrate this model")
+        center = settings.get("center", True) and layer.bias is not None
+        gram, mean = calibration.statistics(name, center=center, shrinkage=settings.get("shrinkage", "auto"))
+        if calibration.is_undersampled(name):
+            undersampled.append(f"{name} ({calibration.samples[name]} rows < {calibration.grams[name].shape[-1]})")
+        new_plan[name] = {**{k: v for k, v in settings.items() if k not in ("center", "shrinkage")},
+                          "gram": gram, "input_mean": mean}
         used = True
     if used:
         report.notes.append(OUTPUT_BOUND_NOTE)
+    if undersampled:
+        report.notes.append("calibration too small for these layers (rows < input dimension; their Gram was "
+                            "regularized by OAS shrinkage towards a scaled identity, see "
+                            "layers.calibrate.shrink_gram): " + ", ".join(undersampled))
     if weight_only:
         report.notes.append("no data-aware variant (decomposed from the weights alone, weight-error bounds): "
                             + ", ".join(weight_only))
@@ -349,21 +631,34 @@ def _count(data, batch_size, max_batches):
     return total
 
 
-def _select_layers(model, layers):
+def _select_layers(model, include, exclude=()):
+    """``(targets [(name, module)], skipped {name: reason})``: every candidate module once, by first name."""
+    from .compress import _is_candidate, unsupported_reason
     if not isinstance(model, nn.Module):
         raise TypeError(f"calibrate: expected an nn.Module, got {type(model).__name__}")
-    candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear,) + CONV_TYPES)]
-    if layers is None:
-        return candidates
-    patterns = [layers] if isinstance(layers, str) else list(layers)
-    chosen = []
-    for pattern in patterns:
-        hits = [(n, m) for n, m in candidates if fnmatch.fnmatchcase(n, pattern)]
-        if not hits:
-            raise ValueError(f"calibrate: layers pattern {pattern!r} matches no Linear/Conv module; "
-                             f"available: {[n for n, _ in candidates][:12]}")
-        chosen += [h for h in hits if h not in chosen]
-    return chosen
+    seen, candidates, skipped = set(), [], {}
+    for name, module in model.named_modules():
+        if _is_candidate(module) and id(module) not in seen:  # the root too: calibrate(layer, x) works
+            seen.add(id(module))
+            reason = unsupported_reason(module)
+            if reason is None:
+                candidates.append((name, module))
+            else:
+                skipped[name] = reason
+    patterns = None if include is None else ([include] if isinstance(include, str) else list(include))
+    excluded = [exclude] if isinstance(exclude, str) else list(exclude)
+    for label, group in (("include", patterns or []), ("exclude", excluded)):
+        for pattern in group:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n, _ in candidates):
+                refused = [f"{n} ({r})" for n, r in skipped.items() if fnmatch.fnmatchcase(n, pattern)]
+                if refused:
+                    raise ValueError(f"calibrate: {label} pattern {pattern!r} matches only layers that cannot be "
+                                     f"calibrated: {refused[:4]}")
+                raise ValueError(f"calibrate: {label} pattern {pattern!r} matches no Linear/Conv module; "
+                                 f"available: {[n for n, _ in candidates][:12]}")
+    chosen = [(n, m) for n, m in candidates if (patterns is None or any(fnmatch.fnmatchcase(n, p) for p in patterns))
+              and not any(fnmatch.fnmatchcase(n, p) for p in excluded)]
+    return chosen, skipped
 
 
 def _progress(items, enabled, desc, total):

@@ -1,18 +1,64 @@
-"""``compress(model, ...)``: factorize every matching layer of a model."""
+"""``compress(model, ...)``: factorize every matching layer of a model.
+
+The walker (:func:`find_targets`) sees every ``nn.Linear`` / ``nn.ConvNd`` / transposed conv /
+``transformers`` ``Conv1D`` / user-registered layer kind (:mod:`layers.kinds`) of the model,
+each module object once, with every dotted name it is reached by. Each is either factorized
+or kept dense with the reason in the report:
+
+* a module reached by several names is decomposed once and the result is installed at every
+  name (``LayerRecord.names``); a Parameter tied across modules keeps its layer dense
+  ("tied with <names>"), since decomposing one side would untie it and grow the model;
+* forward hooks / pre-hooks and buffers are carried over to the replacement (its call
+  signature is the layer's); a layer with backward hooks or extra parameters stays dense;
+* a parametrized layer (``torch.nn.utils.parametrize``, legacy ``weight_norm`` /
+  ``spectral_norm``) is decomposed from its effective weight;
+* a subclass that overrides ``forward`` and is not a registered kind stays dense.
+
+A wrong request (unknown method or option, invalid rank spec, a pattern matching nothing, a
+non-finite weight, a model with nothing to factorize) raises before any work.
+"""
 from __future__ import annotations
 
 import copy
 import fnmatch
+import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
-from ._accounting import CONV_TYPES, count_params, layer_macs
-from ._validate import TRANSPOSED_TYPES
+from ._accounting import layer_macs
 from .decompose import decompose
+from .errors import UnsupportedLayerError
+from .kinds import (check_dense_equivalent, is_candidate, kind_of, legacy_reparametrization, plain_copy,
+                    registered_kinds)
 from .report import LayerRecord, Report
+from .speed import check_speed
+SPEC_NAMES = ("rank", "energy", "tol", "ratio")
+# options compress itself (or its calibration / speed plumbing) consumes, valid for every method
+PLUMBING_OPTIONS = {"gram", "input_mean", "calibration", "center", "shrinkage", "optimize", "input_shape",
+                    "on_slower"}
+BUDGET_SCOPES = ("targeted", "model")
 
-CANDIDATE_TYPES = (nn.Linear,) + CONV_TYPES + TRANSPOSED_TYPES
+
+@dataclass
+class Target:
+    """One module the walker found: every name it is reached by, and its dense equivalent (or why not)."""
+
+    module: nn.Module
+    names: list
+    dense: nn.Module | None = None
+    reason: str | None = None
+    tied_with: list = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
+
+    @property
+    def kind(self):
+        """``"linear"`` or the conv's spatial dims, of the dense equivalent (None when kept dense)."""
+        return None if self.dense is None else kind_of(self.dense).key
 
 
 def _matches(name, patterns) -> bool:
@@ -28,164 +74,466 @@ def _policy_for(name, policy, default):
 
 
 def record_input_shapes(model, example_input, names) -> dict:
-    """Input shape of each named module for one forward of ``example_input`` (forward hooks)."""
+    """Input shape of each named module for one forward of ``example_input`` (forward pre-hooks).
+
+    ``example_input``: a tensor, a tuple (``model(*x)``) or a dict / BatchEncoding (``model(**x)``).
+    """
+    from .calibrate import run_model
     shapes, hooks = {}, []
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))
 
     def remember(name):
-        def hook(module, inputs, output):
-            shapes.setdefault(name, tuple(inputs[0].shape))
+        def hook(module, inputs):
+            if inputs and isinstance(inputs[0], torch.Tensor):
+                shapes.setdefault(name, tuple(inputs[0].shape))
         return hook
 
     for name in names:
-        hooks.append(modules[name].register_forward_hook(remember(name)))
+        hooks.append(modules[name].register_forward_pre_hook(remember(name)))
     try:
         with torch.no_grad():
-            model(*example_input) if isinstance(example_input, tuple) else model(example_input)
+            run_model(model, example_input, what="example_input")
     finally:
         for hook in hooks:
             hook.remove()
     return shapes
 
 
-def _set_submodule(model, name, module):
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
+# --------------------------------------------------------------------------- the walker
+
+def _is_candidate(module) -> bool:
+    return is_candidate(module)
 
 
-def _relative_error(original, factorized):
-    weight = original.weight.detach().double()
-    approx = factorized.dense_weight().detach().double()
-    norm = float(weight.norm())
-    return float((weight - approx).norm()) / norm if norm > 0 else 0.0
+def unsupported_reason(module) -> str | None:
+    """Why the walker cannot factorize (or calibrate) ``module``; None when it can."""
+    row = kind_of(module)
+    if row is None:
+        return f"{type(module).__name__} is not a Linear/ConvNd/Conv1D nor a registered layer kind"
+    if row.unsupported is not None:
+        return row.unsupported
+    base = row.module_type
+    for method in ("forward", "_conv_forward"):
+        if hasattr(base, method) and getattr(type(module), method) is not getattr(base, method):
+            return (f"{type(module).__name__} overrides {method}() of {base.__name__}, which a factorized layer "
+                    f"could not reproduce; register it with layers.register_layer_kind(...) to factorize it")
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        return "lazy layer is not initialized yet; run one forward pass first"
+    return None
 
 
-def _relative_bound(factorized):
-    bound, norm = getattr(factorized, "error_bound", None), getattr(factorized, "weight_norm", None)
-    if getattr(factorized, "error_kind", "weight") == "output":  # data-aware: relative OUTPUT error
-        norm = getattr(factorized, "output_norm", None)
-    if bound is None or norm is None:
-        return None
-    return bound / norm if norm > 0 else 0.0
+def _owners_of_parameters(model) -> dict:
+    """``{id(parameter): [(module, "dotted.param.name"), ...]}`` over every name of every module."""
+    owners = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for param_name, param in module.named_parameters(recurse=False):
+            full = f"{module_name}.{param_name}" if module_name else param_name
+            owners.setdefault(id(param), []).append((module, full))
+    return owners
 
+
+def _tied_names(module, owners) -> list:
+    """Names of parameters outside ``module`` that are the very tensors ``module`` holds."""
+    inside = {id(m) for m in module.modules()}
+    tied = []
+    for param in module.parameters():
+        tied += [full for owner, full in owners.get(id(param), []) if id(owner) not in inside and full not in tied]
+    return tied
+
+
+def _carry_over_reason(module) -> str | None:
+    """Why ``module``'s hooks / extra parameters could not move to a replacement (None when they can)."""
+    if module._backward_hooks or module._backward_pre_hooks:
+        return "has backward hooks, which a factorized replacement could not reproduce; remove them first"
+    allowed = {"weight", "bias", "weight_g", "weight_v", "weight_orig"}
+    extra = [n for n, _ in module.named_parameters(recurse=False) if n not in allowed]
+    if extra:
+        return f"holds parameters other than weight/bias ({', '.join(extra)}), which a replacement would drop"
+    return None
+
+
+def _dense_equivalent(module, label):
+    """The plain Linear/ConvNd computing ``module``'s function (the module itself when it already is one)."""
+    row = kind_of(module)
+    if row.dense is not None:
+        with torch.no_grad():
+            dense = row.dense(module)
+        check_dense_equivalent(module, dense, label)
+        return dense
+    from torch.nn.utils import parametrize
+    if parametrize.is_parametrized(module) or legacy_reparametrization(module) is not None:
+        return plain_copy(module, row.standard_type)
+    return module
+
+
+def _check_weights(module, name):
+    for param_name, param in module.named_parameters():
+        if param.device.type == "meta":
+            raise ValueError(f"{name} ({type(module).__name__}): parameter {param_name!r} is on the meta device "
+                             f"(no data); load the weights first (model.to_empty(device=...) + load_state_dict)")
+        if param.is_floating_point() and not torch.isfinite(param).all():
+            raise ValueError(f"{name} ({type(module).__name__}, {param_name} {tuple(param.shape)}): contains NaN or "
+                             f"Inf entries; fix the weights before compressing")
+
+
+def find_targets(model) -> list:
+    """Every candidate module of ``model`` once, with all its names, dense equivalent or keep-dense reason."""
+    targets, by_id = [], {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not name or not _is_candidate(module):
+            continue
+        if id(module) in by_id:
+            by_id[id(module)].names.append(name)
+            continue
+        by_id[id(module)] = target = Target(module, [name])
+        targets.append(target)
+    owners = _owners_of_parameters(model)
+    for target in targets:
+        target.reason = unsupported_reason(target.module)
+        if target.reason is not None:
+            continue
+        _check_weights(target.module, target.name)
+        target.tied_with = _tied_names(target.module, owners)
+        if target.tied_with:
+            target.reason = (f"weight tied with {', '.join(target.tied_with)}; decomposing one side would untie "
+                             f"it and grow the model")
+            continue
+        target.reason = _carry_over_reason(target.module)
+        if target.reason is None:
+            target.dense = _dense_equivalent(target.module, f"{target.name} ({type(target.module).__name__})")
+    return targets
+
+
+# --------------------------------------------------------------------------- request validation
+
+def _check_model(model):
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(f"compress: got a TorchScript {type(model).__name__}; its layers cannot be replaced. "
+                        f"Compress the eager nn.Module, then script or export the result")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"compress: expected an nn.Module model, got {type(model).__name__}")
+    if _is_candidate(model):
+        raise TypeError(f"compress: got a single {type(model).__name__} layer, not a model; use "
+                        f"decompose(layer, method=..., rank=...) for one layer")
+
+
+def _check_settings(settings, where, require_spec=True):
+    """Validate one settings dict (method, rank spec, options) before any work (``decompose.check_request``)."""
+    from .decompose import check_options, check_request
+    from .registry import available_methods, get_method
+    if not isinstance(settings, dict):
+        raise TypeError(f"{where}: settings must be a dict(method=..., rank/energy/tol/ratio=..., **options), "
+                        f"got {type(settings).__name__}")
+    method = settings.get("method", "svd")
+    entry = get_method(method, where)
+    spec = {k: settings[k] for k in SPEC_NAMES if settings.get(k) is not None}
+    options = {k: v for k, v in settings.items() if k not in SPEC_NAMES + ("method",) and k not in PLUMBING_OPTIONS}
+    refused = [k for k in spec if k not in entry.spec_kinds and not (k == "rank" and spec[k] == "vbmf")]
+    if refused:
+        able = sorted(m for m, e in available_methods().items() if refused[0] in e.spec_kinds)
+        raise ValueError(f"{where}: method={method!r} does not take {refused[0]}= (it cannot guarantee it); it takes "
+                         f"{[k + '=' for k in entry.spec_kinds if k != 'vbmf'] or 'no rank spec'}; methods that take "
+                         f"{refused[0]}=: {able}")
+    if require_spec or spec:
+        check_request(method, spec, options, where)
+    else:
+        check_options(entry, options, None, where)
+
+
+def _check_patterns(names, include, exclude, policy):
+    for label, patterns in (("include", include), ("exclude", exclude), ("policy", list((policy or {}).keys()))):
+        if isinstance(patterns, str):
+            raise TypeError(f"compress: {label}= takes a list of fnmatch patterns, got the string {patterns!r}; "
+                            f"pass [{patterns!r}]")
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                raise ValueError(f"compress: {label} pattern {pattern!r} matches no layer; layers: {names[:12]}"
+                                 f"{' ...' if len(names) > 12 else ''}")
+
+
+def _check_request(targets, default, policy, budget, include, exclude, example_input):
+    names = [n for t in targets for n in t.names]
+    _check_patterns(names, include, exclude, policy)
+    has_spec = any(default.get(k) is not None for k in SPEC_NAMES)
+    if budget is not None:
+        _check_budget_request(default, policy, budget, example_input)
+        _check_settings(default, "compress", require_spec=False)
+    else:
+        _check_settings(default, "compress", require_spec=policy is None or has_spec)
+    for pattern, settings in (policy or {}).items():
+        _check_settings(settings, f"compress: policy[{pattern!r}]")
+
+
+# --------------------------------------------------------------------------- compress
 
 def compress(model, method="svd", *, rank=None, energy=None, tol=None, ratio=None, budget=None, include=("*",),
              exclude=(), policy=None, example_input=None, inplace=False, progress=True, calibration=None,
+             held_out=None, fold_bn=False, bn_aware=True, eval_fn=None, eval_cache=None, time_layers=True,
              **options):
-    """Factorize the Linear/Conv layers of ``model``; returns ``(compressed_model, Report)``.
+    """Factorize the Linear/Conv/Conv1D layers of ``model``; returns ``(compressed_model, Report)``.
 
-    ``include``/``exclude``: fnmatch patterns on dotted module names. ``policy``: an
-    ordered ``{pattern: dict(method=..., rank/energy/tol/ratio=..., **options)}``; the
-    first matching pattern wins and layers matching none use the top-level method and
-    spec. ``budget=dict(params=f)`` or ``dict(flops=f)`` replaces the rank spec: ranks
-    are allocated globally (Zhang et al. 2016's greedy rule, :mod:`layers.budget`) so
-    that the whole model keeps at most the fraction ``f`` of its parameters (or of the
-    MACs of its Linear/Conv layers, which needs ``example_input``) while keeping the
-    most energy; the report says whether the budget was met and by how much it missed.
-    A layer whose factorized form would not hold fewer parameters is left dense, with
-    the reason in the report. ``example_input`` (a tensor or tuple) lets the report
-    count FLOPs. ``model`` is deep-copied unless ``inplace=True``.
+    ``include``/``exclude``: fnmatch patterns on dotted module names (each must match a
+    layer). ``policy``: an ordered ``{pattern: dict(method=..., rank/energy/tol/ratio=...,
+    **options)}``; the first matching pattern wins and layers matching none use the
+    top-level method and spec (without one they are kept dense, with that reason).
+    Options that apply to some layer kinds only (``scheme=`` of svd convs) are passed to
+    those and the report notes which layers went without them.
+
+    ``budget=dict(params=f)`` or ``dict(flops=f)`` replaces the rank spec: ranks are
+    allocated globally (Zhang et al. 2016's greedy rule, :mod:`layers.budget`) so that
+    the *targeted* layers keep at most the fraction ``f`` of their parameters (or MACs,
+    which needs ``example_input``); ``dict(params=f, of="model")`` counts the whole model
+    instead. The report prints both fractions, computed on the final model after every skip.
+    A layer whose factorized form would not be smaller (parameters; stored bits for PQ)
+    is left dense, with the reason in the report. ``example_input`` (a tensor, tuple or
+    dict) lets the report count FLOPs and, with ``time_layers=True`` (default), times every replaced
+    layer against its dense one on the shape it sees (a warning and a report note for each slower
+    one; ``time_layers=False`` skips that timing, e.g. for large inputs). ``model`` is deep-copied
+    unless ``inplace=True``.
+
     ``calibration`` (from :func:`layers.calibrate` on this model): data-aware decomposition;
-    each layer's input Gram is passed to its builder as ``gram=`` (see
-    :func:`layers.calibrate.calibrated_plan`), and its ``rel_error_bound`` becomes the
-    certified relative OUTPUT error on the calibration data.
+    each layer's input statistics are passed to its builder (see
+    :func:`layers.calibrate.calibrated_plan`) and ``rel_error_bound`` becomes the relative
+    OUTPUT error measured on the calibration data; layers calibrated on fewer rows than their
+    input dimension get a shrunk Gram (``shrinkage="auto"``; ``None``, ``"oas"`` or a weight in
+    [0, 1] per call or policy entry, see :func:`layers.calibrate.shrink_gram`) and are listed
+    in a note. ``held_out`` (data in any form
+    ``calibrate`` accepts): each replaced layer's relative output error on it is reported
+    (``held_out_error``).
+
+    A conv followed by a BatchNorm (:mod:`layers.batchnorm`): with ``bn_aware`` (default) it
+    is decomposed in the BN's output scale, so ranks, budgets and errors reflect what the
+    next layer sees; ``fold_bn=True`` instead replaces conv + BN by one conv before
+    compressing. Both are exact in eval mode; the report notes which BNs were used.
+
+    ``eval_fn`` (with ``budget=``): a callable ``model -> float`` (higher is better); the ranks
+    are then allocated from the metric drop measured with each layer compressed alone at a
+    few candidate ranks (:mod:`layers.evalalloc`; ``eval_cache``: a dict that keeps those
+    measurements across calls). Without it the fast energy allocator is used.
     """
+    _check_model(model)
+    if not isinstance(time_layers, bool):
+        raise TypeError(f"compress: time_layers= must be True or False, got {time_layers!r}")
     default = dict(method=method, rank=rank, energy=energy, tol=tol, ratio=ratio, **options)
-    target = model if inplace else copy.deepcopy(model)
-    candidates = [(n, m) for n, m in target.named_modules() if isinstance(m, CANDIDATE_TYPES) and n]
-    shapes = record_input_shapes(target, example_input, [n for n, _ in candidates]) if example_input is not None else {}
-    report = Report(model_params_before=sum(p.numel() for p in model.parameters()))
-    plan = {}
-    for name, _ in candidates:
-        settings = _policy_for(name, policy, default if _matches(name, include) else None)
-        excluded = settings is None or (_matches(name, exclude) and not _matches(name, (policy or {}).keys()))
-        plan[name] = "skipped: excluded" if excluded else settings
+    target_model = model if inplace else _deepcopy(model)
+    bn_notes = _prepare_batchnorm(target_model, include, exclude, fold_bn, bn_aware)
+    targets = find_targets(target_model)
+    if not targets:
+        raise ValueError(f"compress: {type(model).__name__} has no Linear / Conv1d/2d/3d / Conv1D layer (nor a "
+                         f"registered layer kind: {sorted(registered_kinds())}); nothing to factorize")
+    _check_request(targets, default, policy, budget, include, exclude, example_input)
+    report = Report(model_params_before=_model_params(model), model_bits_before=_model_bits(model))
+    report.notes.extend(bn_notes)
+    names = [n for t in targets for n in t.names]
+    shapes = record_input_shapes(target_model, example_input, names) if example_input is not None else {}
+    plan = _initial_plan(targets, default, policy, include, exclude, report)
     if calibration is not None:
         from .calibrate import calibrated_plan
-        plan = calibrated_plan(plan, dict(candidates), calibration, report)
+        plan = calibrated_plan(plan, {t.name: t.dense for t in targets if t.dense is not None}, calibration, report)
+    held = _held_out_statistics(target_model, held_out, plan)
     if budget is not None:
-        _check_budget_request(default, policy, budget, example_input)
-        plan = _budget_plan(candidates, plan, shapes, budget, method, report)
-    for name, layer in _progress(candidates, progress):
-        record = LayerRecord(name=name, type=type(layer).__name__, shape=tuple(layer.weight.shape),
-                             params_before=sum(p.numel() for p in layer.parameters()))
-        record.params_after = record.params_before
-        if name in shapes:
-            record.flops_before = record.flops_after = layer_macs(layer, shapes[name])[0]
-        if isinstance(plan[name], str):
-            record.status = plan[name]
-        else:
-            _replace_layer(target, name, layer, plan[name], record, shapes.get(name))
-        report.layers.append(record)
-    report.model_params_after = sum(p.numel() for p in target.parameters())
-    return target, report
+        plan = _budget_plan(targets, plan, shapes, budget, method, report,
+                            evaluation=(target_model, eval_fn, eval_cache) if eval_fn is not None else None)
+    for target in _progress(targets, progress):
+        report.layers.append(_process(target_model, target, plan[target.name], shapes, held, time_layers))
+    report.model_params_after = _model_params(target_model)
+    report.model_bits_after = _model_bits(target_model)
+    _final_notes(report, budget, targets)
+    return target_model, report
 
 
-def _check_budget_request(default, policy, budget, example_input):
-    given = [k for k in ("rank", "energy", "tol", "ratio") if default.get(k) is not None]
-    if given or policy:
-        raise ValueError(f"budget={budget!r} chooses the ranks itself; do not also pass "
-                         f"{', '.join(f'{k}=' for k in given) or 'policy='}")
-    if not isinstance(budget, dict) or len(budget) != 1 or next(iter(budget)) not in ("params", "flops"):
-        raise ValueError(f"budget={budget!r}: pass dict(params=fraction) or dict(flops=fraction)")
-    fraction = next(iter(budget.values()))
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-        raise ValueError(f"budget={budget!r}: the fraction must be in (0, 1]")
-    if "flops" in budget and example_input is None:
-        raise ValueError("budget=dict(flops=...) needs example_input= to count the layers' FLOPs")
+def _prepare_batchnorm(model, include, exclude, fold_bn, bn_aware) -> list:
+    """Fold / rescale the conv + BatchNorm pairs of the included convs (:mod:`layers.batchnorm`); report notes."""
+    from .batchnorm import BN_TYPES, prepare_batchnorm
+    if not (fold_bn or bn_aware) or not any(isinstance(m, BN_TYPES) for m in model.modules()):
+        return []
+    names = [n for n, _ in model.named_modules() if n and _matches(n, include) and not _matches(n, exclude)]
+    return prepare_batchnorm(model, names, fold_bn=fold_bn, bn_aware=bn_aware)
 
 
-def _budget_plan(candidates, plan, shapes, budget, method, report):
-    """Replace the per-layer settings of targeted layers by globally allocated ranks.
+def _deepcopy(model):
+    """``copy.deepcopy(model)``, also for legacy ``weight_norm`` layers (whose computed ``weight`` attribute is
+    a non-leaf tensor that deepcopy refuses: it is detached for the copy and put back afterwards)."""
+    stale = {}
+    for module in model.modules():
+        hook = legacy_reparametrization(module)
+        if hook is not None and isinstance(getattr(module, hook.name, None), torch.Tensor):
+            stale[module] = getattr(module, hook.name)
+            setattr(module, hook.name, stale[module].detach())
+    try:
+        return copy.deepcopy(model)
+    finally:
+        for module, tensor in stale.items():
+            setattr(module, legacy_reparametrization(module).name, tensor)
 
-    Each layer's profile is built from its own settings (method options, and the
-    calibration ``gram=`` when compress was calibrated: the allocation then weighs the
-    output spectrum, not the weights')."""
-    from .budget import allocate
+
+def _numel(params) -> int:
+    return sum(p.numel() for p in params if not isinstance(p, nn.parameter.UninitializedParameter))
+
+
+def _model_params(model) -> int:
+    return _numel(model.parameters())
+
+
+def _model_bits(model) -> int:
+    """Stored bits of the parameters and persistent buffers (PQ codes are buffers)."""
+    bits = _parameter_bits(model)
+    for module in model.modules():
+        if hasattr(module, "size_bits"):
+            bits += module.size_bits - _parameter_bits(module)
+    return bits
+
+
+def _initial_plan(targets, default, policy, include, exclude, report) -> dict:
+    """``{name: settings dict or "skipped: <reason>"}`` for every target (by its first name)."""
+    plan, dropped = {}, {}
+    has_spec = any(default.get(k) is not None for k in SPEC_NAMES)
+    for target in targets:
+        if target.reason is not None:
+            plan[target.name] = "skipped: " + target.reason
+            continue
+        chosen = [_policy_for(n, policy, default if _matches(n, include) else None) for n in target.names]
+        excluded = [n for n, s in zip(target.names, chosen)
+                    if s is None or (_matches(n, exclude) and not _matches(n, (policy or {}).keys()))]
+        if excluded:
+            plan[target.name] = "skipped: excluded" + (f" (as {', '.join(excluded)})" if len(target.names) > 1 else "")
+            continue
+        if any(s != chosen[0] for s in chosen):
+            plan[target.name] = ("skipped: this module is shared by names that the policy assigns different "
+                                 f"settings ({', '.join(target.names)}); give them one pattern")
+            continue
+        settings = chosen[0]
+        if policy and not has_spec and not _matches(target.name, policy.keys()) and \
+                all(settings.get(k) is None for k in SPEC_NAMES):
+            plan[target.name] = "skipped: matches no policy pattern and compress() got no top-level rank spec"
+            continue
+        plan[target.name] = _settings_for_kind(settings, target, dropped)
+    for (method, option), layer_names in dropped.items():
+        report.notes.append(f"{option}= applies only to some layer kinds of method {method!r}; these layers were "
+                            f"decomposed without it: {', '.join(layer_names)}")
+    return plan
+
+
+def _settings_for_kind(settings, target, dropped) -> dict:
+    """``settings`` without the options the method's builder for this layer kind does not take."""
     from .registry import available_methods
+    method = settings.get("method", "svd")
+    entry = available_methods()[method]
+    if target.kind not in entry.builders:
+        return settings  # decompose raises the "does not support" error, which becomes the reason
+    own = set(entry.options(target.kind)) | set(SPEC_NAMES) | {"method"} | PLUMBING_OPTIONS
+    for option in sorted(set(settings) - own):
+        if settings[option] is not None:
+            dropped.setdefault((method, option), []).append(target.name)
+    return {k: v for k, v in settings.items() if k in own}
 
-    entry = available_methods().get(method)
-    if entry is None or entry.budget_profile is None:
-        able = sorted(m for m, e in available_methods().items() if e.budget_profile is not None)
-        raise ValueError(f"method={method!r} cannot allocate a budget (it has no spectrum); methods that can: {able}")
-    kind, fraction = next(iter(budget.items()))
-    layers = dict(candidates)
-    targeted = [n for n, s in plan.items() if not isinstance(s, str) and not isinstance(layers[n], TRANSPOSED_TYPES)]
 
-    def cost_of(name, module):
-        return count_params(module) if kind == "params" else layer_macs(module, shapes[name])[0]
+# --------------------------------------------------------------------------- one layer
 
-    layer_options = {name: {k: v for k, v in plan[name].items()
-                            if v is not None and k not in ("method", "rank", "energy", "tol", "ratio")}
-                     for name in targeted}
-    profiles = {}
-    for name in targeted:
-        profiles[name] = entry.budget_profile(layers[name], **layer_options[name])
-        profiles[name].dense_cost = cost_of(name, layers[name])
-    if kind == "params":
-        total = report.model_params_before
-    else:
-        total = sum(layer_macs(m, shapes[n])[0] for n, m in candidates if n in shapes)
-    fixed = total - sum(p.dense_cost for p in profiles.values())
-    allocation = allocate(profiles, cost_of, fixed, fraction * total)
-    what = "parameters" if kind == "params" else "MACs of the Linear/Conv layers"
-    reached = f"reached {allocation.cost:,.0f} ({allocation.cost / total:.2%})"
-    if allocation.met:
-        report.notes.append(f"budget: {what} <= {fraction:.2%} of {total:,} = {fraction * total:,.0f}; {reached}")
-    else:
-        report.notes.append(f"budget NOT met: {what} <= {fraction:.2%} of {total:,} = {fraction * total:,.0f} asked, "
-                            f"but the smallest reachable with method={method!r} is {allocation.cost:,.0f} "
-                            f"({allocation.cost / total:.2%}), {allocation.cost - fraction * total:,.0f} over")
-    new_plan = dict(plan)
-    for name in targeted:
-        ranks = allocation.ranks[name]
-        if ranks is None:
-            new_plan[name] = "skipped: kept dense by the budget allocation"
-        else:
-            new_plan[name] = dict(method=method, rank=ranks[0] if len(ranks) == 1 else ranks, **layer_options[name])
-    report.budget = allocation
-    return new_plan
+def _process(model, target, settings, shapes, held, time_layers=True) -> LayerRecord:
+    module, dense = target.module, target.dense
+    weight = getattr(module, "weight", None)
+    shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) and not isinstance(
+        weight, nn.parameter.UninitializedParameter) else ()
+    record = LayerRecord(name=target.name, type=type(module).__name__, shape=shape,
+                         params_before=_numel(module.parameters()), names=tuple(target.names))
+    record.bits_before = _parameter_bits(module)
+    record.params_after, record.bits_after = record.params_before, record.bits_before
+    input_shape = shapes.get(target.name)
+    counted = dense if dense is not None else module if type(module) in (nn.Linear, nn.Conv1d, nn.Conv2d,
+                                                                          nn.Conv3d) else None
+    if input_shape is not None and counted is not None:
+        record.flops_before = record.flops_after = layer_macs(counted, input_shape)[0]
+    if isinstance(settings, str):
+        record.status = settings
+        return record
+    record.method = settings.get("method", "svd")
+    factorized = _factorize(target, settings, input_shape, record, time_layers)
+    if factorized is None:
+        return record
+    _fill_record(record, dense, factorized, input_shape, held.get(target.name))
+    _install(model, target, factorized)
+    return record
+
+
+def _factorize(target, settings, input_shape, record, time_layers=True):
+    """The factorized module, or None with ``record.status`` saying why the layer stays dense."""
+    settings = _speed_settings({k: v for k, v in settings.items() if v is not None}, input_shape, target.name)
+    try:
+        factorized = decompose(target.dense, name=target.name, **settings)
+    except UnsupportedLayerError as err:  # this method cannot factorize this layer: kept dense, say why
+        record.status = "skipped: " + err.reason
+        return None
+    bits_after = _module_bits(factorized)
+    if hasattr(factorized, "size_bits"):
+        if bits_after >= record.bits_before:
+            record.status = (f"skipped: factorized form stores {bits_after:,} bits, not fewer than the dense "
+                             f"{record.bits_before:,}")
+            return None
+    elif factorized.num_params >= record.params_before:
+        record.status = (f"skipped: factorized form has {factorized.num_params:,} parameters, "
+                         f"not fewer than the dense {record.params_before:,}")
+        return None
+    if time_layers and input_shape is not None and factorized.fit.speedup is None:  # no silent slow-down
+        check_speed(factorized, target.dense, input_shape, context=target.name)
+    return factorized
+
+
+def _parameter_bits(module) -> int:
+    return sum(p.numel() * p.element_size() * 8 for p in module.parameters()
+               if not isinstance(p, nn.parameter.UninitializedParameter))
+
+
+def _module_bits(module) -> int:
+    return int(module.size_bits) if hasattr(module, "size_bits") else _parameter_bits(module)
+
+
+def _fill_record(record, dense, factorized, input_shape, held_gram):
+    fit = factorized.fit  # layers.fit.Fit: measured errors, certified bound, error kind
+    record.type = f"{record.type} -> {type(factorized).__name__}"
+    record.rank = getattr(factorized, "rank", None)
+    record.speedup = fit.speedup
+    record.params_after = _numel(factorized.parameters())  # what sum(p.numel()) of the model counts
+    record.bits_after = _module_bits(factorized)
+    record.rel_error = fit.relative_weight_error
+    record.rel_error_bound = fit.relative_error_bound
+    if fit.error_kind == "output":
+        record.rel_output_error = fit.relative_error
+    record.error_on = "calibration outputs" if fit.error_kind == "output" else "weights"
+    if input_shape is not None:
+        record.flops_after = factorized.flops(input_shape)
+    if held_gram is not None:
+        record.held_out_error = _output_error(dense, factorized, held_gram)
+
+
+def _output_error(dense, factorized, gram):
+    """``||(W - W') X^T||_F / ||W X^T||_F`` from the Gram ``(g, P, P)`` of held-out inputs X."""
+    groups = gram.shape[0]
+    W = dense.weight.detach().double().reshape(groups, dense.weight.shape[0] // groups, -1)
+    E = W - factorized.dense_weight().detach().double().reshape(W.shape)
+    error = float(((E @ gram) * E).sum())
+    norm = float(((W @ gram) * W).sum())
+    return math.sqrt(max(error, 0.0) / norm) if norm > 0 else 0.0
+
+
+def _install(model, target, factorized):
+    """Put ``factorized`` at every name of ``target``, with the module's hooks and buffers carried over."""
+    module = target.module
+    consumed = legacy_reparametrization(module)
+    for store in ("_forward_pre_hooks", "_forward_hooks"):
+        for key, hook in getattr(module, store).items():
+            if hook is not consumed:
+                getattr(factorized, store)[key] = hook
+    for store in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+        getattr(factorized, store).update(getattr(module, store, {}))
+    for name, buffer in module.named_buffers(recurse=False):
+        if name not in dict(factorized.named_buffers(recurse=False)):
+            factorized.register_buffer(name, buffer, persistent=name not in module._non_persistent_buffers_set)
+    factorized.train(module.training)
+    for name in target.names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, factorized)
 
 
 def _speed_settings(settings, input_shape, name):
@@ -198,30 +546,139 @@ def _speed_settings(settings, input_shape, name):
     return {"input_shape": input_shape, "on_slower": "raise", **settings}
 
 
-def _replace_layer(model, name, layer, settings, record, input_shape):
-    record.method = settings.get("method", "svd")
-    settings = _speed_settings({k: v for k, v in settings.items() if v is not None}, input_shape, name)
-    if isinstance(layer, TRANSPOSED_TYPES):
-        record.status = "skipped: transposed convolutions are not supported"
+def _held_out_statistics(model, held_out, plan) -> dict:
+    """``{name: Gram (g, P, P)}`` of the held-out inputs of every planned layer (empty without held_out)."""
+    if held_out is None:
+        return {}
+    from .calibrate import calibrate
+    names = [n for n, s in plan.items() if not isinstance(s, str)]
+    if not names:
+        return {}
+    statistics = calibrate(model, held_out, layers=[_escape(n) for n in names], progress=False)
+    return {n: statistics[n] for n in names if n in statistics}
+
+
+def _escape(name) -> str:
+    import glob
+    return glob.escape(name)
+
+
+# --------------------------------------------------------------------------- budget
+
+def _check_budget_request(default, policy, budget, example_input):
+    given = [k for k in SPEC_NAMES if default.get(k) is not None]
+    if given or policy:
+        raise ValueError(f"budget={budget!r} chooses the ranks itself; do not also pass "
+                         f"{', '.join(f'{k}=' for k in given) or 'policy='}")
+    what = [k for k in (budget if isinstance(budget, dict) else {}) if k != "of"]
+    if not isinstance(budget, dict) or len(what) != 1 or what[0] not in ("params", "flops"):
+        raise ValueError(f"budget={budget!r}: pass dict(params=fraction) or dict(flops=fraction), optionally with "
+                         f"of='targeted' (default) or of='model'")
+    if budget.get("of", "targeted") not in BUDGET_SCOPES:
+        raise ValueError(f"budget={budget!r}: of= must be one of {BUDGET_SCOPES}")
+    fraction = budget[what[0]]
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ValueError(f"budget={budget!r}: the fraction must be in (0, 1]")
+    if "flops" in budget and example_input is None:
+        raise ValueError("budget=dict(flops=...) needs example_input= to count the layers' FLOPs")
+
+
+def _budget_kind(budget):
+    kind = next(k for k in budget if k != "of")
+    return kind, float(budget[kind]), budget.get("of", "targeted")
+
+
+def _budget_plan(targets, plan, shapes, budget, method, report, evaluation=None):
+    """Replace the per-layer settings of targeted layers by globally allocated ranks.
+
+    Each layer's profile is built from its own settings (method options, and the
+    calibration ``gram=`` when compress was calibrated: the allocation then weighs the
+    output spectrum, not the weights')."""
+    from .budget import allocate
+    from .registry import available_methods
+
+    entry = available_methods().get(method)
+    if entry is None or entry.budget_profile is None:
+        able = sorted(m for m, e in available_methods().items() if e.budget_profile is not None)
+        raise ValueError(f"method={method!r} cannot allocate a budget (it has no spectrum); methods that can: {able}")
+    kind, fraction, scope = _budget_kind(budget)
+    dense = {t.name: t.dense for t in targets if t.dense is not None}
+    targeted = [n for n, s in plan.items() if not isinstance(s, str)]
+
+    def cost_of(name, module):
+        return sum(p.numel() for p in module.parameters()) if kind == "params" else layer_macs(module, shapes[name])[0]
+
+    layer_options = {name: {k: v for k, v in plan[name].items() if v is not None and k not in ("method",) + SPEC_NAMES}
+                     for name in targeted}
+    profiles = {}
+    for name in targeted:
+        profiles[name] = entry.budget_profile(dense[name], **layer_options[name])
+        profiles[name].dense_cost = cost_of(name, dense[name])
+    targeted_cost = sum(p.dense_cost for p in profiles.values())
+    total = targeted_cost if scope == "targeted" else _budget_total(kind, targets, shapes, report)
+    report.budget_request = dict(kind=kind, fraction=fraction, scope=scope, names=set(targeted))
+    if evaluation is not None:  # eval_fn=: ranks from measured metric drops (layers/evalalloc.py)
+        from .evalalloc import eval_driven_plan
+        new_plan, report.budget = eval_driven_plan(evaluation[0], dense, plan, total, fraction, cost_of, method,
+                                                   evaluation[1], cache=evaluation[2], report=report)
+        return new_plan
+    allocation = allocate(profiles, cost_of, total - targeted_cost, fraction * total)
+    report.budget = allocation
+    new_plan = dict(plan)
+    for name in targeted:
+        ranks = allocation.ranks[name]
+        if ranks is None:
+            new_plan[name] = "skipped: kept dense by the budget allocation"
+        else:
+            new_plan[name] = dict(method=method, rank=ranks[0] if len(ranks) == 1 else ranks, **layer_options[name])
+    return new_plan
+
+
+def _budget_total(kind, targets, shapes, report):
+    if kind == "params":
+        return report.model_params_before
+    return sum(layer_macs(t.dense, shapes[t.name])[0] for t in targets if t.dense is not None and t.name in shapes)
+
+
+def _final_notes(report, budget, targets):
+    """Budget verdict and shared-module notes, computed from the final model's numbers."""
+    slower = [r for r in report.layers if r.replaced and r.speedup is not None and r.speedup < 1]
+    if slower:
+        report.notes.append("SLOWER than dense on example_input (kept factorized; optimize='speed' keeps such "
+                            "layers dense): " + ", ".join(f"{r.name} {r.speedup:.2f}x" for r in slower))
+    shared = [r for r in report.layers if len(r.names) > 1]
+    for record in shared:
+        report.notes.append(f"shared module {record.name} is reached as {', '.join(record.names)}: "
+                            f"{'one factorized module installed at every name' if record.replaced else 'kept dense'}")
+    if budget is None:
+        if not report.replaced:
+            report.notes.append("nothing was factorized: every layer was kept dense (see status)")
         return
-    try:
-        factorized = decompose(layer, name=name, **settings)
-    except ValueError as err:  # the request cannot be met for this layer: keep it dense, say why
-        reason = str(err)
-        record.status = "skipped: " + (reason.split(": ", 1)[1] if reason.startswith(name) else reason)
-        return
-    if factorized.num_params >= record.params_before:
-        record.status = (f"skipped: factorized form has {factorized.num_params:,} parameters, "
-                         f"not fewer than the dense {record.params_before:,}")
-        return
-    record.rank = getattr(factorized, "rank", None)
-    record.speedup = getattr(factorized, "speedup", None)
-    record.params_after = factorized.num_params
-    record.rel_error = _relative_error(layer, factorized)
-    record.rel_error_bound = _relative_bound(factorized)
-    if input_shape is not None:
-        record.flops_after = factorized.flops(input_shape)
-    _set_submodule(model, name, factorized)
+    request = report.budget_request
+    kind, fraction, scope = request["kind"], request["fraction"], request["scope"]
+    totals = report.totals()
+    if kind == "params":
+        layers_before, layers_after = report.targeted_totals("params")
+        model_before, model_after = totals["model_params_before"], totals["model_params_after"]
+        what = "parameters"
+    else:
+        layers_before, layers_after = report.targeted_totals("flops")
+        model_before, model_after = totals.get("flops_before", 0), totals.get("flops_after", 0)
+        what = "MACs"
+    base_before, base_after = (layers_before, layers_after) if scope == "targeted" else (model_before, model_after)
+    report.budget.cost, report.budget.target = base_after, fraction * base_before  # the final model's figures
+    met = report.budget.met
+    label = "targeted layers" if scope == "targeted" else ("the whole model" if kind == "params"
+                                                           else "all Linear/Conv layers")
+    verdict = "met" if met else "NOT met"
+    report.budget_met = met
+    report.notes.insert(0, f"budget: {what} of {label} <= {fraction:.2%} of {base_before:,} = "
+                           f"{fraction * base_before:,.0f}; {verdict}: reached {base_after:,} "
+                           f"({base_after / max(base_before, 1):.2%})"
+                        + ("" if met else f", {base_after - fraction * base_before:,.0f} over")
+                        + f". Targeted layers: {layers_before:,} -> {layers_after:,} "
+                          f"({layers_after / max(layers_before, 1):.2%}); whole model: {model_before:,} -> "
+                          f"{model_after:,} ({model_after / max(model_before, 1):.2%})")
 
 
 def _progress(items, enabled):

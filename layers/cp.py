@@ -25,8 +25,9 @@ Grouped convs: each group's kernel gets its own CP at a shared rank (stages beco
 convs with groups=g; the depthwise stages have g*R channels). Depthwise convs, Linear
 layers (a matrix's CP is its SVD: use ``svd``, or ``tt`` for a tensorized matrix) and
 ``energy=`` (CP has no spectrum) are refused. ``rank=R``, ``tol=`` (smallest rank found whose
-fit meets it), ``ratio=``. ``error_bound`` is the exact a-posteriori error of the fit
-(root sum of squares over groups), ``weight_norm = ||K||_F``.
+fit meets it), ``ratio=``. ``fit.error`` is the exact a-posteriori error of the fit
+(root sum of squares over groups; no bound is certified, ``fit.error_bound`` is None),
+``fit.norm = ||K||_F``; ``fit.diagnostics["cp"]`` holds each group's ALS diagnostics.
 
 No data-aware (calibrated) variant. ``svd``, ``tucker`` and ``pq`` accept ``gram=`` /
 ``calibration=`` and fit the OUTPUT error ``||(W - W')X^T||_F``; CP does not, on purpose.
@@ -51,20 +52,21 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from decomp_toolkit.decomp import CPFactors
 from decomp_toolkit.decomp import cp as cp_decomp
 
-from ._accounting import layer_macs
-from ._tensor import (SelectableForward, attach_report, combine_bounds, conv_type, group_kernels, probe_config,
-                      refuse_depthwise)
-from ._validate import conv_config
-from .base import FactorizedLayer
-from .registry import register
-from .speed import check_speed_options, finish
 
-FUNCTIONAL = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+from ._accounting import layer_macs
+from ._tensor import SelectableForward, group_kernels, probe_config, refuse_depthwise
+from .base import FactorizedLayer
+from .fit import check_factors, spec_kwargs, weight_fit
+from .kinds import conv_config, functional, pad_input, standard_type
+from .registry import register, register_from_factors
+
 IMPLEMENTATIONS = ("separable", "fused")
+NO_DATA_AWARE = ("with an input-side Gram the CP-ALS subproblem becomes a weighted CP, which loses ALS's "
+                 "closed-form normal equations; see layers.cp's docstring")
 
 
 def _along(values, axis, dim, other):
@@ -81,6 +83,7 @@ class CPConv(SelectableForward, FactorizedLayer):
     """``first`` 1x1 conv C -> g*R, one depthwise stage per spatial axis, ``last`` 1x1 conv -> N (bias)."""
 
     IMPLEMENTATION_CHOICES = IMPLEMENTATIONS
+    CONFIG = ("rank", "implementation")
 
     def __init__(self, in_channels, out_channels, kernel_size, rank, stride=1, padding=0, dilation=1, groups=1,
                  bias=True, padding_mode="zeros", dim=2, implementation="separable", device=None, dtype=None):
@@ -89,7 +92,7 @@ class CPConv(SelectableForward, FactorizedLayer):
                            dim)
         self.dense_config = cfg
         self.rank = int(rank)
-        g, R, conv = groups, int(rank), conv_type(dim)
+        g, R, conv = groups, int(rank), standard_type(dim)
         kw = dict(device=device, dtype=dtype)
         self.first = conv(in_channels, g * R, 1, groups=g, bias=False, **kw)
         k, s, p, d = cfg["kernel_size"], cfg["stride"], cfg["padding"], cfg["dilation"]
@@ -98,9 +101,6 @@ class CPConv(SelectableForward, FactorizedLayer):
                  dilation=_along(d, a, dim, 1), groups=g * R, bias=False, padding_mode=padding_mode, **kw)
             for a in range(dim))
         self.last = conv(g * R, out_channels, 1, groups=g, bias=bias, **kw)
-        # the fused form pads exactly like the dense conv would
-        probe = conv(1, 1, k, stride=s, padding=p, dilation=d, padding_mode=padding_mode, device="meta")
-        self._fused_pad = tuple(probe._reversed_padding_repeated_twice)
         self.implementation = implementation
 
     @property
@@ -110,11 +110,6 @@ class CPConv(SelectableForward, FactorizedLayer):
     @property
     def bias(self):
         return self.last.bias
-
-    @property
-    def config(self):
-        return dict(**self.dense_config, rank=self.rank, bias=self.bias is not None,
-                    implementation=self.implementation)
 
     def fused_kernel(self):
         """The rank-1 depthwise kernel ``(g*R, 1, *k)``: product of the per-axis kernels (broadcast)."""
@@ -126,10 +121,10 @@ class CPConv(SelectableForward, FactorizedLayer):
     def _fused(self, x):
         cfg = self.dense_config
         padding = cfg["padding"]
-        if cfg["padding_mode"] != "zeros":
-            x = F.pad(x, self._fused_pad, mode=cfg["padding_mode"])
+        if cfg["padding_mode"] != "zeros":  # pad exactly as the dense conv would, then a padding-free conv
+            x = pad_input(x, cfg["padding"], cfg["kernel_size"], cfg["dilation"], cfg["padding_mode"])
             padding = 0
-        return FUNCTIONAL[cfg["dim"]](x, self.fused_kernel(), None, cfg["stride"], padding, cfg["dilation"],
+        return functional(cfg["dim"])(x, self.fused_kernel(), None, cfg["stride"], padding, cfg["dilation"],
                                       self.first.out_channels)
 
     def forward(self, x):
@@ -146,7 +141,7 @@ class CPConv(SelectableForward, FactorizedLayer):
         if self._implementation == "fused":
             batch_shape = shape
             cfg = self.dense_config
-            probe = conv_type(cfg["dim"])(self.first.out_channels, self.first.out_channels, cfg["kernel_size"],
+            probe = standard_type(cfg["dim"])(self.first.out_channels, self.first.out_channels, cfg["kernel_size"],
                                           stride=cfg["stride"], padding=cfg["padding"], dilation=cfg["dilation"],
                                           groups=self.first.out_channels, bias=False, device="meta")
             macs, shape = layer_macs(probe, batch_shape)
@@ -159,31 +154,48 @@ class CPConv(SelectableForward, FactorizedLayer):
         return total + macs, shape
 
     @classmethod
-    def from_dense(cls, conv, *, rank=None, energy=None, tol=None, ratio=None, context="", random_state=None,
-                   n_iter_max=100):
+    def from_dense(cls, conv, spec, *, context="", random_state=None, n_iter_max=100):
+        """CP of every group's kernel at a shared rank (the largest any group needs for ``tol=``)."""
         refuse_depthwise(conv, context, "cp")
         kernels = group_kernels(conv)
-        g = conv.groups
 
-        def run(K, **spec):
-            return cp_decomp(K, **spec, random_state=random_state, n_iter_max=n_iter_max,
+        def run(K, **rank_spec):
+            return cp_decomp(K, **rank_spec, random_state=random_state, n_iter_max=n_iter_max,
                              compute_dtype=torch.float64, context=context)
-        results = [run(kernels[i], rank=rank, energy=energy, tol=tol, ratio=ratio) for i in range(g)]
+        results = [run(K, **spec_kwargs(spec)) for K in kernels]
         R = max(f.rank for f in results)
         if any(f.rank != R for f in results):  # grouped + tol=: share the largest rank found
-            results = [run(kernels[i], rank=R) for i in range(g)]
-        cfg = conv_config(conv)
-        module = cls(**cfg, rank=R, bias=conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype)
-        parts = [f.absorbed_factors() for f in results]
-        module.first.weight.copy_(torch.cat([p[1].T for p in parts]).reshape(module.first.weight.shape))
-        for a, stage in enumerate(module.depthwise):
-            stage.weight.copy_(torch.cat([p[2 + a].T for p in parts]).reshape(stage.weight.shape))
-        last = torch.stack([p[0] for p in parts])  # (g, N/g, R)
-        module.last.weight.copy_(last.reshape(module.last.weight.shape))
+            results = [run(K, rank=R) for K in kernels]
+        module = cls(**conv_config(conv), rank=R, bias=conv.bias is not None, device=conv.weight.device,
+                     dtype=conv.weight.dtype)
+        module._load([f.absorbed_factors() for f in results])
         if conv.bias is not None:
             module.last.bias.copy_(conv.bias)
-        module.cp_info = [f.info for f in results]
-        return attach_report(module, *combine_bounds([f.error_bound for f in results], [f.norm for f in results]))
+        module.fit = weight_fit(results, cp=[f.info for f in results])
+        return module
+
+    @classmethod
+    def from_factors(cls, conv, factors, *, context=""):
+        """The layer from a CP of the kernel ``(N, C, *k)`` computed elsewhere (ungrouped convs)."""
+        refuse_depthwise(conv, context, "cp")
+        if conv.groups != 1:
+            raise ValueError(f"{context}: factors= for a grouped conv (groups={conv.groups}) is not supported; "
+                             f"decompose it with a rank spec")
+        check_factors(factors, CPFactors, [conv.weight.shape], context)
+        module = cls(**conv_config(conv), rank=factors.rank, bias=conv.bias is not None, device=conv.weight.device,
+                     dtype=conv.weight.dtype)
+        module._load([[torch.as_tensor(f) for f in factors.absorbed_factors()]])
+        if conv.bias is not None:
+            module.last.bias.copy_(conv.bias)
+        module.fit = weight_fit([factors])
+        return module
+
+    def _load(self, parts):
+        """Per group ``(A (N/g, R), B (C/g, R), u_1 (k_1, R), ...)`` (weights absorbed) into the stages."""
+        self.first.weight.copy_(torch.cat([p[1].T for p in parts]).reshape(self.first.weight.shape))
+        for a, stage in enumerate(self.depthwise):
+            stage.weight.copy_(torch.cat([p[2 + a].T for p in parts]).reshape(stage.weight.shape))
+        self.last.weight.copy_(torch.stack([p[0] for p in parts]).reshape(self.last.weight.shape))
 
     def dense_weight(self):
         cfg = self.dense_config
@@ -202,31 +214,28 @@ class CPConv(SelectableForward, FactorizedLayer):
 
 
 @register("cp", [1, 2, 3], "CP: 1x1, one depthwise conv per spatial axis, 1x1 (Lebedev et al. 2015)",
-          spec_kinds=("rank", "tol", "ratio"))
-def _cp_conv(layer, *, rank=None, energy=None, tol=None, ratio=None, context="", random_state=None, n_iter_max=100,
-             implementation="separable", optimize=None, input_shape=None, on_slower="warn"):
-    check_speed_options(optimize, input_shape, on_slower, context)
+          spec_kinds=("rank", "tol", "ratio"), no_data_aware_reason=NO_DATA_AWARE,
+          spec_refusal="{kind}= is not supported by CP (it has no spectrum to keep a fraction of); pass rank=, "
+                       "tol= or ratio=",
+          unsupported={"linear": "CP needs a 3-way or higher kernel, but a Linear weight is a matrix, whose CP "
+                                 "decomposition is its (truncated) SVD; use method='svd' for that, or method='tt' "
+                                 "for a tensorized (TT-matrix) factorization"})
+def _cp_conv(layer, spec, *, context, random_state=None, n_iter_max=100, implementation="separable"):
+    """Options:
+        random_state: seed (int or torch.Generator) of the ALS initialization
+        n_iter_max: ALS sweeps at most (default 100)
+        implementation: "separable" (default: one depthwise conv per axis) or "fused" (one rank-1 kernel)
+    """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"{context}: implementation={implementation!r} is not one of {IMPLEMENTATIONS}")
-
-    def build(**spec):
-        module = CPConv.from_dense(layer, **spec, context=context, random_state=random_state, n_iter_max=n_iter_max)
-        module.implementation = implementation
-        return module
-    module = build(rank=rank, energy=energy, tol=tol, ratio=ratio)
-    shape = (layer.out_channels // layer.groups,) + tuple(layer.weight.shape[1:])
-    limit = math.prod(shape) // max(shape)  # decomp.cp's default max_rank
-    return finish(module, layer, optimize=optimize, input_shape=input_shape, on_slower=on_slower, context=context,
-                  rebuild=lambda r: build(rank=r), limits=limit)
+    module = CPConv.from_dense(layer, spec, context=context, random_state=random_state, n_iter_max=n_iter_max)
+    module.implementation = implementation
+    return module
 
 
-@register("cp", ["linear"], "CP: not for Linear (a matrix's CP is its SVD)", spec_kinds=("rank", "tol", "ratio"))
-def _cp_linear(layer, *, rank=None, energy=None, tol=None, ratio=None, context="", random_state=None, n_iter_max=100,
-               implementation="separable", optimize=None, input_shape=None, on_slower="warn"):
-    # same options as the conv builder, so compress(model, method="cp", ...) reaches this message
-    raise ValueError(f"{context}: method='cp' needs a 3-way or higher kernel, but a Linear weight is a matrix, "
-                     f"whose CP decomposition is its (truncated) SVD; use method='svd' for that, or method='tt' "
-                     f"for a tensorized (TT-matrix) factorization")
+@register_from_factors("cp", [1, 2, 3])
+def _cp_from_factors(layer, factors, *, context):
+    return CPConv.from_factors(layer, factors, context=context)
 
 
 __all__ = ["CPConv"]

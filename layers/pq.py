@@ -23,16 +23,22 @@ only, Q-CNN style) never builds the weight: per call it forms the table
 sub-spaces with one ``embedding_bag``; it is faster than a dense matmul only when the
 output dimension is large compared with ``k`` (see benchmarks/bench_pq_structured.py).
 
+The conv forward is the functional conv (:mod:`layers.kinds`) with the decoded weight and
+the dense conv's options (non-zero padding modes padded explicitly, as ``nn.ConvNd`` does).
+
+``fit.error`` is the measured weight error (no bound is certified: ``fit.error_bound`` is
+None); ``fit.diagnostics["kmeans_history"]`` the k-means objective per step.
+
 Data-aware (``gram=`` the input Gram, per group ``(g, P, P)`` on the im2col layout for convs,
 or ``calibration=``, which ``compress(calibration=)`` passes; ``center=``/``input_mean=`` as
 for ``svd``): Stock et al. 2020's objective. The plain PQ (same block size, k, codebook
 layout; k chosen as without gram, also for ``tol=``) is refined by weighted k-means where
 sub-space ``J`` is measured by ``G_JJ`` (:func:`decomp.data_aware.weighted_pq`); the plain
 codebook is kept when the refinement does not lower the full output error on the
-calibration statistics (``data_aware_fit``: ``"data-aware"``/``"plain"``;
-``plain_output_error``). Then ``error_kind = "output"``, ``error_bound`` = the output
-error ``||(W - W')X^T||_F`` MEASURED on the given Gram (not a theorem bound),
-``output_norm = ||W X^T||_F``, ``weight_error`` the weight error; with ``input_mean=`` the
+calibration statistics (``fit.diagnostics``: ``data_aware_fit`` ``"data-aware"``/``"plain"``,
+``plain_output_error``, ``weighted_history``). Then ``fit.error_kind = "output"``,
+``fit.error`` = the output error ``||(W - W')X^T||_F`` MEASURED on the given Gram,
+``fit.norm = ||W X^T||_F``, ``fit.weight_error`` the weight error; with ``input_mean=`` the
 bias is corrected by ``(W - W') mean``.
 """
 from __future__ import annotations
@@ -47,9 +53,11 @@ from decomp_toolkit.decomp.data_aware import weighted_pq
 from decomp_toolkit.decomp.pq import code_dtype, pq
 
 from ._accounting import layer_macs
-from ._validate import conv_config, linear_config
-from .base import DENSE_TYPES, FactorizedLayer
-from .lowrank import _copy_bias, _resolve_gram
+from .base import FactorizedLayer
+from .data_aware import copy_bias, output_fit
+from .errors import UnsupportedLayerError
+from .fit import weight_fit
+from .kinds import conv_config, functional, linear_config, pad_input, standard_type
 from .registry import register
 
 FORWARD_MODES = ("decode", "lut")
@@ -57,6 +65,8 @@ FORWARD_MODES = ("decode", "lut")
 
 class _PQLayer(FactorizedLayer):
     """Shared storage, decoding and cache of PQLinear / PQConv."""
+
+    CONFIG = ("block_size", "n_centroids", "shared_codebook", "codebook_bits")
 
     def _init_storage(self, rows, row_length, block_size, n_centroids, shared_codebook, codebook_bits, bias,
                       device, dtype):
@@ -72,8 +82,6 @@ class _PQLayer(FactorizedLayer):
         else:
             self.register_parameter("bias", None)
         self._cache = None
-        self.error_bound = None
-        self.weight_norm = None
 
     @property
     def n_sub(self) -> int:
@@ -112,39 +120,30 @@ class _PQLayer(FactorizedLayer):
         self.codes.copy_(torch.as_tensor(factors.codes).to(self.codes.dtype))
         if bias is not None:
             self.bias.copy_(bias)
-        self.error_bound = factors.error_bound
-        self.weight_norm = factors.norm
-        self.kmeans_history = list(factors.history)
+        self.fit = weight_fit([factors], kmeans_history=list(factors.history))
         self.release_cache()
 
     def _data_aware(self, weight, groups, gram, input_mean, bias, n_iter, context):
         """Refine the loaded plain PQ for the output error on ``gram`` (decomp.data_aware.weighted_pq)."""
         if gram is None:
-            if input_mean is not None:
-                raise ValueError(f"{context}: input_mean= goes with gram= (the centered covariance of the inputs)")
             return
-        if not isinstance(gram, torch.Tensor):
-            raise TypeError(f"{context}: gram= must be a tensor X^T X, got {type(gram).__name__}")
         W = weight.detach().double().reshape(self.rows, self.row_length)
         padded = self.n_sub * self.block_size
         M = F.pad(W, (0, padded - self.row_length)) if padded > self.row_length else W
-        C, codes, info = weighted_pq(M, gram, self.codebooks.detach(), self.codes.long(), self.block_size,
-                                     groups=groups, n_iter=n_iter, context=context)
-        self.codebooks.copy_(C.to(self.codebooks.dtype))
-        self.codes.copy_(codes.to(self.codes.dtype))
+        refined = weighted_pq(M, gram, self.codebooks.detach(), self.codes.long(), self.block_size, groups=groups,
+                              n_iter=n_iter, context=context)
+        self.codebooks.copy_(torch.as_tensor(refined.codebooks).to(self.codebooks.dtype))
+        self.codes.copy_(torch.as_tensor(refined.codes).to(self.codes.dtype))
         self.release_cache()
+        approx = self.dense_weight().detach().double().reshape(W.shape)
         if bias is not None and input_mean is not None:
             g = groups
-            approx = self.dense_weight().detach().double().reshape(g, self.rows // g, -1)
-            eye = torch.eye(self.rows // g, dtype=torch.float64, device=approx.device).expand(g, -1, -1)
-            _copy_bias(self.bias, bias, W.reshape(g, self.rows // g, -1), eye, approx, input_mean, context)
-        self.error_bound = info["output_error"]     # MEASURED on the calibration statistics
-        self.error_kind = "output"
-        self.output_norm = info["output_norm"]
-        self.weight_error = float(torch.linalg.norm(W - self.dense_weight().detach().double().reshape(W.shape)))
-        self.plain_output_error = info["plain_output_error"]
-        self.data_aware_fit = info["fit"]
-        self.weighted_history = info["history"]
+            copy_bias(self.bias, bias, W.reshape(g, self.rows // g, -1), approx.reshape(g, self.rows // g, -1),
+                      input_mean, context)
+        self.fit = output_fit(error=refined.error, norm=refined.norm, weight_error=float(torch.linalg.norm(W - approx)),
+                              weight_norm=float(torch.linalg.norm(W)), data_aware_fit=refined.fit,
+                              plain_output_error=refined.plain_error, weighted_history=list(refined.history),
+                              kmeans_history=self.fit.diagnostics["kmeans_history"])
 
     def dense_weight(self) -> torch.Tensor:
         """The decoded weight (differentiable w.r.t. the codebooks), original shape."""
@@ -159,7 +158,8 @@ class _PQLayer(FactorizedLayer):
 
     # -- cache -------------------------------------------------------------------------------
     def _cache_key(self):
-        return (self.codebooks.data_ptr(), self.codebooks._version, self.codes.data_ptr(), self.codes._version,
+        # identity + version counters, not data_ptr(): export/compile trace with tensors that have no storage
+        return (id(self.codebooks), self.codebooks._version, id(self.codes), self.codes._version,
                 self.codebooks.dtype, self.codebooks.device)
 
     def release_cache(self):
@@ -209,22 +209,7 @@ class PQLinear(_PQLayer):
 
     @property
     def config(self):
-        return dict(**self.dense_config, block_size=self.block_size, n_centroids=self.n_centroids,
-                    shared_codebook=self.shared_codebook, codebook_bits=self.codebook_bits,
-                    bias=self.bias is not None, forward=self.forward_mode)
-
-    @classmethod
-    def from_dense(cls, linear, *, block_size=None, n_centroids=None, bits=None, tol=None, shared_codebook=True,
-                   pad=False, codebook_bits=16, n_iter=50, forward="decode", random_state=None, context="",
-                   gram=None, input_mean=None):
-        factors = pq(linear.weight, block_size, n_centroids, bits=bits, tol=tol, shared_codebook=shared_codebook,
-                     pad=pad, n_iter=n_iter, codebook_bits=codebook_bits, random_state=random_state, context=context)
-        module = cls(**linear_config(linear), block_size=factors.block_size, n_centroids=factors.n_centroids,
-                     shared_codebook=shared_codebook, codebook_bits=codebook_bits, bias=linear.bias is not None,
-                     forward=forward, device=linear.weight.device, dtype=linear.weight.dtype)
-        module._load_factors(factors, linear.bias)
-        module._data_aware(linear.weight, 1, gram, input_mean, linear.bias, n_iter, context)
-        return module.train(linear.training)
+        return dict(**super().config, forward=self.forward_mode)
 
     def forward(self, x):
         if self.forward_mode == "lut":
@@ -233,7 +218,7 @@ class PQLinear(_PQLayer):
 
     def _lut_index(self):
         """``(out, n_sub)`` flat indices ``s * k + codes[o, s]`` into the flattened LUT (cached)."""
-        key = (self.codes.data_ptr(), self.codes._version, self.codes.device)
+        key = (id(self.codes), self.codes._version, self.codes.device)
         cached = getattr(self, "_lut_index_cache", None)
         if cached is None or cached[0] != key:
             offsets = torch.arange(self.n_sub, device=self.codes.device) * self.n_centroids
@@ -281,41 +266,26 @@ class PQConv(_PQLayer):
                  dilation=1, groups=1, bias=True, padding_mode="zeros", dim=2, shared_codebook=True,
                  codebook_bits=16, device=None, dtype=None):
         super().__init__()
-        template = DENSE_TYPES[dim](in_channels, out_channels, kernel_size, stride=stride, padding=padding,
-                                    dilation=dilation, groups=groups, bias=False, padding_mode=padding_mode,
-                                    device="meta")
+        template = standard_type(dim)(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                                      dilation=dilation, groups=groups, bias=False, padding_mode=padding_mode,
+                                      device="meta")
         self.dense_config = conv_config(template)
         self.weight_shape = tuple(template.weight.shape)
-        del template.weight           # keep only its option logic (padding modes, 'same')
-        object.__setattr__(self, "_template", template)   # not a submodule: no state, untouched by .to()
         self._init_storage(out_channels, math.prod(self.weight_shape[1:]), block_size, n_centroids,
                            shared_codebook, codebook_bits, bias, device, dtype)
 
-    @property
-    def config(self):
-        return dict(**self.dense_config, block_size=self.block_size, n_centroids=self.n_centroids,
-                    shared_codebook=self.shared_codebook, codebook_bits=self.codebook_bits,
-                    bias=self.bias is not None)
-
-    @classmethod
-    def from_dense(cls, conv, *, block_size=None, n_centroids=None, bits=None, tol=None, shared_codebook=True,
-                   pad=False, codebook_bits=16, n_iter=50, random_state=None, context="", gram=None,
-                   input_mean=None):
-        factors = pq(conv.weight, block_size, n_centroids, bits=bits, tol=tol, shared_codebook=shared_codebook,
-                     pad=pad, n_iter=n_iter, codebook_bits=codebook_bits, random_state=random_state, context=context)
-        module = cls(**conv_config(conv), block_size=factors.block_size, n_centroids=factors.n_centroids,
-                     shared_codebook=shared_codebook, codebook_bits=codebook_bits, bias=conv.bias is not None,
-                     device=conv.weight.device, dtype=conv.weight.dtype)
-        module._load_factors(factors, conv.bias)
-        module._data_aware(conv.weight, conv.groups, gram, input_mean, conv.bias, n_iter, context)
-        return module.train(conv.training)
-
     def forward(self, x):
-        return self._template._conv_forward(x, self.weight_for_forward(), self.bias)
+        cfg = self.dense_config
+        padding = cfg["padding"]
+        if cfg["padding_mode"] != "zeros":  # as nn.ConvNd: pad with the mode, then a padding-free conv
+            x = pad_input(x, padding, cfg["kernel_size"], cfg["dilation"], cfg["padding_mode"])
+            padding = 0
+        return functional(cfg["dim"])(x, self.weight_for_forward(), self.bias, cfg["stride"], padding,
+                                      cfg["dilation"], cfg["groups"])
 
     def flops_and_shape(self, input_shape):
         """MACs of the decoded-weight conv (the same as the dense conv)."""
-        return layer_macs(self._template, input_shape)
+        return layer_macs(self.dense_type(**self._dense_kwargs(), device="meta"), input_shape)
 
     def extra_repr(self):
         cfg = self.dense_config
@@ -324,44 +294,59 @@ class PQConv(_PQLayer):
                 f"bias={self.bias is not None}")
 
 
-_REFUSED = "is not a product-quantization parameter; pass bits= (code bits per weight), " \
-           "n_centroids= (with block_size=) or tol= (relative Frobenius error of the weight)"
+def _build(cls, layer, spec, groups, *, context, block_size, n_centroids, bits, shared_codebook, pad,
+           codebook_bits, n_iter, random_state, gram, input_mean, **extra):
+    """Plain PQ of ``layer.weight`` (decomp.pq), refined for the output error when ``gram`` is given."""
+    tol = spec.value if spec is not None else None
+    factors = pq(layer.weight, n_centroids=n_centroids, block_size=block_size, bits=bits, tol=tol,
+                 shared_codebook=shared_codebook, pad=pad, n_iter=n_iter, codebook_bits=codebook_bits,
+                 random_state=random_state, context=context)
+    config = linear_config(layer) if isinstance(layer, nn.Linear) else conv_config(layer)
+    module = cls(**config, block_size=factors.block_size, n_centroids=factors.n_centroids,
+                 shared_codebook=shared_codebook, codebook_bits=codebook_bits, bias=layer.bias is not None,
+                 device=layer.weight.device, dtype=layer.weight.dtype, **extra)
+    module._load_factors(factors, layer.bias)
+    module._data_aware(layer.weight, groups, gram, input_mean, layer.bias, n_iter, context)
+    return module.train(layer.training)
 
 
-def _refuse_rank_specs(rank, energy, ratio, context):
-    for name, value in (("rank", rank), ("energy", energy), ("ratio", ratio)):
-        if value is not None:
-            raise ValueError(f"{context}: {name}= {_REFUSED}")
+PQ_SPECS = dict(spec_kinds=("tol",), spec_required=False, data_aware=True,
+                spec_refusal="{kind}= is not a product-quantization parameter; pass bits= (code bits per weight), "
+                             "n_centroids= (with block_size=) or tol= (relative Frobenius error of the weight)")
 
 
-@register("pq", ["linear"], "product quantization: k-means on weight sub-vectors (Stock et al. 2020)",
-          spec_kinds=("tol",))
-def _pq_linear(layer, *, rank=None, energy=None, tol=None, ratio=None, context="", block_size=None,
-               n_centroids=None, bits=None, shared_codebook=True, pad=False, codebook_bits=16, n_iter=50,
-               forward="decode", random_state=None, gram=None, input_mean=None, calibration=None, center=True):
-    _refuse_rank_specs(rank, energy, ratio, context)
+@register("pq", ["linear"], "product quantization: k-means on weight sub-vectors (Stock et al. 2020)", **PQ_SPECS)
+def _pq_linear(layer, spec, *, context, block_size=None, n_centroids=None, bits=None, shared_codebook=True, pad=False,
+               codebook_bits=16, n_iter=50, forward="decode", random_state=None, gram=None, input_mean=None):
+    """Options:
+        n_centroids: codewords per codebook (or give bits=, or tol=)
+        block_size: length of the weight sub-vectors (default: chosen from the shape)
+        bits: code bits per weight (picks block_size and n_centroids)
+        shared_codebook: one codebook for all sub-spaces (default True) or one per sub-space
+        pad: zero-pad rows whose length block_size does not divide
+        codebook_bits: bits per stored codebook entry, for size_bits (default 16)
+        n_iter: k-means steps at most (default 50)
+        forward: Linear: "decode" (decoded weight, cached in eval mode) or "lut" (look-up tables)
+        random_state: seed (int or torch.Generator) of the k-means++ initialization
+    """
     if forward not in FORWARD_MODES:
         raise ValueError(f"{context}: forward={forward!r} is not one of {FORWARD_MODES}")
-    gram, input_mean = _resolve_gram(layer, gram, input_mean, calibration, center, context)
-    return PQLinear.from_dense(layer, block_size=block_size, n_centroids=n_centroids, bits=bits, tol=tol,
-                               shared_codebook=shared_codebook, pad=pad, codebook_bits=codebook_bits, n_iter=n_iter,
-                               forward=forward, random_state=random_state, context=context, gram=gram,
-                               input_mean=input_mean)
+    return _build(PQLinear, layer, spec, 1, context=context, block_size=block_size, n_centroids=n_centroids, bits=bits,
+                  shared_codebook=shared_codebook, pad=pad, codebook_bits=codebook_bits, n_iter=n_iter,
+                  random_state=random_state, gram=gram, input_mean=input_mean, forward=forward)
 
 
-@register("pq", [1, 2, 3], "product quantization: k-means on weight sub-vectors (Stock et al. 2020)",
-          spec_kinds=("tol",))
-def _pq_conv(layer, *, rank=None, energy=None, tol=None, ratio=None, context="", block_size=None,
-             n_centroids=None, bits=None, shared_codebook=True, pad=False, codebook_bits=16, n_iter=50,
-             forward="decode", random_state=None, gram=None, input_mean=None, calibration=None, center=True):
-    _refuse_rank_specs(rank, energy, ratio, context)
+@register("pq", [1, 2, 3], "product quantization: k-means on weight sub-vectors (Stock et al. 2020)", **PQ_SPECS)
+def _pq_conv(layer, spec, *, context, block_size=None, n_centroids=None, bits=None, shared_codebook=True, pad=False,
+             codebook_bits=16, n_iter=50, forward="decode", random_state=None, gram=None, input_mean=None):
+    if forward not in FORWARD_MODES:
+        raise ValueError(f"{context}: forward={forward!r} is not one of {FORWARD_MODES}")
     if forward != "decode":
-        raise ValueError(f"{context}: forward={forward!r}: convolutions only support forward='decode' "
-                         f"(look-up tables are implemented for Linear layers)")
-    gram, input_mean = _resolve_gram(layer, gram, input_mean, calibration, center, context)
-    return PQConv.from_dense(layer, block_size=block_size, n_centroids=n_centroids, bits=bits, tol=tol,
-                             shared_codebook=shared_codebook, pad=pad, codebook_bits=codebook_bits, n_iter=n_iter,
-                             random_state=random_state, context=context, gram=gram, input_mean=input_mean)
+        raise UnsupportedLayerError(context, f"forward={forward!r}: convolutions only support forward='decode' "
+                                             f"(look-up tables are implemented for Linear layers)")
+    return _build(PQConv, layer, spec, layer.groups, context=context, block_size=block_size, n_centroids=n_centroids,
+                  bits=bits, shared_codebook=shared_codebook, pad=pad, codebook_bits=codebook_bits, n_iter=n_iter,
+                  random_state=random_state, gram=gram, input_mean=input_mean)
 
 
 __all__ = ["PQLinear", "PQConv"]

@@ -26,12 +26,17 @@ import math
 import torch
 import torch.nn as nn
 
-from decomp_toolkit.decomp.structured import (circulant, circulant_apply, circulant_index, fft_size, ldr, ldr_apply, ldr_dense,
-                               toeplitz, toeplitz_apply, toeplitz_index)
+from decomp_toolkit.decomp import circulant, ldr, toeplitz
+from decomp_toolkit.decomp.formats.structured import (circulant_apply, circulant_index, fft_size, ldr_apply,
+                                                      ldr_dense, toeplitz_apply, toeplitz_index)
 
-from ._validate import linear_config
 from .base import FactorizedLayer
+from .fit import spec_kwargs, weight_fit
+from .kinds import linear_config
 from .registry import register
+
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _rows_of(input_shape, in_features):
@@ -57,19 +62,22 @@ class _StructuredLinear(FactorizedLayer):
             self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
         else:
             self.register_parameter("bias", None)
-        self.error_bound = None
-        self.weight_norm = None
 
     def _finish(self, x, y, lead):
+        y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)
 
-    def _attach(self, factors, linear):
+    @staticmethod
+    def _fft_ready(*tensors):
+        """The tensors in a dtype torch.fft accepts: half/bfloat16 are computed in float32."""
+        return [t.float() if t.dtype in LOW_PRECISION else t for t in tensors]
+
+    def _attach(self, factors, linear, **diagnostics):
         if linear.bias is not None:
             self.bias.copy_(linear.bias)
-        self.error_bound = factors.error_bound
-        self.weight_norm = factors.norm
+        self.fit = weight_fit([factors], **diagnostics)
         return self.train(linear.training)
 
 
@@ -77,15 +85,12 @@ class ToeplitzLinear(_StructuredLinear):
     """``y = T x + b`` with a Toeplitz ``T`` (``diagonals`` parameter), FFT forward."""
 
     rank = None
+    CONFIG = ()
 
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
         super().__init__()
         self._init_common(in_features, out_features, bias, device, dtype)
         self.diagonals = nn.Parameter(torch.zeros(in_features + out_features - 1, device=device, dtype=dtype))
-
-    @property
-    def config(self):
-        return dict(**self.dense_config, bias=self.bias is not None)
 
     @classmethod
     def from_dense(cls, linear, *, context=""):
@@ -97,7 +102,8 @@ class ToeplitzLinear(_StructuredLinear):
 
     def forward(self, x):
         lead = x.shape[:-1]
-        y = toeplitz_apply(self.diagonals, x.reshape(-1, self.in_features), self.out_features, self.in_features)
+        diagonals, rows = self._fft_ready(self.diagonals, x.reshape(-1, self.in_features))
+        y = toeplitz_apply(diagonals, rows, self.out_features, self.in_features)
         return self._finish(x, y, lead)
 
     def dense_weight(self):
@@ -117,6 +123,7 @@ class CirculantLinear(_StructuredLinear):
     """``y = C x + b`` with a (block-)circulant ``C`` (``blocks`` parameter (n_out, n_in, b)), FFT forward."""
 
     rank = None
+    CONFIG = ("block_size",)
 
     def __init__(self, in_features, out_features, block_size=None, bias=True, device=None, dtype=None):
         super().__init__()
@@ -125,10 +132,6 @@ class CirculantLinear(_StructuredLinear):
         self.block_size = b
         self.blocks = nn.Parameter(torch.zeros(-(-out_features // b), -(-in_features // b), b, device=device,
                                                dtype=dtype))
-
-    @property
-    def config(self):
-        return dict(**self.dense_config, block_size=self.block_size, bias=self.bias is not None)
 
     @classmethod
     def from_dense(cls, linear, *, block_size=None, context=""):
@@ -140,7 +143,8 @@ class CirculantLinear(_StructuredLinear):
 
     def forward(self, x):
         lead = x.shape[:-1]
-        y = circulant_apply(self.blocks, x.reshape(-1, self.in_features), self.out_features)
+        blocks, rows = self._fft_ready(self.blocks, x.reshape(-1, self.in_features))
+        y = circulant_apply(blocks, rows, self.out_features)
         return self._finish(x, y, lead)
 
     def dense_weight(self):
@@ -169,31 +173,28 @@ class LDRLinear(_StructuredLinear):
         self.G = nn.Parameter(torch.zeros(self.rank, self.size, device=device, dtype=dtype))
         self.H = nn.Parameter(torch.zeros(self.rank, self.size, device=device, dtype=dtype))
 
-    @property
-    def config(self):
-        return dict(**self.dense_config, rank=self.rank, bias=self.bias is not None)
-
     @classmethod
-    def from_dense(cls, linear, *, rank=None, energy=None, tol=None, ratio=None, context=""):
-        factors = ldr(linear.weight, rank, energy=energy, tol=tol, ratio=ratio, context=context)
+    def from_dense(cls, linear, spec, *, context=""):
+        factors = ldr(linear.weight, **spec_kwargs(spec), context=context)
         module = cls(**linear_config(linear), rank=factors.rank, bias=linear.bias is not None,
                      device=linear.weight.device, dtype=linear.weight.dtype)
         module.G.copy_(torch.as_tensor(factors.G))
         module.H.copy_(torch.as_tensor(factors.H))
-        module.displacement_error = factors.displacement_error
-        module.operator_bound = factors.operator_bound
-        return module._attach(factors, linear)
+        return module._attach(factors, linear, displacement_error=factors.displacement_error,
+                              operator_bound=factors.operator_bound)
 
     def forward(self, x):
         lead = x.shape[:-1]
         x = x.reshape(-1, self.in_features)
         if self.size != self.in_features:
             x = nn.functional.pad(x, (0, self.size - self.in_features))
-        y = ldr_apply(self.G, self.H, x)[:, :self.out_features]
+        G, H, rows = self._fft_ready(self.G, self.H, x)
+        y = ldr_apply(G, H, rows)[:, :self.out_features]
         return self._finish(x, y, lead)
 
     def dense_weight(self):
-        return ldr_dense(self.G, self.H, n_cols=self.in_features)[:self.out_features]
+        G, H = self._fft_ready(self.G, self.H)
+        return ldr_dense(G, H, n_cols=self.in_features)[:self.out_features].to(self.G.dtype)
 
     def flops_and_shape(self, input_shape):
         rows, lead = _rows_of(input_shape, self.in_features)
@@ -206,31 +207,35 @@ class LDRLinear(_StructuredLinear):
                 f"bias={self.bias is not None}")
 
 
-@register("toeplitz", ["linear"], "nearest Toeplitz matrix, FFT forward (Sindhwani et al. 2015)", spec_kinds=())
-def _toeplitz_linear(layer, *, rank=None, energy=None, tol=None, ratio=None, context=""):
-    _refuse_spec(dict(rank=rank, energy=energy, tol=tol, ratio=ratio), "toeplitz", context)
+PROJECTION = dict(spec_kinds=(), spec_required=False,
+                  spec_refusal="method={method!r} is a projection with no rank to choose, so {given} does not apply; "
+                               "call it without a rank specification{extra}, or use method='ldr' with rank=")
+
+
+@register("toeplitz", ["linear"], "nearest Toeplitz matrix, FFT forward (Sindhwani et al. 2015)",
+          **dict(PROJECTION, spec_refusal=PROJECTION["spec_refusal"].format(method="toeplitz", given="{given}",
+                                                                            extra="")))
+def _toeplitz_linear(layer, spec, *, context):
     return ToeplitzLinear.from_dense(layer, context=context)
 
 
 @register("circulant", ["linear"], "nearest (block-)circulant matrix, FFT forward (Cheng et al. 2015)",
-          spec_kinds=())
-def _circulant_linear(layer, *, rank=None, energy=None, tol=None, ratio=None, context="", block_size=None):
-    _refuse_spec(dict(rank=rank, energy=energy, tol=tol, ratio=ratio), "circulant", context)
+          **dict(PROJECTION, spec_refusal=PROJECTION["spec_refusal"].format(
+              method="circulant", given="{given}", extra="; pass block_size= for block-circulant")))
+def _circulant_linear(layer, spec, *, context, block_size=None):
+    """Options:
+        block_size: size b of the circulant blocks (default: one block of max(in, out))
+    """
     return CirculantLinear.from_dense(layer, block_size=block_size, context=context)
 
 
-@register("ldr", ["linear"], "Toeplitz-like low displacement rank, FFT forward (Sindhwani et al. 2015)")
-def _ldr_linear(layer, *, rank=None, energy=None, tol=None, ratio=None, context=""):
-    return LDRLinear.from_dense(layer, rank=rank, energy=energy, tol=tol, ratio=ratio, context=context)
-
-
-def _refuse_spec(spec, method, context):
-    given = [k for k, v in spec.items() if v is not None]
-    if given:
-        extra = "; pass block_size= for block-circulant" if method == "circulant" else ""
-        raise ValueError(f"{context}: method={method!r} is a projection with no rank to choose, so "
-                         f"{'/'.join(k + '=' for k in given)} does not apply; call it without a rank "
-                         f"specification{extra}, or use method='ldr' with rank=")
+@register("ldr", ["linear"], "Toeplitz-like low displacement rank, FFT forward (Sindhwani et al. 2015)",
+          spec_kinds=("rank", "energy", "ratio"),
+          spec_refusal="{kind}= is not supported by method='ldr': its tol= would bound the displacement, not the "
+                       "weight error, so it certifies nothing about the layer; pass rank=, energy= or ratio=, or use "
+                       "a method whose tol= is certified ('svd', 'tucker', 'tt')")
+def _ldr_linear(layer, spec, *, context):
+    return LDRLinear.from_dense(layer, spec, context=context)
 
 
 __all__ = ["ToeplitzLinear", "CirculantLinear", "LDRLinear"]

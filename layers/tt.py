@@ -22,9 +22,9 @@ are overhead-bound either way. ``optimize="speed"`` times all three (:mod:`layer
 ``sum_k r_{k-1} m_k n_k r_k`` (+ bias).
 
 Rank: ``rank=`` an int cap on every bond or the ``d - 1`` bond ranks, ``energy=``,
-``tol=`` (certified: ``error_bound <= tol ||W||_F``, TT-SVD, Oseledets 2011), ``ratio=``;
-``max_rank=``, ``d=`` (number of cores). ``error_bound`` is the TT-SVD bound,
-``weight_norm = ||W||_F``. ``rank`` is the bond tuple ``(r_1, ..., r_{d-1})``.
+``tol=`` (certified: ``fit.error_bound <= tol ||W||_F``, TT-SVD, Oseledets 2011), ``ratio=``;
+``max_rank=``, ``d=`` (number of cores). ``fit.error_bound`` is the TT-SVD bound,
+``fit.norm = ||W||_F``. ``rank`` is the bond tuple ``(r_1, ..., r_{d-1})``.
 
 Convs are refused: a TT over the channel modes of a conv with a k x k core would be a
 chain whose channel part is what Tucker-2 already factorizes (with an optimal,
@@ -37,12 +37,13 @@ import math
 import torch
 import torch.nn as nn
 
-from decomp_toolkit.decomp.tt import max_tt_ranks, tt_matrix
+from decomp_toolkit.decomp import TTMatrixFactors
+from decomp_toolkit.decomp.tt import tt_matrix
 
-from ._tensor import SelectableForward, attach_report
+from ._tensor import SelectableForward
 from .base import FactorizedLayer
-from .registry import register
-from .speed import check_speed_options, finish
+from .fit import check_factors, spec_kwargs, weight_fit
+from .registry import register, register_from_factors
 
 ORDERS = ("rtl", "ltr", "rtl-pairs")
 
@@ -107,6 +108,7 @@ class TTLinear(SelectableForward, FactorizedLayer):
 
     IMPLEMENTATION_CHOICES = ORDERS
     implementations = ORDERS
+    CONFIG = ("in_shape", "out_shape", "rank", "implementation")
 
     def _default_implementation(self, rows=64):
         """The cheaper of rtl/ltr at ``rows`` rows, or rtl-pairs (from 3 cores) unless it needs over 1.25x the
@@ -134,11 +136,6 @@ class TTLinear(SelectableForward, FactorizedLayer):
                                 / math.sqrt(core.shape[0]))
             if self.bias is not None:
                 nn.init.zeros_(self.bias)
-
-    @property
-    def config(self):
-        return dict(**self.dense_config, in_shape=self.in_shape, out_shape=self.out_shape, rank=self.rank,
-                    bias=self.bias is not None, implementation=self.implementation)
 
     @staticmethod
     def _contract(x2d, cores, in_shape, out_shape):
@@ -196,54 +193,47 @@ class TTLinear(SelectableForward, FactorizedLayer):
                 f"out_shape={self.out_shape}, rank={self.rank}, implementation={self.implementation!r}")
 
     @classmethod
-    def from_dense(cls, linear, *, rank=None, energy=None, tol=None, ratio=None, context="", in_shape=None,
-                   out_shape=None, d=None, max_rank=None):
-        factors = tt_matrix(linear.weight.detach(), in_shape=in_shape, out_shape=out_shape, rank=rank, energy=energy,
-                            tol=tol, ratio=ratio, max_rank=max_rank, d=d, compute_dtype=torch.float64, context=context)
-        module = cls(linear.in_features, linear.out_features, factors.in_shape, factors.out_shape, factors.rank[1:-1],
-                     bias=linear.bias is not None, device=linear.weight.device, dtype=linear.weight.dtype)
+    def from_dense(cls, linear, spec, *, context="", in_shape=None, out_shape=None, d=None, max_rank=None):
+        """TT-matrix of ``linear.weight`` (:func:`decomp.tt.tt_matrix`) for RankSpec ``spec``."""
+        factors = tt_matrix(linear.weight.detach(), **spec_kwargs(spec), in_shape=in_shape, out_shape=out_shape,
+                            max_rank=max_rank, d=d, compute_dtype=torch.float64, context=context)
+        return cls.from_factors(linear, factors, context=context)
+
+    @classmethod
+    def from_factors(cls, linear, factors, *, context=""):
+        """The layer from a TT-matrix of ``linear.weight (out, in)`` computed elsewhere."""
+        check_factors(factors, TTMatrixFactors, [linear.weight.shape], context)
+        module = cls(linear.in_features, linear.out_features, factors.in_shape, factors.out_shape,
+                     [int(c.shape[-1]) for c in factors.cores[:-1]], bias=linear.bias is not None,
+                     device=linear.weight.device, dtype=linear.weight.dtype)
         for param, core in zip(module.cores, factors.cores):
-            param.copy_(core)
+            param.copy_(torch.as_tensor(core))
         if linear.bias is not None:
             module.bias.copy_(linear.bias)
-        return attach_report(module, factors.error_bound, factors.norm)
-
-
-def _feasible(bonds, dims):
-    """Clip bond ranks so that r_k <= r_{k-1} dims_k and r_k <= dims_{k+1} r_{k+1}."""
-    full = [1] + list(bonds) + [1]
-    for k in range(1, len(full) - 1):
-        full[k] = min(full[k], full[k - 1] * dims[k - 1])
-    for k in range(len(full) - 2, 0, -1):
-        full[k] = min(full[k], dims[k] * full[k + 1])
-    return tuple(full[1:-1])
+        module.fit = weight_fit([factors])
+        return module
 
 
 @register("tt", ["linear"], "TT-matrix: the input contracted core by core (Novikov et al. 2015)",
-          spec_kinds=("rank", "energy", "tol", "ratio"))
-def _tt_linear(layer, *, rank=None, energy=None, tol=None, ratio=None, context="", in_shape=None, out_shape=None,
-               d=None, max_rank=None, optimize=None, input_shape=None, on_slower="warn"):
-    check_speed_options(optimize, input_shape, on_slower, context)
-    if isinstance(rank, list):
-        rank = tuple(rank)
-    module = TTLinear.from_dense(layer, rank=rank, energy=energy, tol=tol, ratio=ratio, context=context,
-                                 in_shape=in_shape, out_shape=out_shape, d=d, max_rank=max_rank)
-    dims = [m * n for m, n in zip(module.out_shape, module.in_shape)]
+          spec_kinds=("rank", "energy", "tol", "ratio"), rank_tuples=True,
+          unsupported={kind: "TT factorizes Linear layers (TT-matrix); for a conv, the TT of its channel modes with "
+                             "the k x k kernel kept is what method='tucker' (Tucker-2: 1x1, k x k, 1x1) computes with "
+                             "an optimal certified core, so use method='tucker' (or 'svd'/'cp') for convs"
+                       for kind in (1, 2, 3)})
+def _tt_linear(layer, spec, *, context, in_shape=None, out_shape=None, d=None, max_rank=None):
+    """Options:
+        in_shape: factorization (n_1, ..., n_d) of in_features (default: balanced factors)
+        out_shape: factorization (m_1, ..., m_d) of out_features (default: balanced factors)
+        d: number of cores of the automatic factorization
+        max_rank: cap on every bond rank
+    """
+    return TTLinear.from_dense(layer, spec, context=context, in_shape=in_shape, out_shape=out_shape, d=d,
+                               max_rank=max_rank)
 
-    def rebuild(bonds):
-        return TTLinear.from_dense(layer, rank=_feasible(bonds, dims), context=context, in_shape=module.in_shape,
-                                   out_shape=module.out_shape)
-    return finish(module, layer, optimize=optimize, input_shape=input_shape, on_slower=on_slower, context=context,
-                  rebuild=rebuild, limits=max_tt_ranks(dims))
 
-
-@register("tt", [1, 2, 3], "TT: not for convs (use tucker)", spec_kinds=("rank", "energy", "tol", "ratio"))
-def _tt_conv(layer, *, rank=None, energy=None, tol=None, ratio=None, context="", in_shape=None, out_shape=None,
-             d=None, max_rank=None, optimize=None, input_shape=None, on_slower="warn"):
-    # same options as the Linear builder, so compress(model, method="tt", ...) reaches this message
-    raise ValueError(f"{context}: method='tt' factorizes Linear layers (TT-matrix); for a conv, the TT of its "
-                     f"channel modes with the k x k kernel kept is what method='tucker' (Tucker-2: 1x1, k x k, 1x1) "
-                     f"computes with an optimal certified core, so use method='tucker' (or 'svd'/'cp') for convs")
+@register_from_factors("tt", ["linear"])
+def _tt_from_factors(layer, factors, *, context):
+    return TTLinear.from_factors(layer, factors, context=context)
 
 
 __all__ = ["TTLinear"]

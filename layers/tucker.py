@@ -16,43 +16,50 @@
   :class:`~layers.lowrank.LowRankLinear` (two matmuls, the SVD-optimal factors); pass
   ``rank=R`` or ``(R, R)``, energy/tol/ratio/'vbmf' as for ``svd``.
 
-``error_bound`` is the HOSVD bound of :func:`decomp.tucker.tucker` (root sum of squares
-over groups), ``weight_norm`` = ``||K||_F``. Ranks: ``rank=R`` (both modes), ``(R_out, R_in)``,
+``fit.error_bound`` is the HOSVD bound of :func:`decomp.tucker.tucker` (root sum of squares
+over groups), ``fit.weight_norm`` = ``||K||_F``. Ranks: ``rank=R`` (both modes), ``(R_out, R_in)``,
 ``energy=``, ``tol=`` (certified), ``ratio=``, ``"vbmf"`` (Kim et al.'s selector).
-``algorithm`` is decomp.tucker's method: ``"hooi"`` (default), ``"sthosvd"``, ``"hosvd"``.
-Speed: see :mod:`layers.speed` (``optimize="speed"``).
+``algorithm`` is decomp.tucker's: ``"hooi"`` (default), ``"sthosvd"``, ``"hosvd"``.
+``optimize="speed"``: see :mod:`layers.speed`.
 
 Data-aware (``gram=X^T X`` of the layer's im2col inputs per group, or ``calibration=`` from
 :func:`layers.calibrate`, which ``compress(calibration=)`` passes automatically; ``center=``
 and ``input_mean=`` as for ``svd``): the ranks come from the rank spec exactly as for the
 plain Tucker-2 (weight spectra), then the factors and core are refit for the OUTPUT error
-``||(W - W')X^T||_F`` by :func:`decomp.data_aware.whitened_tucker2` (``n_iter`` alternating
-sweeps: exact U_out given U_in, whitened-input-mode U_in, least-squares core). The plain
-Tucker-2 is kept when the refit does not beat it on the calibration statistics, so the
-output error is never above plain Tucker-2's at the same ranks; ``data_aware_fit`` says
-which was kept (``"data-aware"`` / ``"plain"``), ``plain_output_error`` gives the plain one.
-Then ``error_kind = "output"``, ``error_bound`` = the output error MEASURED on the given Gram
-(exact on the calibration data, not a theorem bound: no certified optimum exists here),
-``output_norm = ||W X^T||_F``, ``weight_error``/``weight_norm`` the weight error. With
-``input_mean=`` the bias is corrected by ``(W - W') mean``. Grouped convs use each group's
-Gram. Linear layers get the whitened SVD (:mod:`layers.lowrank`).
+``||(W - W')X^T||_F`` by :func:`decomp.data_aware.whitened_tucker2` (``n_iter_max``
+alternating sweeps: exact U_out given U_in, whitened-input-mode U_in, least-squares core).
+The plain Tucker-2 is kept when the refit does not beat it on the calibration statistics,
+so the output error is never above plain Tucker-2's at the same ranks. Then
+``fit.error_kind = "output"``, ``fit.error`` = the output error MEASURED on the given Gram
+(exact on the calibration data; no bound is certified: ``fit.error_bound`` is None),
+``fit.norm = ||W X^T||_F``, ``fit.weight_error`` the weight error, and ``fit.diagnostics``
+has ``data_aware_fit`` (``"data-aware"``/``"plain"``: which was kept) and
+``plain_output_error``. With ``input_mean=`` the bias is corrected by ``(W - W') mean``.
+Grouped convs use each group's Gram. Linear layers get the whitened SVD (:mod:`layers.lowrank`).
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from decomp_toolkit.decomp import TuckerFactors
 from decomp_toolkit.decomp import tucker as tucker_decomp
 from decomp_toolkit.decomp.data_aware import whitened_tucker2
+from decomp_toolkit.decomp.rank import RankSpec
 
-from ._tensor import attach_report, combine_bounds, conv_type, group_kernels, probe_config, refuse_depthwise
-from ._validate import conv_config
+from ._tensor import group_kernels, pair_rank, probe_config, refuse_depthwise
 from .base import FactorizedChain
 from .budget import BudgetProfile
-from .lowrank import LowRankLinear, _copy_bias, _resolve_gram, _svd_budget_profile, _svd_linear
-from .registry import register, register_budget_profile
-from .speed import check_speed_options, finish
+from .data_aware import copy_bias, output_fit
+from .fit import check_factors, spec_kwargs, weight_fit
+from .kinds import conv_config, standard_type
+from .lowrank import LowRankLinear, svd_budget_profile
+from .registry import register, register_budget_profile, register_from_factors
+
+ALGORITHMS = ("hooi", "sthosvd", "hosvd")
 
 
 class TuckerConv(FactorizedChain):
@@ -63,83 +70,83 @@ class TuckerConv(FactorizedChain):
         super().__init__()
         self.dense_config = probe_config(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                                          padding_mode, dim)
-        r_out, r_in = (rank, rank) if isinstance(rank, int) else tuple(int(r) for r in rank)
-        self.rank = (r_out, r_in)
-        g, conv = groups, conv_type(dim)
+        r_out, r_in = self.rank = pair_rank(rank)
+        g, conv = groups, standard_type(dim)
         kw = dict(device=device, dtype=dtype)
         self.first = conv(in_channels, g * r_in, 1, groups=g, bias=False, **kw)
         self.core = conv(g * r_in, g * r_out, kernel_size, stride=stride, padding=padding, dilation=dilation,
                          groups=g, bias=False, padding_mode=padding_mode, **kw)
         self.last = conv(g * r_out, out_channels, 1, groups=g, bias=bias, **kw)
 
-    @property
-    def config(self):
-        return dict(**self.dense_config, rank=self.rank, bias=self.bias is not None)
-
     @classmethod
-    def from_dense(cls, conv, *, rank=None, energy=None, tol=None, ratio=None, context="", algorithm="hooi",
-                   gram=None, input_mean=None, n_iter=5):
+    def from_dense(cls, conv, spec, *, context="", algorithm="hooi", gram=None, input_mean=None, n_iter_max=5):
+        """Tucker-2 of every group's kernel at shared ranks; refit for the output error when ``gram`` is given."""
         refuse_depthwise(conv, context, "tucker")
-        if isinstance(rank, int) and not isinstance(rank, bool):
-            rank = (rank, rank)
         kernels = group_kernels(conv)
-        g = conv.groups
-
-        def run(K, **spec):
-            return tucker_decomp(K, **spec, modes=(0, 1), method=algorithm, compute_dtype=torch.float64,
-                                 context=context)
-        spec = dict(rank=rank, energy=energy, tol=tol, ratio=ratio)
-        spec = {k: v for k, v in spec.items() if v is not None}
-        results = [run(kernels[i], **spec) for i in range(g)]
-        ranks = tuple(max(f.rank[m] for f in results) for m in range(2))
-        if any(f.rank != ranks for f in results):  # grouped: share the largest ranks any group needs
-            results = [run(kernels[i], rank=ranks) for i in range(g)]
-        module = cls(**conv_config(conv), rank=ranks, bias=conv.bias is not None, device=conv.weight.device,
-                     dtype=conv.weight.dtype)
+        results = _group_tucker(kernels, spec, algorithm, context)
+        module = cls(**conv_config(conv), rank=results[0].rank, bias=conv.bias is not None,
+                     device=conv.weight.device, dtype=conv.weight.dtype)
         if gram is not None:
-            return cls._data_aware(module, conv, kernels, results, gram, input_mean, n_iter, context)
-        if input_mean is not None:
-            raise ValueError(f"{context}: input_mean= goes with gram= (the centered covariance of the inputs)")
-        module.first.weight.copy_(torch.cat([f.factors[1].T for f in results]).reshape(module.first.weight.shape))
-        module.core.weight.copy_(torch.cat([f.core for f in results]).reshape(module.core.weight.shape))
-        module.last.weight.copy_(torch.cat([f.factors[0] for f in results]).reshape(module.last.weight.shape))
+            return module._refit(conv, kernels, results, gram, input_mean, n_iter_max, context)
+        module._load([f.factors[0] for f in results], [f.factors[1] for f in results], [f.core for f in results])
         if conv.bias is not None:
             module.last.bias.copy_(conv.bias)
-        return attach_report(module, *combine_bounds([f.error_bound for f in results], [f.norm for f in results]))
+        module.fit = weight_fit(results)
+        return module
 
-    @staticmethod
-    def _data_aware(module, conv, kernels, results, gram, input_mean, n_iter, context):
+    @classmethod
+    def from_factors(cls, conv, factors, *, context=""):
+        """The layer from a Tucker of the kernel ``(N, C, *k)`` computed elsewhere (modes (0, 1), or all modes:
+        the spatial factors are then absorbed into the core). Ungrouped convs."""
+        refuse_depthwise(conv, context, "tucker")
+        if conv.groups != 1:
+            raise ValueError(f"{context}: factors= for a grouped conv (groups={conv.groups}) is not supported; "
+                             f"decompose it with a rank spec")
+        check_factors(factors, TuckerFactors, [conv.weight.shape], context)
+        if tuple(factors.modes[:2]) != (0, 1):
+            raise ValueError(f"{context}: factors= must decompose the channel modes (0, 1), got modes {factors.modes}")
+        core = torch.as_tensor(factors.core, dtype=torch.float64)
+        for mode, U in zip(factors.modes[2:], factors.factors[2:]):  # absorb spatial factors
+            core = torch.movedim(torch.tensordot(torch.as_tensor(U, dtype=torch.float64), core, dims=([1], [mode])),
+                                 0, mode)
+        U_out, U_in = (torch.as_tensor(U, dtype=torch.float64) for U in factors.factors[:2])
+        module = cls(**conv_config(conv), rank=(U_out.shape[1], U_in.shape[1]), bias=conv.bias is not None,
+                     device=conv.weight.device, dtype=conv.weight.dtype)
+        module._load([U_out], [U_in], [core])
+        if conv.bias is not None:
+            module.last.bias.copy_(conv.bias)
+        module.fit = weight_fit([factors])
+        return module
+
+    def _load(self, U_out, U_in, cores):
+        """Per-group ``U_out (N/g, R_out)``, ``U_in (C/g, R_in)``, ``core (R_out, R_in, *k)`` into the stages."""
+        self.first.weight.copy_(torch.cat([u.T for u in U_in]).reshape(self.first.weight.shape))
+        self.core.weight.copy_(torch.cat(list(cores)).reshape(self.core.weight.shape))
+        self.last.weight.copy_(torch.cat(list(U_out)).reshape(self.last.weight.shape))
+
+    def _refit(self, conv, kernels, results, gram, input_mean, n_iter_max, context):
         """Refit the plain Tucker-2 ``results`` for the output error on ``gram`` (decomp.data_aware)."""
-        if not isinstance(gram, torch.Tensor):
-            raise TypeError(f"{context}: gram= must be a tensor X^T X, got {type(gram).__name__}")
-        fit = whitened_tucker2(kernels.double(), gram.double(),
-                               [(f.factors[0], f.factors[1], f.core) for f in results], n_iter=n_iter,
-                               context=context)
-        module.first.weight.copy_(fit["U_in"].transpose(1, 2).reshape(module.first.weight.shape))
-        module.core.weight.copy_(fit["core"].reshape(module.core.weight.shape))
-        module.last.weight.copy_(fit["U_out"].reshape(module.last.weight.shape))
+        refit = whitened_tucker2(kernels.double(), gram.double(),
+                                 [(f.factors[0], f.factors[1], f.core) for f in results], n_iter_max=n_iter_max,
+                                 context=context)
+        self._load(refit.U_out, refit.U_in, refit.core)
         if conv.bias is not None:
             g = conv.groups
             matrix = kernels.reshape(g, conv.out_channels // g, -1)
-            kk = int(np.prod(conv.kernel_size))
-            inner = torch.einsum("gosk,gcs->gock", fit["core"].reshape(g, fit["core"].shape[1], -1, kk),
-                                 fit["U_in"]).reshape(g, fit["core"].shape[1], -1)
-            _copy_bias(module.last.bias, conv.bias, matrix, fit["U_out"], inner, input_mean, context)
-        module.error_bound = fit["output_error"]       # MEASURED on the calibration statistics
-        module.error_kind = "output"
-        module.output_norm = fit["output_norm"]
-        module.weight_norm = float(torch.linalg.norm(kernels.double()))
-        module.weight_error = fit["weight_error"]
-        module.plain_output_error = fit["plain_output_error"]
-        module.data_aware_fit = fit["fit"]
-        return module
+            core = refit.core.reshape(*refit.core.shape[:3], -1)          # (g, R_out, R_in, kk)
+            inner = torch.einsum("gosk,gcs->gock", core, refit.U_in).reshape(g, core.shape[1], -1)
+            copy_bias(self.last.bias, conv.bias, matrix, refit.U_out @ inner, input_mean, context)
+        self.fit = output_fit(error=refit.error, norm=refit.norm, weight_error=refit.weight_error,
+                              weight_norm=refit.weight_norm, data_aware_fit=refit.fit,
+                              plain_output_error=refit.plain_error)
+        return self
 
     def dense_weight(self):
         cfg = self.dense_config
         g, N, C = cfg["groups"], cfg["out_channels"], cfg["in_channels"]
         r_out, r_in = self.rank
         k = tuple(cfg["kernel_size"])
-        kk = int(np.prod(k))
+        kk = math.prod(k)
         U_out = self.last.weight.reshape(g, N // g, r_out)
         core = self.core.weight.reshape(g, r_out, r_in, kk).transpose(2, 3)  # (g, R_out, kk, R_in)
         U_in_t = self.first.weight.reshape(g, r_in, C // g)
@@ -151,50 +158,62 @@ class TuckerConv(FactorizedChain):
         return f"rank={self.rank}"
 
 
-def _tucker_limits(conv):
-    g = conv.groups
-    return (conv.out_channels // g, conv.in_channels // g)
+def _group_tucker(kernels, spec, algorithm, context):
+    """Tucker-2 of each group's kernel; groups share the largest ranks any group needs."""
+    if spec.kind == "rank" and isinstance(spec.value, int):
+        spec = RankSpec("rank", (spec.value, spec.value))
+
+    def run(K, **rank_spec):
+        return tucker_decomp(K, **rank_spec, modes=(0, 1), algorithm=algorithm, compute_dtype=torch.float64,
+                             context=context)
+    results = [run(K, **spec_kwargs(spec)) for K in kernels]
+    ranks = tuple(max(f.rank[m] for f in results) for m in range(2))
+    if any(f.rank != ranks for f in results):
+        results = [run(K, rank=ranks) for K in kernels]
+    return results
+
+
+def _check_algorithm(algorithm, context):
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"{context}: algorithm={algorithm!r} is not one of {ALGORITHMS}")
+
+
+TUCKER_SPECS = dict(spec_kinds=("rank", "energy", "tol", "ratio", "vbmf"), rank_tuples=True, data_aware=True)
 
 
 @register("tucker", [1, 2, 3], "Tucker-2 on the channel modes: 1x1, k x k core, 1x1 (Kim et al. 2016)",
-          spec_kinds=("rank", "energy", "tol", "ratio"))
-def _tucker_conv(layer, *, rank=None, energy=None, tol=None, ratio=None, context="", algorithm="hooi",
-                 optimize=None, input_shape=None, on_slower="warn", gram=None, input_mean=None, calibration=None,
-                 center=True, n_iter=5):
-    check_speed_options(optimize, input_shape, on_slower, context)
-    gram, input_mean = _resolve_gram(layer, gram, input_mean, calibration, center, context)
-    data = dict(gram=gram, input_mean=input_mean, n_iter=n_iter)
-    module = TuckerConv.from_dense(layer, rank=rank, energy=energy, tol=tol, ratio=ratio, context=context,
-                                   algorithm=algorithm, **data)
-    return finish(module, layer, optimize=optimize, input_shape=input_shape, on_slower=on_slower, context=context,
-                  rebuild=lambda r: TuckerConv.from_dense(layer, rank=r, context=context, algorithm=algorithm,
-                                                          **data),
-                  limits=_tucker_limits(layer))
+          **TUCKER_SPECS)
+def _tucker_conv(layer, spec, *, context, algorithm="hooi", n_iter_max=5, gram=None, input_mean=None):
+    """Options:
+        algorithm: "hooi" (default), "sthosvd" or "hosvd" (decomp.tucker)
+        n_iter_max: data-aware fits: alternating refit sweeps (default 5)
+    """
+    _check_algorithm(algorithm, context)
+    return TuckerConv.from_dense(layer, spec, context=context, algorithm=algorithm, gram=gram, input_mean=input_mean,
+                                 n_iter_max=n_iter_max)
 
 
-def _linear_rank(rank, context):
-    if isinstance(rank, (tuple, list)):
-        if len(rank) != 2 or rank[0] != rank[1]:
+def _linear_spec(spec, context):
+    if spec.kind == "rank" and isinstance(spec.value, tuple):
+        if len(spec.value) != 2 or spec.value[0] != spec.value[1]:
             raise ValueError(f"{context}: for a Linear, Tucker-2 is the truncated SVD, whose core has rank "
-                             f"min(R_out, R_in); pass rank=R or rank=(R, R), got rank={tuple(rank)!r}")
-        return int(rank[0])
-    return rank
+                             f"min(R_out, R_in); pass rank=R or rank=(R, R), got rank={spec.value!r}")
+        return RankSpec("rank", spec.value[0])
+    return spec
 
 
-@register("tucker", ["linear"], "Tucker-2 of a matrix = truncated SVD: two matmuls (LowRankLinear)")
-def _tucker_linear(layer, *, rank=None, energy=None, tol=None, ratio=None, context="", algorithm="hooi",
-                   optimize=None, input_shape=None, on_slower="warn", gram=None, input_mean=None, calibration=None,
-                   center=True, n_iter=5):
-    """``algorithm`` and ``n_iter`` are accepted (so compress can pass them to every layer) and unused: a
+@register("tucker", ["linear"], "Tucker-2 of a matrix = truncated SVD: two matmuls (LowRankLinear)", **TUCKER_SPECS)
+def _tucker_linear(layer, spec, *, context, algorithm="hooi", n_iter_max=5, gram=None, input_mean=None):
+    """``algorithm`` and ``n_iter_max`` are accepted (so compress can pass them to every layer) and unused: a
     matrix's SVD is exact; with ``gram=``/``calibration=`` it is the data-aware (whitened) SVD."""
-    check_speed_options(optimize, input_shape, on_slower, context)
-    gram, input_mean = _resolve_gram(layer, gram, input_mean, calibration, center, context)
-    module = _svd_linear(layer, rank=_linear_rank(rank, context), energy=energy, tol=tol, ratio=ratio,
-                         context=context, gram=gram, input_mean=input_mean)
-    return finish(module, layer, optimize=optimize, input_shape=input_shape, on_slower=on_slower, context=context,
-                  rebuild=lambda r: LowRankLinear.from_dense(layer, rank=r, context=context, gram=gram,
-                                                             input_mean=input_mean),
-                  limits=min(layer.in_features, layer.out_features))
+    _check_algorithm(algorithm, context)
+    return LowRankLinear.from_dense(layer, _linear_spec(spec, context), context=context, gram=gram,
+                                    input_mean=input_mean)
+
+
+@register_from_factors("tucker", [1, 2, 3])
+def _tucker_from_factors(layer, factors, *, context):
+    return TuckerConv.from_factors(layer, factors, context=context)
 
 
 def mode_energies(conv):
@@ -214,7 +233,7 @@ def mode_energies(conv):
 def _tucker_budget_profile(layer, **options):
     """Convs: two rank axes (R_out from mode 0, R_in from mode 1); Linear: the SVD spectrum."""
     if isinstance(layer, nn.Linear):
-        return _svd_budget_profile(layer)
+        return svd_budget_profile(layer)
     config, bias = conv_config(layer), layer.bias is not None
 
     def build(ranks):

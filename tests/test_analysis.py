@@ -96,7 +96,7 @@ def test_spectrum_is_what_decompose_truncates(net, name, scheme):
     options = {} if isinstance(layer, nn.Linear) else {"scheme": scheme}
     for rank in (1, 2):
         small = decompose(layer, "svd", rank=rank, **options)
-        assert small.error_bound == pytest.approx(tail_errors(s)[rank], rel=1e-9, abs=1e-12)
+        assert small.fit.error_bound == pytest.approx(tail_errors(s)[rank], rel=1e-9, abs=1e-12)
 
 
 def test_spectrum_modes_are_unfolding_spectra(net):

@@ -1,9 +1,12 @@
-"""The ``decomp`` console script and model file I/O (analysis.cli, analysis.model_io).
+"""The ``decomp`` console script and model file I/O (analysis.io.cli, analysis.io.model_io).
 
 Round trips: compress -> save -> load gives the same outputs as the compressed model in
-memory, for torch.export (.pt2), TorchScript and trusted pickles. Bad input exits with
-status 2 and one line on stderr.
+memory, for torch.export (.pt2, dynamic batch and token-sequence dims), ONNX (checked in
+onnxruntime), save_compressed folders, TorchScript and explicitly requested pickles. The
+output format follows OUT's name, or the command refuses. Bad input exits with status 2
+and one line on stderr.
 """
+import re
 import subprocess
 import sys
 
@@ -11,8 +14,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from decomp_toolkit.analysis import model_io
-from decomp_toolkit.analysis.cli import main
+from decomp_toolkit.analysis.io import export, model_io
+from decomp_toolkit.analysis.io.cli import main
 from decomp_toolkit.analysis.zoo import ZOO
 from decomp_toolkit.layers import compress
 
@@ -105,7 +108,8 @@ def test_detect_format(files, tmp_path):
 def test_cli_round_trip(kind, files, tmp_path, capsys):
     model, paths = files
     out = tmp_path / f"small.{kind}"
-    extra = {"pt2": [], "ts": ["--input-shape", SHAPE], "pkl": ["--trust-pickle", "--input-shape", SHAPE]}[kind]
+    extra = {"pt2": [], "ts": ["--input-shape", SHAPE],
+             "pkl": ["--trust-pickle", "--input-shape", SHAPE, "--format", "pickle"]}[kind]
     code, stdout, _ = run(capsys, "compress", str(paths[kind]), "--ratio", "0.5", "-o", str(out), "-q",
                           "--threads", "1", "--eval", *extra)
     assert code == 0 and "saved" in stdout and "output vs original" in stdout
@@ -130,7 +134,7 @@ def test_save_and_load_back_are_identical(files, tmp_path):
     cases = [(from_graph, "export", "g.pt2"), (from_graph, "torchscript", "g.ts"), (eager, "export", "e.pt2"),
              (eager, "torchscript", "e.ts"), (eager, "pickle", "e.pt")]
     for small, fmt, name in cases:
-        model_io.save(small, tmp_path / name, fmt, (X,))
+        export.save(small, tmp_path / name, fmt, (X,), static=small is from_graph)   # a graph at fixed shapes
         back = model_io.load_saved(tmp_path / name, fmt)
         with torch.no_grad():
             assert torch.equal(back(X), small(X)), fmt
@@ -150,6 +154,128 @@ def test_compress_zoo_model_to_pt2_with_eval(tmp_path, capsys):
     x = torch.randn(1, 1, 28, 28)
     assert program.module()(x).shape == (1, 10)
     assert '"totals"' in (tmp_path / "r.json").read_text()
+
+
+@pytest.fixture
+def dynamic_pt2(tmp_path):
+    """small_net exported at batch 4 with a dynamic batch dimension."""
+    path = tmp_path / "dyn.pt2"
+    batch = torch.export.Dim("batch")
+    torch.export.save(torch.export.export(small_net(), (torch.randn(4, 3, 12, 12),), dynamic_shapes=({0: batch},)),
+                      str(path))
+    return path
+
+
+def test_user_dynamic_batch_pt2_stays_dynamic(tmp_path, capsys, dynamic_pt2):
+    """The user's program was exported at batch 4 with a dynamic batch; the compressed .pt2 runs at 1, 2 and 7."""
+    out = tmp_path / "small.pt2"
+    code, stdout, _ = run(capsys, "compress", str(dynamic_pt2), "--ratio", "0.5", "-o", str(out), "-q", "--threads", "1")
+    assert code == 0 and "dynamic batch dim" in stdout and "checked torch.export program" in stdout
+    program = torch.export.load(str(out)).module()
+    small = model_io.load_saved(out, "export")
+    for batch in (1, 2, 7):
+        x = torch.randn(batch, 3, 12, 12)
+        assert program(x).shape == (batch, 10)
+        assert torch.equal(small(x), program(x))
+
+
+class TokenNet(nn.Module):
+    """Token ids (N, T) -> (N, T, 8): an embedding and two Linear layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.up = nn.Linear(16, 32)
+        self.down = nn.Linear(32, 8)
+
+    def forward(self, ids):
+        return self.down(torch.relu(self.up(self.emb(ids))))
+
+
+def test_fixed_shape_user_file_is_said_to_stay_fixed(tmp_path, capsys, files):
+    _, paths = files
+    code, stdout, _ = run(capsys, "compress", str(paths["pt2"]), "--ratio", "0.5", "-o", str(tmp_path / "s.pt2"),
+                          "-q", "--threads", "1")
+    assert code == 0 and "was traced at fixed shapes 2x3x12x12" in stdout and "dynamic batch dim" not in stdout
+
+
+def test_zoo_pt2_runs_at_batch_1_2_and_7(tmp_path, capsys):
+    if not ZOO["mnist-cnn"].installed():
+        pytest.skip(f"mnist-cnn not installed: {ZOO['mnist-cnn'].install}")
+    out = tmp_path / "small.pt2"
+    assert run(capsys, "compress", "mnist-cnn", "--method", "tucker", "--ratio", "0.5", "-o", str(out), "-q",
+               "--threads", "1")[0] == 0
+    program = torch.export.load(str(out)).module()
+    for batch in (1, 2, 7):
+        assert program(torch.randn(batch, 1, 28, 28)).shape == (batch, 10)
+
+
+def test_token_inputs_get_a_dynamic_sequence_dim(tmp_path, capsys):
+    torch.manual_seed(0)
+    path, out = tmp_path / "tok.pt2", tmp_path / "tok_small.pt2"
+    dims = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("length", max=64)},)
+    torch.export.save(torch.export.export(TokenNet().eval(), (torch.zeros(3, 5, dtype=torch.int64),),
+                                          dynamic_shapes=dims), str(path))
+    code, stdout, _ = run(capsys, "compress", str(path), "--rank", "4", "-o", str(out), "-q", "--threads", "1")
+    assert code == 0, stdout
+    program = torch.export.load(str(out)).module()
+    for batch, length in ((1, 1), (2, 9), (7, 3)):
+        assert program(torch.randint(0, 50, (batch, length))).shape == (batch, length, 8)
+
+
+def test_pickled_input_named_pt2_is_written_as_torch_export(tmp_path, capsys, files):
+    _, paths = files
+    out = tmp_path / "from_pickle.pt2"
+    code, _, _ = run(capsys, "compress", str(paths["pkl"]), "--trust-pickle", "--input-shape", SHAPE, "--ratio", "0.5",
+                     "-o", str(out), "-q", "--threads", "1")
+    assert code == 0 and model_io.detect_format(out) == "export"
+
+
+def test_onnx_output_is_checked_in_onnxruntime(tmp_path, capsys, dynamic_pt2):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "small.onnx"
+    code, stdout, _ = run(capsys, "compress", str(dynamic_pt2), "--ratio", "0.5", "-o", str(out), "-q",
+                          "--threads", "1")
+    assert code == 0
+    line = next(l for l in stdout.splitlines() if l.startswith("checked onnxruntime"))
+    diffs = [float(v) for v in re.findall(r"max abs diff (\S+?)(?:,|$)", line)]
+    assert len(diffs) == 3 and max(diffs) < 1e-4, line
+    small = compress(model_io.load(str(dynamic_pt2)).model, method="svd", ratio=0.5, progress=False)[0]
+    assert max(export.check_onnx(out, small, (X,), batches=(1, 5)).values()) < 1e-4
+
+
+def test_folder_output_info_and_reload(tmp_path, capsys, files):
+    if not ZOO["mnist-cnn"].installed():
+        pytest.skip(f"mnist-cnn not installed: {ZOO['mnist-cnn'].install}")
+    out = tmp_path / "small"
+    code, stdout, _ = run(capsys, "compress", "mnist-cnn", "--method", "tucker", "--ratio", "0.5", "-o", str(out),
+                          "--format", "dir", "-q", "--threads", "1")
+    assert code == 0 and "save_compressed folder" in stdout
+    assert sorted(p.name for p in out.iterdir()) == ["compressed.json", "model.safetensors"]
+    code, info, _ = run(capsys, "info", str(out))
+    assert code == 0 and "base model: zoo 'mnist-cnn'" in info and "TuckerConv" in info and "total" in info
+    code, stdout, _ = run(capsys, "analyze", str(out), "--threads", "1")   # a folder is a model input too
+    assert code == 0 and "dir" in stdout.splitlines()[0]
+
+
+def test_info_shows_the_report_stored_in_pt2_and_onnx(tmp_path, capsys, dynamic_pt2):
+    pytest.importorskip("onnx")
+    for name in ("r.pt2", "r.onnx"):
+        assert run(capsys, "compress", str(dynamic_pt2), "--ratio", "0.5", "-o", str(tmp_path / name), "-q",
+                   "--threads", "1")[0] == 0
+        code, info, _ = run(capsys, "info", str(tmp_path / name))
+        assert code == 0 and "params_before" in info and "replaced" in info, info
+    assert "input 0: (s" in run(capsys, "info", str(tmp_path / "r.pt2"))[1]
+
+
+def test_output_format_follows_the_name_or_is_refused(capsys, tmp_path, files):
+    _, paths = files
+    args = ["compress", str(paths["pt2"]), "--ratio", "0.5", "-q", "-o"]
+    assert "would be a pickle" in run_error(capsys, *args, str(tmp_path / "o.pt"))
+    assert "--format onnx but" in run_error(capsys, *args, str(tmp_path / "o.pt2"), "--format", "onnx")
+    assert "--format dir writes a folder" in run_error(capsys, *args, str(tmp_path / "o.onnx"), "--format", "dir")
+    assert "cannot tell the output format" in run_error(capsys, *args, str(tmp_path / "noext"))
+    assert not any(tmp_path.glob("o.*")) and not (tmp_path / "noext").exists()
 
 
 def test_compress_with_global_budget(tmp_path, capsys, files):
@@ -185,7 +311,7 @@ def test_conflicting_and_missing_specs(capsys, tmp_path):
     line = run_error(capsys, "compress", "mnist-cnn", "--energy", "0.9", "--ratio", "0.5", "-o", out)
     assert "not allowed with argument" in line
     line = run_error(capsys, "compress", "mnist-cnn", "-o", out)
-    assert "one of the arguments --energy --tol --ratio --rank --budget-params --budget-flops is required" in line
+    assert "needs a rank specification: pass one of the arguments --energy --tol --ratio --rank" in line
     line = run_error(capsys, "compress", "mnist-cnn", "--energy", "0.9")
     assert "-o/--output" in line
     line = run_error(capsys, "compress", "mnist-cnn", "--energy", "lots", "-o", out)
@@ -242,7 +368,7 @@ def test_scripted_model_the_converter_cannot_handle(capsys, tmp_path):
 
 def test_console_script_error_is_one_line(tmp_path):
     """Through a real process: status 2, one stderr line, no traceback."""
-    proc = subprocess.run([sys.executable, "-m", "decomp_toolkit.analysis.cli", "analyze", str(tmp_path / "missing.pt2")],
+    proc = subprocess.run([sys.executable, "-m", "decomp_toolkit.analysis.io.cli", "analyze", str(tmp_path / "missing.pt2")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr

@@ -1,6 +1,7 @@
 """Whole-model compression: walker, policy, report, global budget allocation."""
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -227,3 +228,18 @@ def test_calibrated_budget_allocates_by_output_energy():
         out_error = float((small(data) - reference).norm() / reference.norm())
         blind_error = float((blind(data) - reference).norm() / reference.norm())
     assert out_error < 1e-4 < 0.1 < blind_error
+
+
+def test_time_layers_false_skips_the_speed_check():
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    x = torch.randn(4, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no SlowerThanDenseWarning can come from an untimed layer
+        _, report = compress(model, method="svd", rank=4, example_input=x, time_layers=False, progress=False)
+    replaced = [r for r in report.layers if r.status == "replaced"]
+    assert replaced and all(r.speedup is None for r in replaced)
+    assert all(r.flops_after is not None and r.flops_after < r.flops_before for r in replaced)
+    _, timed = compress(model, method="svd", rank=4, example_input=x, progress=False)
+    assert all(r.speedup is not None for r in timed.layers if r.status == "replaced")
+    with pytest.raises(TypeError, match="time_layers"):
+        compress(model, method="svd", rank=4, time_layers="no")

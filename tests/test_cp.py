@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from decomp_toolkit.decomp import CPFactors, cp
-from decomp_toolkit.decomp.factors import cp_reconstruct
+from decomp_toolkit.decomp.formats.cp import cp_reconstruct
 
 
 def cp_tensor(shape, R, seed=0, dtype=torch.float64):
@@ -25,14 +25,14 @@ def rel_err(A, B):
        seed=st.integers(0, 1000))
 def test_exact_recovery_of_generic_rank_r(shape, R, seed):
     T = cp_tensor(shape, R, seed)
-    c = cp(T, rank=R, n_iter_max=300, tol_rel=1e-10)
+    c = cp(T, rank=R, n_iter_max=300, convergence_tol=1e-10)
     assert isinstance(c, CPFactors)
     assert c.shape == shape and c.rank == R
-    assert c.error_bound / c.norm <= 1e-6
+    assert c.error / c.norm <= 1e-6
     assert rel_err(T, c.to_tensor()) <= 1e-6
     assert c.num_params == R * sum(shape)
-    # error_bound is the exact error of the returned model
-    assert abs(c.error_bound - float((T - c.to_tensor()).norm())) <= 1e-9 * c.norm
+    # error is the exact error of the returned model
+    assert abs(c.error - float((T - c.to_tensor()).norm())) <= 1e-9 * c.norm
 
 
 def test_reconstruction_layout_matches_definition():
@@ -48,8 +48,8 @@ def test_rank_above_mode_sizes_and_random_init():
     T = cp_tensor((3, 4, 5), 6, 3)
     for init in ("svd", "random"):
         c = cp(T, rank=6, init=init, n_iter_max=100, random_state=1)
-        assert c.rank == 6 and np.isfinite(c.error_bound)
-        assert c.error_bound / c.norm < 0.05
+        assert c.rank == 6 and np.isfinite(c.error)
+        assert c.error / c.norm < 0.05
 
 
 def test_numpy_float32_round_trip():
@@ -86,24 +86,24 @@ def test_degenerate_border_rank_tensor_never_nan():
     outer = lambda x, y, z: torch.einsum("a,b,c->abc", x, y, z)  # noqa: E731
     T = outer(a1, a2, b3) + outer(a1, b2, a3) + outer(b1, a2, a3)
     for init in ("svd", "random"):
-        c = cp(T, rank=2, init=init, n_iter_max=150, tol_rel=0)
-        assert np.isfinite(c.error_bound)
+        c = cp(T, rank=2, init=init, n_iter_max=150, convergence_tol=0)
+        assert np.isfinite(c.error)
         assert all(torch.isfinite(F).all() for F in c.factors) and torch.isfinite(c.weights).all()
         assert c.info["degenerate"] is True
         assert c.info["ridge"] > 0 and c.info["min_congruence"] < -0.5
         assert c.info["weights_ratio"] <= 10 * 1.5
-        assert c.error_bound / c.norm < 0.05
+        assert c.error / c.norm < 0.05
 
 
 def test_tol_finds_minimal_rank_on_exact_tensor():
     T = cp_tensor((6, 7, 8), 4, 5)
     c = cp(T, tol=1e-4, n_iter_max=300)
-    assert c.error_bound <= 1e-4 * c.norm
+    assert c.error <= 1e-4 * c.norm
     assert c.rank == 4
     search = c.info["rank_search"]
     assert search[3] > 1e-4 and search[4] <= 1e-4
     below = cp(T, rank=3, n_iter_max=300)
-    assert below.error_bound > 1e-4 * below.norm
+    assert below.error > 1e-4 * below.norm
 
 
 def test_tol_unreachable_raises():
@@ -160,23 +160,23 @@ def test_bad_rank_specs():
 
 def test_zero_tensor():
     c = cp(torch.zeros(3, 3, 3), rank=2)
-    assert c.error_bound == 0 and torch.count_nonzero(c.to_tensor()) == 0
+    assert c.error == 0 and torch.count_nonzero(c.to_tensor()) == 0
 
 
 def test_conv_kernel_shape_and_linesearch_helps():
     gen = torch.Generator().manual_seed(0)
     K = torch.randn(16, 8, 3, 3, generator=gen, dtype=torch.float64)
-    plain = cp(K, rank=12, n_iter_max=40, tol_rel=0, linesearch=False)
-    fast = cp(K, rank=12, n_iter_max=40, tol_rel=0)
+    plain = cp(K, rank=12, n_iter_max=40, convergence_tol=0, linesearch=False)
+    fast = cp(K, rank=12, n_iter_max=40, convergence_tol=0)
     assert [tuple(F.shape) for F in fast.factors] == [(16, 12), (8, 12), (3, 12), (3, 12)]
-    assert fast.error_bound <= plain.error_bound * 1.001
+    assert fast.error <= plain.error * 1.001
     errs = fast.info["errors"]
     assert all(b <= a + 1e-9 for a, b in zip(errs, errs[1:]))
 
 
 def test_mixed_precision_matches_float64():
     K = torch.randn(10, 9, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    a = cp(K, rank=6, n_iter_max=60, tol_rel=0, mixed_precision=True)
-    b = cp(K, rank=6, n_iter_max=60, tol_rel=0, mixed_precision=False)
+    a = cp(K, rank=6, n_iter_max=60, convergence_tol=0, mixed_precision=True)
+    b = cp(K, rank=6, n_iter_max=60, convergence_tol=0, mixed_precision=False)
     assert a.weights.dtype == torch.float64
-    assert abs(a.error_bound - b.error_bound) <= 1e-3 * a.norm
+    assert abs(a.error - b.error) <= 1e-3 * a.norm

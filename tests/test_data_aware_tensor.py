@@ -59,13 +59,13 @@ def test_tucker_data_aware_never_worse_than_plain(groups):
     e_plain, e_aware = conv_output_error(conv, plain, gram), conv_output_error(conv, aware, gram)
     assert e_aware <= e_plain * (1 + 1e-9)
     assert e_aware < 0.9 * e_plain  # correlated inputs: the refit wins clearly
-    assert aware.data_aware_fit == "data-aware"
-    assert aware.error_kind == "output"
-    assert math.isclose(aware.error_bound, e_aware, rel_tol=1e-6)
-    assert math.isclose(aware.plain_output_error, e_plain, rel_tol=1e-6)
+    assert aware.fit.diagnostics["data_aware_fit"] == "data-aware"
+    assert aware.fit.error_kind == "output" and aware.fit.error_bound is None  # measured, not certified
+    assert math.isclose(aware.fit.error, e_aware, rel_tol=1e-6)
+    assert math.isclose(aware.fit.diagnostics["plain_output_error"], e_plain, rel_tol=1e-6)
     W = conv.weight.detach().double().reshape(groups, 10 // groups, -1)
     norm = math.sqrt(sum(float(((W[i] @ gram[i]) * W[i]).sum()) for i in range(groups)))
-    assert math.isclose(aware.output_norm, norm, rel_tol=1e-9)
+    assert math.isclose(aware.fit.norm, norm, rel_tol=1e-9)
     with torch.no_grad():
         assert torch.allclose(aware(x), aware.to_dense()(x), atol=1e-4)
 
@@ -80,7 +80,7 @@ def test_tucker_data_aware_with_input_mean_corrects_the_bias():
         measured = float((conv(x).double() - aware(x).double()).norm())
         plain = decompose(conv, "tucker", rank=(3, 2))
         plain_err = float((conv(x).double() - plain(x).double()).norm())
-    assert math.isclose(aware.error_bound, measured, rel_tol=1e-3)
+    assert math.isclose(aware.fit.error, measured, rel_tol=1e-3)
     assert measured < plain_err
 
 
@@ -115,13 +115,13 @@ def test_compress_tucker_with_calibration_reports_output_bounds():
     records = {r.name: r for r in report.layers}
     assert records["conv1"].replaced and records["conv2"].replaced
     assert any("OUTPUT error" in note for note in report.notes)
-    assert small.conv2.error_kind == "output"
-    # conv2: the reported relative bound is the measured relative output error on the calibration data
+    assert small.conv2.fit.error_kind == "output"
+    # conv2: the reported relative output error is the one measured on the calibration data
     with torch.no_grad():
         feats = torch.relu(model.conv1(x))
         ref, approx = model.conv2(feats).double(), small.conv2(feats).double()
     centered = ref - ref.mean((0, 2, 3), keepdim=True)
-    assert math.isclose(records["conv2"].rel_error_bound, float((ref - approx).norm()) / float(centered.norm()),
+    assert math.isclose(records["conv2"].rel_output_error, float((ref - approx).norm()) / float(centered.norm()),
                         rel_tol=1e-3)
 
 
@@ -141,10 +141,10 @@ def test_pq_linear_data_aware_beats_plain_on_correlated_inputs():
             e_plain = output_error(linear.weight.detach(), plain.dense_weight().detach(), gram)
             e_aware = output_error(linear.weight.detach(), aware.dense_weight().detach(), gram)
             assert e_aware <= e_plain * (1 + 1e-9)
-            assert math.isclose(aware.error_bound, e_aware, rel_tol=1e-5)
-            assert aware.error_kind == "output" and aware.data_aware_fit in ("data-aware", "plain")
+            assert math.isclose(aware.fit.error, e_aware, rel_tol=1e-5)
+            assert aware.fit.error_kind == "output" and aware.fit.diagnostics["data_aware_fit"] in ("data-aware", "plain")
             assert aware.codes.shape == plain.codes.shape and aware.codebooks.shape == plain.codebooks.shape
-            h = aware.weighted_history
+            h = aware.fit.diagnostics["weighted_history"]
             assert all(b <= a * (1 + 1e-9) for a, b in zip(h, h[1:]))
             plain_errs.append(e_plain)
             aware_errs.append(e_aware)
@@ -160,11 +160,11 @@ def test_pq_conv_data_aware_and_bias_correction():
     plain = decompose(conv, "pq", block_size=3, n_centroids=8, random_state=0)
     aware = decompose(conv, "pq", block_size=3, n_centroids=8, random_state=0, gram=gram)
     assert conv_output_error(conv, aware, gram) <= conv_output_error(conv, plain, gram) * (1 + 1e-9)
-    assert math.isclose(aware.error_bound, conv_output_error(conv, aware, gram), rel_tol=1e-5)
+    assert math.isclose(aware.fit.error, conv_output_error(conv, aware, gram), rel_tol=1e-5)
     centered = decompose(conv, "pq", block_size=3, n_centroids=8, random_state=0, calibration=cal)
     with torch.no_grad():
         measured = float((conv(x).double() - centered(x).double()).norm())
-    assert math.isclose(centered.error_bound, measured, rel_tol=1e-3)
+    assert math.isclose(centered.fit.error, measured, rel_tol=1e-3)
 
 
 def test_compress_pq_with_calibration_uses_output_bounds():
@@ -175,7 +175,7 @@ def test_compress_pq_with_calibration_uses_output_bounds():
     small, report = compress(model, method="pq", block_size=4, n_centroids=4, random_state=0, calibration=cal,
                              progress=False)
     assert all(r.replaced for r in report.layers)
-    assert small[0].error_kind == "output" and small[2].error_kind == "output"
+    assert small[0].fit.error_kind == "output" and small[2].fit.error_kind == "output"
 
 
 # --------------------------------------------------------------------------- CP

@@ -26,122 +26,12 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from torch.nn.utils import parametrizations
 
-from decomp_toolkit.layers import LowRankConv, LowRankLinear, SpatialLowRankConv, decompose
-from decomp_toolkit.layers._accounting import count_params
-
-PAD_MODES = ("zeros", "reflect", "replicate", "circular")
-CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-FUNCTIONAL = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-REL = 1e-5
+from decomp_toolkit.layers import LowRankConv, LowRankLinear, SpatialLowRankConv, count_params, decompose
+from _helpers import (assert_same_options, assert_unchanged, check_contract, check_dtype_kept, conv_setups,
+                      reference_conv, rel_close, snapshot, stage_macs)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 
-
-# --------------------------------------------------------------------------- helpers
-
-def rel_close(actual, expected, rel=REL):
-    """||actual - expected|| <= rel * ||expected|| (with a tiny floor for all-zero outputs)."""
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    actual, expected = actual.detach(), expected.detach()
-    diff = float(torch.linalg.norm((actual - expected).double().flatten()))
-    scale = float(torch.linalg.norm(expected.double().flatten()))
-    assert diff <= rel * scale + 1e-12, f"relative difference {diff / max(scale, 1e-300):.3g} > {rel}"
-
-
-def snapshot(layer):
-    """Bit-exact copy of the state_dict (NaN-safe) and the requires_grad flags."""
-    state = {k: ("uninitialized", None, torch.empty(0)) if isinstance(v, nn.parameter.UninitializedParameter)
-             else (v.dtype, tuple(v.shape), v.detach().clone().reshape(-1).view(torch.uint8))
-             for k, v in layer.state_dict().items()}
-    grads = {k: p.requires_grad for k, p in layer.named_parameters()}
-    return state, grads
-
-
-def assert_unchanged(layer, snap):
-    state, grads = snapshot(layer)
-    assert state.keys() == snap[0].keys()
-    for key, (dtype, shape, raw) in state.items():
-        assert (dtype, shape) == snap[0][key][:2], key
-        assert torch.equal(raw, snap[0][key][2]), f"{key} was modified"
-    assert grads == snap[1]
-
-
-def reference_conv(x, weight, bias, conv):
-    """F.convNd with ``conv``'s options, the padding (and its mode) applied by hand."""
-    dim = len(conv.kernel_size)
-    if conv.padding == "valid":
-        pads = [(0, 0)] * dim
-    elif conv.padding == "same":
-        totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
-        pads = [(t // 2, t - t // 2) for t in totals]
-    else:
-        pads = [(p, p) for p in conv.padding]
-    flat = [v for pair in reversed(pads) for v in pair]
-    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-    if any(flat):
-        x = F.pad(x, flat, mode=mode)
-    return FUNCTIONAL[dim](x, weight, bias, conv.stride, 0, conv.dilation, conv.groups)
-
-
-def stage_macs(module, x):
-    """MACs of one forward, counted from each leaf stage's actual output shape."""
-    total = 0
-
-    def hook(stage, inputs, output):
-        nonlocal total
-        if isinstance(stage, nn.Linear):
-            total += output.numel() * stage.in_features
-        else:
-            total += output.numel() * (stage.in_channels // stage.groups) * math.prod(stage.kernel_size)
-
-    leaves = [m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
-    handles = [leaf.register_forward_hook(hook) for leaf in leaves]
-    try:
-        with torch.no_grad():
-            module(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return total
-
-
-def assert_same_options(dense, conv):
-    assert type(dense) is type(conv)
-    for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-                 "padding_mode"):
-        assert getattr(dense, attr) == getattr(conv, attr), attr
-    assert (dense.bias is None) == (conv.bias is None)
-    assert dense.weight.shape == conv.weight.shape
-    assert dense.weight.dtype == conv.weight.dtype and dense.weight.device == conv.weight.device
-
-
-@st.composite
-def conv_setups(draw, dims=(1, 2, 3), min_in_per_group=2):
-    """A float64 conv with drawn options, and an input it accepts."""
-    dim = draw(st.sampled_from(dims), label="dim")
-    groups = draw(st.integers(1, 3), label="groups")
-    cin = groups * draw(st.integers(min_in_per_group, 3), label="in_per_group")
-    cout = groups * draw(st.integers(1, 3), label="out_per_group")
-    kmax = 2 if dim == 3 else 3
-    kernel = tuple(draw(st.integers(1, kmax)) for _ in range(dim))
-    dilation = tuple(draw(st.integers(1, 2)) for _ in range(dim))
-    pad_kind = draw(st.sampled_from(["int", "tuple", "same", "valid"]), label="pad_kind")
-    stride = (1,) * dim if pad_kind == "same" else tuple(draw(st.integers(1, 2)) for _ in range(dim))
-    padding = {"int": lambda: draw(st.integers(0, 2)), "tuple": lambda: tuple(draw(st.integers(0, 2))
-                                                                           for _ in range(dim)),
-               "same": lambda: "same", "valid": lambda: "valid"}[pad_kind]()
-    padding_mode = draw(st.sampled_from(PAD_MODES), label="padding_mode")
-    bias = draw(st.booleans(), label="bias")
-    spatial = tuple(draw(st.integers(4, 5) if dim == 3 else st.integers(5, 7)) for _ in range(dim))
-    seed = draw(st.integers(0, 2 ** 16), label="seed")
-    torch.manual_seed(seed)
-    conv = CONV[dim](cin, cout, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                     bias=bias, padding_mode=padding_mode, dtype=torch.float64)
-    with torch.no_grad():  # a decaying spectrum, like trained weights
-        conv.weight.mul_(torch.logspace(0, -2, conv.weight.shape[0], dtype=torch.float64).view(
-            -1, *([1] * (dim + 1))))
-    x = torch.randn(2, cin, *spatial, dtype=torch.float64)
-    return conv, x
 
 
 def check_factorized_conv(conv, x, module, full):
@@ -156,11 +46,11 @@ def check_factorized_conv(conv, x, module, full):
     torch.testing.assert_close(dense.weight, module.dense_weight(), rtol=0, atol=0)
     # Eckart–Young on the per-group matrix: the measured weight error is the bound
     err = float(torch.linalg.norm(conv.weight - dense.weight).detach())
-    assert err == pytest.approx(module.error_bound, rel=1e-6, abs=1e-10 * module.weight_norm)
+    assert err == pytest.approx(module.fit.error_bound, rel=1e-6, abs=1e-10 * module.fit.weight_norm)
     # at full rank the original function is kept
     y_orig = conv(x)
     rel_close(full(x), y_orig)
-    assert full.error_bound <= 1e-10 * full.weight_norm
+    assert full.fit.error_bound <= 1e-10 * full.fit.weight_norm
     # accounting
     assert module.flops(x.shape) == stage_macs(module, x)
     assert module.flops(x.shape[1:]) * x.shape[0] == module.flops(x.shape)
@@ -234,7 +124,7 @@ def test_linear_matches_dense_and_original(out_f, in_f, lead, bias, seed, data):
     rel_close(y, dense(x))
     rel_close(dense(x), F.linear(x, module.dense_weight(), linear.bias))
     err = float(torch.linalg.norm(linear.weight - dense.weight).detach())
-    assert err == pytest.approx(module.error_bound, rel=1e-6, abs=1e-10 * module.weight_norm)
+    assert err == pytest.approx(module.fit.error_bound, rel=1e-6, abs=1e-10 * module.fit.weight_norm)
     rel_close(decompose(linear, rank=max_rank)(x), linear(x))
     rows = math.prod(lead)
     assert module.flops(x.shape) == stage_macs(module, x) == rows * rank * (in_f + out_f)
@@ -264,7 +154,7 @@ def test_rank_specs_resolve_on_layers(scheme, spec):
     conv = nn.Conv2d(8, 12, 3, padding=1, dtype=torch.float64)
     module = decompose(conv, **spec, scheme=scheme)
     if "tol" in spec:
-        assert module.error_bound <= spec["tol"] * module.weight_norm
+        assert module.fit.error_bound <= spec["tol"] * module.fit.weight_norm
     if "ratio" in spec:
         weight_params = module.num_params - 12
         assert weight_params <= spec["ratio"] * 12 * 8 * 9
@@ -273,18 +163,18 @@ def test_rank_specs_resolve_on_layers(scheme, spec):
 
 
 @pytest.mark.parametrize("scheme", ["channel", "spatial"])
-def test_randomized_solver_on_layers(scheme):
+def test_randomized_algorithm_on_layers(scheme):
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 24, 3, padding=1, dtype=torch.float64)
-    a = decompose(conv, rank=4, scheme=scheme, solver="randomized", random_state=3)
-    b = decompose(conv, rank=4, scheme=scheme, solver="randomized", random_state=3)
+    a = decompose(conv, rank=4, scheme=scheme, algorithm="randomized", random_state=3)
+    b = decompose(conv, rank=4, scheme=scheme, algorithm="randomized", random_state=3)
     exact = decompose(conv, rank=4, scheme=scheme)
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
     err = float(torch.linalg.norm(conv.weight - a.dense_weight()).detach())
-    assert err == pytest.approx(a.error_bound, rel=1e-6)
-    assert exact.error_bound <= a.error_bound * (1 + 1e-10)
-    assert a.error_bound <= 1.1 * exact.error_bound
+    assert err == pytest.approx(a.fit.error_bound, rel=1e-6)
+    assert exact.fit.error_bound <= a.fit.error_bound * (1 + 1e-10)
+    assert a.fit.error_bound <= 1.1 * exact.fit.error_bound
 
 
 # --------------------------------------------------------------------------- module behaviour
@@ -341,59 +231,29 @@ def build(name, dtype):
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
-def test_module_protocol(name):
-    layer, module = build(name, torch.float64)
-    dense = module.to_dense()
-    if isinstance(layer, nn.Linear):
-        assert type(dense) is nn.Linear
-        assert (dense.in_features, dense.out_features) == (layer.in_features, layer.out_features)
-        assert (dense.bias is None) == (layer.bias is None)
-    else:
-        assert_same_options(dense, layer)
-    assert module.num_params == sum(p.numel() for p in module.parameters())
-    assert module.num_params < count_params(layer)
-    assert module.dense_params == count_params(layer)
+def test_module_contract(name):
+    """The shared contract (tests/_helpers.check_contract) on the svd-specific layers and schemes."""
+    torch.manual_seed(0)
+    layer = LAYERS[name](torch.float64)
     rank = RANKS.get(name, 2)
-    assert f"rank={rank}" in module.extra_repr() and f"rank={rank}" in repr(module)
     x = torch.randn(INPUTS[name], dtype=torch.float64)
-    assert module.flops(x.shape) == stage_macs(module, x)
-    assert module.dense_flops(x.shape) == stage_macs(layer, x)
-    # the module does not share storage with the layer
-    snap = snapshot(layer)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.zero_()
-    assert_unchanged(layer, snap)
+    module = check_contract(layer, lambda lay: decompose(lay, rank=rank, **options_of(name)), x, "svd")
+    assert module.num_params < count_params(layer)
+    assert f"rank={rank}" in module.extra_repr() and f"rank={rank}" in repr(module)
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_state_dict_round_trip(name, dtype):
-    _, module = build(name, dtype)
-    extra = {} if dtype == torch.float32 else {"dtype": dtype}
-    rebuilt = type(module)(**module.config, **extra)
-    rebuilt.load_state_dict(module.state_dict())
-    assert rebuilt.config == module.config
-    x = torch.randn(INPUTS[name], dtype=dtype)
-    with torch.no_grad():
-        assert torch.equal(rebuilt(x), module(x))
-        assert torch.equal(rebuilt.to_dense().weight, module.to_dense().weight)
-
-
-@pytest.mark.parametrize("name", sorted(LAYERS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_dtype_and_device_kept(name, dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_factorization_is_close_to_float64(name, dtype):
     layer, module = build(name, dtype)
-    device = layer.weight.device
-    for p in list(module.parameters()) + list(module.to_dense().parameters()):
-        assert p.dtype == dtype and p.device == device
     x = torch.randn(INPUTS[name], dtype=dtype)
     with torch.no_grad():
         y = module(x)
         assert y.dtype == dtype
-        # low precision: the factorization is close to the float64 one
         ref = decompose(copy.deepcopy(layer).double(), rank=RANKS.get(name, 2), **options_of(name))
         rel_close(y.double(), ref(x.double()), rel=0.05 if dtype == torch.bfloat16 else 1e-5)
+    check_dtype_kept(LAYERS[name](torch.float64), lambda lay: decompose(lay, rank=RANKS.get(name, 2),
+                                                                         **options_of(name)), x.double(), dtype)
 
 
 # --------------------------------------------------------------------------- bad input
@@ -472,7 +332,10 @@ BAD = [
     ("unknown_option", conv, dict(rank=2, bogus=1), TypeError,
      LABEL_C + r".*unknown option\(s\) \['bogus'\]; method 'svd' accepts"),
     ("unknown_scheme", conv, dict(rank=2, scheme="diagonal"), ValueError, LABEL_C + r".*scheme='diagonal' is not one of"),
-    ("unknown_solver", conv, dict(rank=2, solver="lanczos"), ValueError, LABEL_C + r".*solver='lanczos' is not one of"),
+    ("unknown_algorithm", conv, dict(rank=2, algorithm="lanczos"), ValueError,
+     LABEL_C + r".*algorithm='lanczos' is not one of"),
+    ("old_solver_keyword", conv, dict(rank=2, solver="exact"), TypeError,
+     LABEL_C + r".*unknown option\(s\) \['solver'\]"),
     ("spatial_conv1d", lambda: nn.Conv1d(4, 8, 3), dict(rank=2, scheme="spatial"), ValueError,
      re.escape("(Conv1d, weight (8, 4, 3))") + r".*scheme='spatial' applies to Conv2d only"),
     ("channel_depthwise", lambda: nn.Conv2d(4, 4, 3, groups=4), dict(rank=1), ValueError,
@@ -533,7 +396,7 @@ def test_cuda_device_kept(name, dtype):
     torch.manual_seed(0)
     layer = LAYERS[name](dtype).cuda()
     snap = snapshot(layer)
-    module = decompose(layer, rank=2, solver="exact", **options_of(name))
+    module = decompose(layer, rank=2, algorithm="exact", **options_of(name))
     for p in list(module.parameters()) + list(module.to_dense().parameters()):
         assert p.device == layer.weight.device and p.dtype == dtype
     x = torch.randn(INPUTS[name], dtype=dtype, device="cuda")

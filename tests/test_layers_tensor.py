@@ -26,11 +26,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import decomp_toolkit.layers.speed as speed
-from decomp_toolkit.layers import BlockTermConv, CPConv, LowRankLinear, SlowerThanDenseWarning, TTLinear, TuckerConv, compress, \
-    decompose
-from decomp_toolkit.layers._accounting import count_params
-from test_layers_svd import (assert_same_options, assert_unchanged, conv_setups, reference_conv, rel_close, snapshot,
-                             stage_macs)
+from decomp_toolkit.layers import (BlockTermConv, CPConv, LowRankLinear, SlowerThanDenseWarning, TTLinear, TuckerConv,
+                                   UnsupportedLayerError, compress, count_params, decompose)
+from _helpers import (assert_same_options, assert_unchanged, check_contract, check_dtype_kept, conv_setups,
+                      reference_conv, rel_close, snapshot, stage_macs)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 FAST_BTD = dict(n_iter_max=3, n_init=1)
@@ -46,8 +45,10 @@ def check_conv(conv, x, module):
     rel_close(y, y_dense)
     rel_close(y_dense, reference_conv(x, module.dense_weight(), conv.bias, conv))
     err = float(torch.linalg.norm(conv.weight - dense.weight).detach())
-    assert module.weight_norm == pytest.approx(float(conv.weight.detach().norm()), rel=1e-9)
-    assert err <= module.error_bound * (1 + 1e-6) + 1e-12
+    fit = module.fit
+    assert fit.weight_norm == pytest.approx(float(conv.weight.detach().norm()), rel=1e-9)
+    assert err == pytest.approx(fit.error, rel=1e-6, abs=1e-10 * fit.norm)  # measured
+    assert fit.error_bound is None or err <= fit.error_bound * (1 + 1e-6) + 1e-12  # certified where there is one
     assert module.num_params == sum(p.numel() for p in module.parameters())
     assert module.dense_params == count_params(conv)
     assert module.dense_flops(x.shape) == stage_macs(conv, x)
@@ -69,7 +70,7 @@ def test_tucker_conv_matches_dense_reference_and_original(setup, data):
     assert module.flops(x.shape) == stage_macs(module, x)
     full = decompose(conv, method="tucker", rank=(n_out, n_in))
     rel_close(full(x), conv(x))
-    assert full.error_bound <= 1e-10 * full.weight_norm + 1e-12
+    assert full.fit.error_bound <= 1e-10 * full.fit.weight_norm + 1e-12
 
 
 @pytest.mark.parametrize("spec", [dict(energy=0.9), dict(tol=0.3), dict(ratio=0.5), dict(rank="vbmf"), dict(rank=3)])
@@ -78,7 +79,7 @@ def test_tucker_rank_specs(spec):
     conv = nn.Conv2d(8, 12, 3, padding=1, dtype=torch.float64)
     module = decompose(conv, method="tucker", **spec)
     if "tol" in spec:
-        assert module.error_bound <= spec["tol"] * module.weight_norm
+        assert module.fit.error_bound <= spec["tol"] * module.fit.weight_norm
     if "ratio" in spec:
         assert module.num_params - 12 <= 0.5 * 12 * 8 * 9
     x = torch.randn(1, 8, 6, 6, dtype=torch.float64)
@@ -117,7 +118,8 @@ def test_cp_conv_matches_dense_reference(setup, data):
     module = decompose(conv, method="cp", rank=rank, random_state=0, **FAST_CP)
     assert type(module) is CPConv and module.rank == rank
     err = check_conv(conv, x, module)
-    assert err == pytest.approx(module.error_bound, rel=1e-6, abs=1e-10 * module.weight_norm)  # a-posteriori
+    assert err == pytest.approx(module.fit.error, rel=1e-6, abs=1e-10 * module.fit.weight_norm)  # a-posteriori
+    assert module.fit.error_bound is None and len(module.fit.diagnostics["cp"]) == conv.groups  # nothing certified
     assert module.flops(x.shape) == stage_macs(module, x)
     dim = len(conv.kernel_size)
     if dim > 1:  # the fused depthwise stage computes the same function
@@ -184,7 +186,7 @@ def test_tt_linear_matches_dense_and_original(setup, rank, order):
     rel_close(y, dense(x))
     rel_close(dense(x), torch.nn.functional.linear(x, module.dense_weight(), linear.bias))
     err = float(torch.linalg.norm(linear.weight - dense.weight).detach())
-    assert err <= module.error_bound * (1 + 1e-6) + 1e-12
+    assert err <= module.fit.error_bound * (1 + 1e-6) + 1e-12
     full = decompose(linear, method="tt", rank=10 ** 6, in_shape=in_shape, out_shape=out_shape)
     rel_close(full(x), linear(x))
     rows = math.prod(x.shape[:-1])
@@ -203,7 +205,7 @@ def test_tt_auto_shapes_and_tol():
     linear = nn.Linear(64, 48, dtype=torch.float64)
     module = decompose(linear, method="tt", tol=0.5)
     assert math.prod(module.in_shape) == 64 and math.prod(module.out_shape) == 48
-    assert module.error_bound <= 0.5 * module.weight_norm
+    assert module.fit.error_bound <= 0.5 * module.fit.weight_norm
     macs = {order: module._order_macs(order, 64) for order in ("rtl", "ltr", "rtl-pairs")}
     best = min(("rtl", "ltr"), key=macs.get)
     pairs = len(module.in_shape) >= 3 and macs["rtl-pairs"] <= 1.25 * macs[best]
@@ -229,7 +231,8 @@ def test_btd_conv_matches_dense_reference(index):
     module = decompose(conv, method="btd", rank=2, n_blocks=2, **FAST_BTD)
     assert type(module) is BlockTermConv and module.rank == (2, 2) and module.n_blocks == 2
     err = check_conv(conv, x, module)
-    assert err == pytest.approx(module.error_bound, rel=1e-6, abs=1e-10 * module.weight_norm)
+    assert err == pytest.approx(module.fit.error, rel=1e-6, abs=1e-10 * module.fit.weight_norm)
+    assert module.fit.error_bound is None and len(module.fit.diagnostics["btd"]) == conv.groups
     assert module.flops(x.shape) == stage_macs(module, x)
     assert module.core.groups == 2 * conv.groups
 
@@ -268,46 +271,26 @@ def build(name, dtype):
 
 
 @pytest.mark.parametrize("name", sorted(BUILDS))
-def test_module_protocol(name):
-    layer, module, shape = build(name, torch.float64)
-    assert module.num_params == sum(p.numel() for p in module.parameters()) < count_params(layer)
-    assert module.dense_params == count_params(layer)
+def test_module_contract(name):
+    """The shared contract (tests/_helpers.check_contract) on method-specific variants (fused CP, 3-core TT, ...)."""
+    torch.manual_seed(0)
+    make, spec, shape = BUILDS[name]
+    layer = make(torch.float64)
+    module = check_contract(layer, lambda lay: decompose(lay, **spec), torch.randn(shape, dtype=torch.float64),
+                            spec["method"])
+    assert module.num_params < count_params(layer)
     assert f"rank={module.rank}" in module.extra_repr() and f"rank={module.rank}" in repr(module)
-    assert module.speedup is None and module.slower_than_dense is None
-    x = torch.randn(shape, dtype=torch.float64)
-    assert module.dense_flops(x.shape) == stage_macs(layer, x)
-    assert module.error_bound is not None and module.weight_norm > 0
-    snap = snapshot(layer)
-    with torch.no_grad():  # the module does not share storage with the layer
-        for p in module.parameters():
-            p.zero_()
-    assert_unchanged(layer, snap)
-
-
-@pytest.mark.parametrize("name", sorted(BUILDS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_state_dict_round_trip(name, dtype):
-    _, module, shape = build(name, dtype)
-    rebuilt = type(module)(**module.config, dtype=dtype)
-    rebuilt.load_state_dict(module.state_dict())
-    assert rebuilt.config == module.config
-    x = torch.randn(shape, dtype=dtype)
-    with torch.no_grad():
-        assert torch.equal(rebuilt(x), module(x))
-        assert torch.equal(rebuilt.to_dense().weight, module.to_dense().weight)
+    assert module.fit.speedup is None and "speed" not in module.fit.diagnostics
+    assert module.fit.weight_norm > 0 and (module.fit.error_bound is not None or module.fit.error is not None)
 
 
 @pytest.mark.parametrize("name", ["tucker", "cp", "tt", "btd"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dtype_and_device_kept(name, dtype):
-    layer, module, shape = build(name, dtype)
-    for p in list(module.parameters()) + list(module.to_dense().parameters()):
-        assert p.dtype == dtype and p.device == layer.weight.device
-    x = torch.randn(shape, dtype=dtype)
-    with torch.no_grad():
-        y = module(x)
-        assert y.dtype == dtype
-        rel_close(y.double(), module.double()(x.double()), rel=0.05 if dtype == torch.bfloat16 else 1e-4)
+    make, spec, shape = BUILDS[name]
+    torch.manual_seed(0)
+    check_dtype_kept(make(torch.float64), lambda lay: decompose(lay, **spec), torch.randn(shape, dtype=torch.float64),
+                     dtype)
 
 
 # --------------------------------------------------------------------------- optimize="speed"
@@ -332,8 +315,9 @@ def test_optimize_speed_rounds_ranks_and_marks_faster(fake_timing):
     conv = nn.Conv2d(32, 40, 3, padding=1)
     module = decompose(conv, method="tucker", rank=(13, 11), optimize="speed", input_shape=(1, 32, 8, 8))
     assert module.rank == (16, 8)
-    assert module.speedup == pytest.approx(2.0) and module.slower_than_dense is False
-    assert module.speed_info["input_shape"] == (1, 32, 8, 8)
+    speed_info = module.fit.diagnostics["speed"]
+    assert module.fit.speedup == pytest.approx(2.0) and speed_info["slower_than_dense"] is False
+    assert speed_info["input_shape"] == (1, 32, 8, 8)
 
 
 def test_optimize_speed_warns_and_marks_slower(fake_timing):
@@ -342,10 +326,10 @@ def test_optimize_speed_warns_and_marks_slower(fake_timing):
     linear = nn.Linear(64, 32)
     with pytest.warns(SlowerThanDenseWarning, match=r"\(Linear, weight \(32, 64\)\).*speedup 0.50x < 1"):
         module = decompose(linear, method="tt", rank=3, optimize="speed")
-    assert module.slower_than_dense is True and module.speedup == pytest.approx(0.5)
+    assert module.fit.diagnostics["speed"]["slower_than_dense"] is True and module.fit.speedup == pytest.approx(0.5)
     assert module.rank == (8,)  # 3 rounded up to a multiple of 8
     assert module.implementation == "rtl"  # the first candidate is the fastest under fake timing
-    with pytest.raises(ValueError, match=r"speedup 0.50x < 1\); on_slower='raise'"):
+    with pytest.raises(UnsupportedLayerError, match=r"speedup 0.50x < 1\); on_slower='raise'"):
         decompose(linear, method="tt", rank=3, optimize="speed", on_slower="raise")
 
 
@@ -363,7 +347,7 @@ def test_optimize_speed_real_timing_runs():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SlowerThanDenseWarning)
         module = decompose(conv, method="cp", rank=4, optimize="speed", input_shape=(1, 8, 6, 6), **FAST_CP)
-    assert module.speedup > 0 and module.slower_than_dense in (True, False)
+    assert module.fit.speedup > 0 and module.fit.diagnostics["speed"]["slower_than_dense"] in (True, False)
     assert module.implementation in ("separable", "fused")
 
 
@@ -454,3 +438,44 @@ def test_tt_pairs_implementation_by_hand():
     merge = r[0] * 3 * 2 * r[1] * 2 * 3 * r[2] + r[2] * 2 * 2 * r[3] * 2 * 2 * r[4]
     contract = 5 * 6 * (4 * 1 * 3 * 4) + 5 * 4 * (6 * 3 * 1 * 6)
     assert module.flops(x.shape) == merge + contract
+
+
+# --------------------------------------------------------------------------- factors computed elsewhere
+
+def test_layers_from_given_factors_ours_and_tensorly():
+    """decompose(layer, method, factors=...) builds the same layer as the rank spec would, from our factor
+    objects or tensorly's (converted), and refuses factors that do not fit the layer."""
+    import tensorly as tl
+    from tensorly.decomposition import parafac
+    from tensorly.decomposition import tucker as tl_tucker
+
+    from decomp_toolkit.decomp import cp, svd, tt_matrix, tucker
+    tl.set_backend("pytorch")
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 8, 3, padding=1, padding_mode="reflect", dtype=torch.float64)
+    lin = nn.Linear(24, 12, dtype=torch.float64)
+    K, W = conv.weight.detach(), lin.weight.detach()
+    x, z = torch.randn(2, 6, 7, 7, dtype=torch.float64), torch.randn(3, 24, dtype=torch.float64)
+    cases = [(conv, "tucker", tucker(K, rank=(3, 2), modes=(0, 1)), dict(rank=(3, 2)), x),
+             (conv, "cp", cp(K, rank=4, random_state=0), dict(rank=4, random_state=0), x),
+             (lin, "svd", svd(W, rank=3), dict(rank=3), z),
+             (lin, "tt", tt_matrix(W, rank=3), dict(rank=3), z)]
+    for layer, method, factors, spec, inp in cases:
+        snap = snapshot(layer)
+        given, asked = decompose(layer, method, factors=factors), decompose(layer, method, **spec)
+        assert type(given) is type(asked) and given.rank == asked.rank
+        rel_close(given(inp), asked(inp), rel=1e-9)
+        assert given.fit.method == method and given.fit.weight_error == pytest.approx(asked.fit.weight_error)
+        assert_unchanged(layer, snap)
+    theirs_cases = (("cp", parafac(K, 4, init="random", random_state=0)), ("tucker", tl_tucker(K, [3, 2, 3, 3])))
+    for method, theirs in theirs_cases:
+        module = decompose(conv, method, factors=theirs)
+        rel_close(module(x), module.to_dense()(x))
+        rel_close(module.dense_weight(), tl.cp_to_tensor(theirs) if method == "cp" else tl.tucker_to_tensor(theirs),
+                  rel=1e-9)
+    with pytest.raises(ValueError, match=r"factors= of shape \(5, 5\) do not fit this layer"):
+        decompose(lin, "svd", factors=svd(torch.randn(5, 5, dtype=torch.float64), rank=2))
+    with pytest.raises(TypeError, match="factors= fixes the factorization; drop rank="):
+        decompose(lin, "svd", factors=svd(W, rank=2), rank=2)
+    with pytest.raises(TypeError, match="cannot be built from given factors"):
+        decompose(conv, "btd", factors=cp(K, rank=2))

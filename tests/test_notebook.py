@@ -1,4 +1,5 @@
-"""The example notebook runs top to bottom in a kernel of this interpreter (the venv)."""
+"""The example notebook runs top to bottom in a kernel of this interpreter (the venv); its report and
+tables render as HTML, its save/load round trip gives identical outputs."""
 import importlib.util
 import json
 import os
@@ -48,4 +49,8 @@ def test_example_notebook_executes(kernel_env):
     assert "rank@0.9" in text and "classifier.0" in text  # the energy tables
     assert "sensitivity: svd energy" in text and "energy=0.5" in text
     images = [out for out in outputs if "image/png" in out.get("data", {})]
-    assert len(images) == 5, "energy, spectrum, mode energy, sensitivity and Pareto figures, each shown once"
+    assert len(images) == 6, "energy, spectrum, mode energy, sensitivity, Pareto and report figures, each shown once"
+    html = [out["data"]["text/html"] for out in outputs if "text/html" in out.get("data", {})]
+    assert any("<table>" in h and "params_after" in h and "budget" in h for h in html), "the Report as HTML"
+    assert any("<table>" in h and "rank@0.9" in h for h in html), "the energy Table as HTML"
+    assert "outputs identical: True" in text

@@ -9,8 +9,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from decomp_toolkit.decomp import pq, pq_size_bits
-from decomp_toolkit.decomp.pq import block_for_bits, code_dtype, kmeans
+from decomp_toolkit.decomp.formats.pq import code_dtype
+from decomp_toolkit.decomp.pq import block_for_bits, kmeans
 from decomp_toolkit.layers import PQConv, PQLinear, decompose
+from _helpers import check_contract
 
 
 
@@ -40,7 +42,7 @@ def test_pq_exact_when_k_covers_distinct_subvectors(n_distinct, d, n_sub, seed):
     distinct = len({tuple(v) for v in W.reshape(-1, d).tolist()})
     for k in sorted({distinct, min(distinct + 2, rows * n_sub)}):
         f = pq(W, block_size=d, n_centroids=k, random_state=seed)
-        assert f.error_bound <= 1e-10 * max(1.0, f.norm)
+        assert f.error <= 1e-10 * max(1.0, f.norm)
         torch.testing.assert_close(f.to_tensor(), W, rtol=1e-12, atol=1e-12)
 
 
@@ -49,7 +51,7 @@ def test_kmeans_objective_never_increases(d, k, shared, seed):
     gen = torch.Generator().manual_seed(seed)
     X = torch.randn(1 if shared else 3, 40, d, generator=gen, dtype=torch.float64)
     X[..., :10, :] *= 4          # uneven clusters provoke empty-cluster repairs
-    C, codes, history = kmeans(X, k, n_iter=30, rel_tol=0.0, random_state=seed)
+    C, codes, history = kmeans(X, k, n_iter=30, convergence_tol=0.0, random_state=seed)
     assert all(b <= a * (1 + 1e-12) + 1e-12 for a, b in zip(history, history[1:]))
     assert C.shape == (X.shape[0], k, d) and codes.min() >= 0 and codes.max() < k
     objective = ((X - torch.gather(C, 1, codes[..., None].expand_as(X))) ** 2).sum()
@@ -74,11 +76,11 @@ def test_deterministic_and_seeded():
     assert torch.equal(a.codes, b.codes) and torch.equal(a.codebooks, b.codebooks)
 
 
-def test_error_bound_is_the_measured_residual():
+def test_error_is_the_measured_residual():
     W = torch.randn(24, 36, dtype=torch.float64)
     f = pq(W, block_size=3, n_centroids=16)
-    assert f.error_bound == pytest.approx(float((W - f.to_tensor()).norm()), rel=1e-10)
-    assert f.error_bound == pytest.approx(math.sqrt(f.history[-1]), rel=1e-8)
+    assert f.error == pytest.approx(float((W - f.to_tensor()).norm()), rel=1e-10)
+    assert f.error == pytest.approx(math.sqrt(f.history[-1]), rel=1e-8)
 
 
 def test_scalar_weight_sharing_block_size_one():
@@ -103,9 +105,9 @@ def test_tol_spec():
     W = torch.randn(16, 16, dtype=torch.float64)
     for tol in (0.5, 0.2):
         f = pq(W, block_size=2, tol=tol)
-        assert f.relative_error(W) <= tol
+        assert f.relative_error_to(W) <= tol
         assert f.n_centroids & (f.n_centroids - 1) == 0 or f.n_centroids == 128
-    assert pq(W, block_size=2, tol=0.0).error_bound <= 1e-12
+    assert pq(W, block_size=2, tol=0.0).error <= 1e-12
 
 
 def test_pad_option():
@@ -113,7 +115,7 @@ def test_pad_option():
     with pytest.raises(ValueError, match="does not divide the row length 7"):
         pq(W, block_size=3, n_centroids=4)
     f = pq(W, block_size=3, n_centroids=30, pad=True)
-    assert f.codes.shape == (10, 3) and f.to_tensor().shape == (10, 7) and f.error_bound < 1e-12
+    assert f.codes.shape == (10, 3) and f.to_tensor().shape == (10, 7) and f.error < 1e-12
 
 
 def test_pq_bad_inputs():
@@ -138,32 +140,31 @@ def _rel(a, b):
     return float((a - b).detach().norm() / b.detach().norm())
 
 
-def _check_layer(module, x, dense_layer):
+def _check_layer(build, x, dense_layer):
+    """The shared contract, plus what is PQ's own: eval-mode (cached) forward, state dict, size in bits."""
+    module = check_contract(dense_layer, build, x, "pq")
     dense = module.to_dense()
     assert type(dense) is type(dense_layer)
     for mode in (True, False):
         module.train(mode)
         assert _rel(module(x), dense(x)) <= 1e-5
-    # state_dict round trip through the config
-    clone = type(module)(**module.config, dtype=torch.float64)
-    clone.load_state_dict(module.state_dict())
-    clone.eval()
-    torch.testing.assert_close(clone(x), module(x))
     # the state dict holds only codebooks, codes and bias
     assert set(module.state_dict()) == {"codebooks", "codes"} | ({"bias"} if dense_layer.bias is not None else set())
     bias = dense_layer.bias.numel() if dense_layer.bias is not None else 0
     assert module.num_params == module.codebooks.numel() + module.codes.numel() + bias
     assert module.size_bits == module.codes.numel() * module.code_bits + module.codebooks.numel() * 16 + 32 * bias
     assert module.flops(tuple(x.shape)) == module.dense_flops(tuple(x.shape))
+    assert module.fit.error_bound is None and module.fit.diagnostics["kmeans_history"]  # measured, not certified
+    return module
 
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_pq_linear(bias):
     torch.manual_seed(0)
     lin = nn.Linear(48, 20, bias=bias).double()
-    m = decompose(lin, "pq", block_size=4, n_centroids=32)
+    m = _check_layer(lambda layer: decompose(layer, "pq", block_size=4, n_centroids=32),
+                     torch.randn(5, 48, dtype=torch.float64), lin)
     assert isinstance(m, PQLinear) and m.codes.shape == (20, 12)
-    _check_layer(m, torch.randn(5, 48, dtype=torch.float64), lin)
 
 
 CONV_CASES = [
@@ -181,9 +182,9 @@ CONV_CASES = [
 def test_pq_conv(conv_type, kwargs, shape):
     torch.manual_seed(1)
     conv = conv_type(**kwargs).double()
-    m = decompose(conv, "pq", n_centroids=8, random_state=0)
+    m = _check_layer(lambda layer: decompose(layer, "pq", n_centroids=8, random_state=0),
+                     torch.randn(*shape, dtype=torch.float64), conv)
     assert isinstance(m, PQConv)
-    _check_layer(m, torch.randn(*shape, dtype=torch.float64), conv)
 
 
 def test_lut_forward_equals_decode():
@@ -246,4 +247,4 @@ def test_builder_refuses_rank_specs_and_bad_options():
     with pytest.raises(TypeError, match="unknown option"):
         decompose(lin, "pq", n_centroids=4, centroids=3)
     m = decompose(lin, "pq", tol=0.3, block_size=2)
-    assert m.error_bound / m.weight_norm <= 0.3
+    assert m.fit.error / m.fit.weight_norm <= 0.3 and m.fit.error_bound is None

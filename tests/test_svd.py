@@ -52,7 +52,7 @@ def test_eckart_young_frobenius_and_spectral(m, n, decay, seed, data):
     assert f.error_bound == pytest.approx(optimal_error(A, k), rel=1e-12, abs=1e-14 * norm)
     assert f.norm == pytest.approx(norm, rel=1e-12)
     assert f.relative_error_bound == pytest.approx(f.error_bound / norm)
-    assert f.relative_error(A) == pytest.approx(err / norm, rel=1e-10, abs=1e-14)
+    assert f.relative_error_to(A) == pytest.approx(err / norm, rel=1e-10, abs=1e-14)
     # spectral norm error = s_{k+1}
     spectral = float(torch.linalg.matrix_norm(R, ord=2))
     expected = float(s[k]) if k < L else 0.0
@@ -134,10 +134,10 @@ def test_randomized_is_near_optimal_and_certified(m, n, decay, seed, data):
     A = decaying_matrix(m, n, decay, seed)
     L = min(m, n)
     k = data.draw(st.integers(1, L - 1), label="k") if data is not None else 12
-    f = svd(A, rank=k, method="randomized", oversample=10, n_iter=4, random_state=seed)
+    f = svd(A, rank=k, algorithm="randomized", oversample=10, n_iter=4, random_state=seed)
     optimum = optimal_error(A, k)
     err = fro(A - f.to_tensor())
-    assert f.method == "randomized" and f.rank == k
+    assert f.algorithm == "randomized" and f.rank == k
     assert err <= 1.05 * optimum + 1e-12 * f.norm
     assert err >= optimum * (1 - 1e-10)
     # error_bound is the measured error (computed from ||A||^2 - kept energy)
@@ -148,9 +148,9 @@ def test_randomized_is_near_optimal_and_certified(m, n, decay, seed, data):
 def test_randomized_is_deterministic_per_seed(m, n, seed, data):
     A = decaying_matrix(m, n, 0.5, seed)
     k = data.draw(st.integers(1, min(m, n) - 1), label="k")
-    a = svd(A, rank=k, method="randomized", random_state=seed)
-    b = svd(A, rank=k, method="randomized", random_state=seed)
-    c = svd(A, rank=k, method="randomized", random_state=seed + 1)
+    a = svd(A, rank=k, algorithm="randomized", random_state=seed)
+    b = svd(A, rank=k, algorithm="randomized", random_state=seed)
+    c = svd(A, rank=k, algorithm="randomized", random_state=seed + 1)
     for x, y in ((a.U, b.U), (a.S, b.S), (a.Vh, b.Vh)):
         assert torch.equal(x, y)
     assert a.error_bound == b.error_bound
@@ -158,9 +158,9 @@ def test_randomized_is_deterministic_per_seed(m, n, seed, data):
     if k + 10 < min(m, n):
         assert not (torch.equal(a.U, c.U) and torch.equal(a.S, c.S) and torch.equal(a.Vh, c.Vh))
     # a torch.Generator works too, and None is the fixed default seed
-    d = svd(A, rank=k, method="randomized", random_state=torch.Generator().manual_seed(seed))
+    d = svd(A, rank=k, algorithm="randomized", random_state=torch.Generator().manual_seed(seed))
     assert torch.equal(a.U, d.U)
-    assert torch.equal(svd(A, rank=k, method="randomized").U, svd(A, rank=k, method="randomized").U)
+    assert torch.equal(svd(A, rank=k, algorithm="randomized").U, svd(A, rank=k, algorithm="randomized").U)
 
 
 @given(m=st.integers(10, 70), n=st.integers(10, 70), decay=st.floats(0.2, 0.95), seed=seeds,
@@ -169,7 +169,7 @@ def test_randomized_is_deterministic_per_seed(m, n, seed, data):
 @example(m=70, n=70, decay=0.5, seed=0, tol=0.0)
 def test_randomized_tol_is_met(m, n, decay, seed, tol):
     A = decaying_matrix(m, n, decay, seed)
-    f = svd(A, tol=tol, method="randomized", random_state=seed)
+    f = svd(A, tol=tol, algorithm="randomized", random_state=seed)
     err = fro(A - f.to_tensor())
     norm = f.norm
     assert f.error_bound <= tol * norm + 1e-10 * norm
@@ -183,7 +183,7 @@ def test_randomized_tol_is_met(m, n, decay, seed, tol):
        energy=st.floats(0.05, 1.0))
 def test_randomized_energy_is_met(m, n, decay, seed, energy):
     A = decaying_matrix(m, n, decay, seed)
-    f = svd(A, energy=energy, method="randomized", random_state=seed)
+    f = svd(A, energy=energy, algorithm="randomized", random_state=seed)
     norm = f.norm
     captured = norm ** 2 - fro(A - f.to_tensor()) ** 2
     assert captured >= energy * norm ** 2 * (1 - 1e-9)
@@ -192,7 +192,7 @@ def test_randomized_energy_is_met(m, n, decay, seed, energy):
 
 def test_randomized_batched_and_ratio():
     A = torch.stack([decaying_matrix(40, 30, 0.5, s) for s in range(3)])
-    f = svd(A, ratio=0.25, method="randomized", random_state=1)
+    f = svd(A, ratio=0.25, algorithm="randomized", random_state=1)
     assert f.rank == int(0.25 * 40 * 30 // 70)
     assert f.error_bound == pytest.approx(fro(A - f.to_tensor()), rel=1e-6)
     exact = math.sqrt(sum(optimal_error(A[i], f.rank) ** 2 for i in range(3)))
@@ -201,42 +201,51 @@ def test_randomized_batched_and_ratio():
 
 def test_randomized_svd_function_returns_orthonormal_factors():
     A = decaying_matrix(30, 20, 0.5, 0)
-    U, S, Vh = randomized_svd(A, 8, 2, torch.Generator().manual_seed(0))
+    U, S, Vh = randomized_svd(A, 8, n_iter=2, random_state=torch.Generator().manual_seed(0))
     assert U.shape == (30, 8) and S.shape == (8,) and Vh.shape == (8, 20)
     torch.testing.assert_close(U.T @ U, torch.eye(8, dtype=torch.float64), atol=1e-10, rtol=0)
-    U, S, Vh = randomized_svd(A, 50, 0, torch.Generator().manual_seed(0))  # capped at min(m, n)
+    U, S, Vh = randomized_svd(A, 50, n_iter=0, random_state=torch.Generator().manual_seed(0))  # capped at min(m, n)
     assert S.shape == (20,)
     torch.testing.assert_close((U * S) @ Vh, A, atol=1e-10, rtol=0)
 
 
 # --------------------------------------------------------------------------- array kinds and dtypes
 
-@pytest.mark.parametrize("method", ["exact", "randomized"])
+@pytest.mark.parametrize("algorithm", ["exact", "randomized"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_numpy_in_numpy_out(method, dtype):
+def test_numpy_in_numpy_out(algorithm, dtype):
     A = decaying_matrix(12, 9, 0.5, 0).numpy().astype(dtype)
-    f = svd(A, rank=4, method=method)
+    f = svd(A, rank=4, algorithm=algorithm)
     for x in (f.U, f.S, f.Vh, f.to_tensor()):
         assert isinstance(x, np.ndarray) and x.dtype == dtype
     assert isinstance(f.error_bound, float) and isinstance(f.norm, float)
     assert f.to_tensor().shape == A.shape
-    ref = svd(A.astype(np.float64), rank=4, method=method)
+    ref = svd(A.astype(np.float64), rank=4, algorithm=algorithm)
     # math runs in float64: the float32 factors are the rounded float64 ones
     np.testing.assert_allclose(f.S, ref.S.astype(dtype), rtol=0, atol=0)
-    assert f.error_bound == ref.error_bound
+    # the bound is the error of the factors as returned (rounded to float32), measured in float64
+    U, S, Vh = (x.astype(np.float64) for x in (f.U, f.S, f.Vh))
+    returned = np.linalg.norm(A.astype(np.float64) - (U * S) @ Vh)
+    assert f.error_bound == pytest.approx(returned, rel=1e-12)
+    assert f.error_bound == pytest.approx(ref.error_bound, rel=1e-5)
 
 
-@pytest.mark.parametrize("method", ["exact", "randomized"])
+@pytest.mark.parametrize("algorithm", ["exact", "randomized"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
-def test_torch_in_torch_out(method, dtype):
+def test_torch_in_torch_out(algorithm, dtype):
     A = decaying_matrix(12, 9, 0.5, 0, dtype=dtype)
-    f = svd(A, rank=4, method=method)
+    f = svd(A, rank=4, algorithm=algorithm)
     for x in (f.U, f.S, f.Vh, f.to_tensor()):
         assert isinstance(x, torch.Tensor) and x.dtype == dtype and x.device == A.device
-    ref = svd(A.double(), rank=4, method=method)  # the same float64 math on the same (rounded) input
+    ref = svd(A.double(), rank=4, algorithm=algorithm)  # the same float64 math on the same (rounded) input
     assert torch.equal(f.S, ref.S.to(dtype))
-    assert f.error_bound == ref.error_bound
-    assert f.relative_error(A) < 0.5
+    if dtype == torch.float64:
+        assert f.error_bound == ref.error_bound
+    else:  # below float64: the bound is the error of the factors as returned (rounded to dtype)
+        U, S, Vh = (x.double() for x in (f.U, f.S, f.Vh))
+        assert f.error_bound == pytest.approx(float(torch.linalg.norm(A.double() - (U * S) @ Vh)), rel=1e-12)
+        assert f.error_bound >= ref.error_bound * (1 - 1e-12)
+    assert f.relative_error_to(A) < 0.5
 
 
 def test_input_is_not_modified_and_grad_is_not_tracked():
@@ -268,23 +277,23 @@ def test_bad_arrays(bad, exc, match):
 
 def test_bad_arguments_name_the_request():
     A = torch.ones(4, 6, dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"^svd: method='qr' is not one of"):
-        svd(A, rank=1, method="qr")
+    with pytest.raises(ValueError, match=r"^svd: algorithm='qr' is not one of"):
+        svd(A, rank=1, algorithm="qr")
     with pytest.raises(ValueError, match=r"^W \(shape \(4, 6\)\): rank=5 is outside \[1, 4\]"):
         svd(A, rank=5, context="W")
     with pytest.raises(ValueError, match=r"rank=5 is outside \[1, 4\]"):
-        svd(A, rank=5, method="randomized")
+        svd(A, rank=5, algorithm="randomized")
     with pytest.raises(ValueError, match=r"^svd: pass exactly one of"):
         svd(A)
     with pytest.raises(ValueError, match=r"even rank 1 needs 10 parameters, more than the budget of 2"):
         svd(A, ratio=0.1)
     with pytest.raises(TypeError, match=r"random_state must be an int"):
-        svd(A, rank=1, method="randomized", random_state="seed")
+        svd(A, rank=1, algorithm="randomized", random_state="seed")
 
 
 def test_factors_repr():
     f = svd(decaying_matrix(6, 4, 0.5, 0), rank=2)
     assert isinstance(f, SVDFactors)
     text = repr(f)
-    assert "rank=2" in text and "shape=(6, 4)" in text and "method='exact'" in text
+    assert "rank=2" in text and "shape=(6, 4)" in text and "algorithm='exact'" in text
     assert f.compression == pytest.approx(24 / 20)

@@ -37,7 +37,7 @@ def test_exact_tt_is_recovered():
     f = tt(A, rank=(3, 4, 2))
     assert f.rank == (1, 3, 4, 2, 1)
     assert [tuple(c.shape) for c in f.cores] == [(1, 4, 3), (3, 5, 4), (4, 6, 2), (2, 3, 1)]
-    assert f.relative_error(A) < 1e-10 and f.error_bound < 1e-6 * f.norm
+    assert f.relative_error_to(A) < 1e-10 and f.error_bound < 1e-6 * f.norm
     assert tt(A, tol=1e-6).rank == (1, 3, 4, 2, 1)
     assert f.num_params == tt_num_params((4, 5, 6, 3), (3, 4, 2)) == 4 * 3 + 3 * 5 * 4 + 4 * 6 * 2 + 2 * 3
 
@@ -127,7 +127,7 @@ def test_tt_round_removes_padded_ranks_and_keeps_the_tensor():
     assert padded.rank == (1, 4, 6, 4, 1)
     rounded = tt_round(padded, tol=1e-8)
     assert rounded.rank == (1, 2, 3, 2, 1)
-    assert rounded.relative_error(2 * A) < 1e-10
+    assert rounded.relative_error_to(2 * A) < 1e-10
     assert rounded.error_bound < 1e-7 * rounded.norm
     capped = tt_round(padded, rank=1)
     assert capped.rank == (1, 1, 1, 1, 1)
@@ -159,7 +159,7 @@ def test_tt_matrix_exact_recovery_and_layout():
     assert float(W[row, col]) == pytest.approx(float(value))
     f = tt_matrix(W, in_shape=in_shape, out_shape=out_shape, rank=ranks)
     assert f.rank == (1, 2, 3, 1) and f.in_shape == in_shape and f.out_shape == out_shape
-    assert f.relative_error(W) < 1e-10
+    assert f.relative_error_to(W) < 1e-10
     assert tt_matrix(W, in_shape=in_shape, out_shape=out_shape, tol=1e-6).rank == (1, 2, 3, 1)
     assert f.num_params == tt_matrix_num_params(in_shape, out_shape, ranks)
 

@@ -127,7 +127,7 @@ def mnist_vbmf_experiment(n_images=None):
                          vbmf_R4_R3=f"{factors.rank[0]} / {factors.rank[1]}", weights=layer.num_params,
                          M=f"{count_params(conv) / layer.num_params:.2f}", MACs=layer.flops(shape),
                          E=f"{layer.dense_flops(shape) / layer.flops(shape):.2f}",
-                         rel_error=f"{layer.error_bound / layer.weight_norm:.4f}"))
+                         rel_error=f"{layer.fit.relative_error_bound:.4f}"))
     acc = [dict(replaced="none (dense)", accuracy=accuracy(model, images, labels))]
     for names in (("features.3",), ("features.0",), ("features.0", "features.3")):
         small = copy.deepcopy(model)

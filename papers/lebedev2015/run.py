@@ -95,7 +95,7 @@ def mnist_cp_experiment(ranks=MNIST_RANKS, n_images=None):
         small.features[3] = layer
         rows.append(dict(R=rank, weights=layer.num_params, MACs=layer.flops(shape),
                          speedup=f"{layer.dense_flops(shape) / layer.flops(shape):.2f}",
-                         rel_error=f"{layer.error_bound / layer.weight_norm:.4f}",
+                         rel_error=f"{layer.fit.relative_error:.4f}",
                          accuracy=accuracy(small, images, labels)))
     return table(rows, title=f"ccexam MNIST CNN, features.3 as CPConv, no fine-tuning ({len(images):,} images; "
                              f"rel_error = measured ||K - K_cp|| / ||K||)")

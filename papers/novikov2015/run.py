@@ -110,7 +110,7 @@ def mnist_tt_experiment(ranks=MNIST_RANKS, n_images=None):
                          compression=f"{count_params(dense) / layer.num_params:.1f}",
                          MACs=layer.flops((1, dense.in_features)),
                          rel_error=f"{relative_error(layer, dense):.4f}",
-                         bound=f"{layer.error_bound / layer.weight_norm:.4f}",
+                         bound=f"{layer.fit.relative_error_bound:.4f}",
                          accuracy=accuracy(small, images, labels)))
     return table(rows, title=f"ccexam MNIST CNN, classifier.0 as TTLinear ({len(images):,} images; "
                              f"rel_error = measured ||W - W_tt|| / ||W||, bound = certified TT-SVD bound)")

@@ -8,7 +8,7 @@ Claim (REFERENCES.md [V code]): with ``L`` the Cholesky factor of ``X^T X`` (cal
 inputs ``X``), truncating the SVD of ``W L`` at rank ``k`` gives the ``W'`` of rank ``k`` with
 the smallest ``||(W - W') X^T||_F``, and that error is ``sqrt(sum_{i>k} s_i(W L)^2)``; so it is
 never worse than plain SVD on that objective. We check both on every Linear layer of
-all-MiniLM-L6-v2 (36 layers) with the 64 calibration sentences of :mod:`analysis.sentences`,
+all-MiniLM-L6-v2 (36 layers) with the 64 calibration sentences of :mod:`analysis.zoo.sentences`,
 and look at what happens on the 64 held-out evaluation sentences (not covered by the
 theorem), then end to end (cosine similarity of the sentence embeddings). The same is done
 on the ccexam MNIST CNN's classifier.0 with calibration images.

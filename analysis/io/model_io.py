@@ -10,15 +10,17 @@ the same example inputs.
 
 Formats (detected from the file's contents, not its name):
 
-* ``export``: ``torch.export.save`` archives (``.pt2``): loaded with ``torch.export.load``;
-  saved by re-exporting the compressed module with the archive's example inputs (static
-  shapes: dynamic dimensions of the original program are not carried over).
+* ``export``: ``torch.export.save`` archives (``.pt2``): loaded with ``torch.export.load``.
 * ``torchscript``: ``torch.jit.save`` archives: converted with torch's TorchScript ->
-  export converter (needs example inputs: ``--input-shape``), saved with ``torch.jit.trace``.
+  export converter (needs example inputs: ``--input-shape``).
   Models the converter cannot handle are refused with a message.
 * ``pickle``: a whole pickled ``nn.Module`` (``torch.save(model)``). Unpickling runs
   arbitrary code, so it is loaded only with ``trust_pickle=True``; without it the file is
-  opened with ``weights_only=True`` and refused with a message. Saved with ``torch.save``.
+  opened with ``weights_only=True`` and refused with a message.
+* ``dir``: a folder written by :func:`layers.save_compressed` (no pickle), its base model
+  rebuilt from the folder (zoo entry or transformers config).
+
+Writing files (``.pt2`` with dynamic dimensions, ONNX, folders) is :mod:`.export`.
 """
 from __future__ import annotations
 
@@ -32,10 +34,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .zoo import ZOO, ZooEntry
+from ..zoo import ZOO, ZooEntry
 
 FORMATS = ("export", "torchscript", "pickle")
-EXTENSIONS = {".pt2": "export", ".ts": "torchscript", ".torchscript": "torchscript", ".jit": "torchscript",
+EXTENSIONS = {".pt2": "export", ".onnx": "onnx", ".ts": "torchscript", ".torchscript": "torchscript", ".jit": "torchscript",
               ".pt": "pickle", ".pth": "pickle", ".pkl": "pickle", ".pickle": "pickle"}
 DTYPES = {"float32": torch.float32, "float": torch.float32, "float64": torch.float64, "float16": torch.float16,
           "bfloat16": torch.bfloat16, "int64": torch.int64, "long": torch.int64, "int32": torch.int32}
@@ -55,6 +57,7 @@ class LoadedModel:
     example_input: tuple | None = None
     entry: ZooEntry | None = None
     lifted: list = field(default_factory=list)   # layer names lifted from a graph
+    static_shapes: bool = False   # a graph traced at fixed shapes (cannot be re-exported with a dynamic batch)
 
 
 # --------------------------------------------------------------------------- example inputs
@@ -109,14 +112,6 @@ def detect_format(path) -> str:
     if head[:1] == b"\x80":
         return "pickle"
     raise ModelLoadError(f"{str(path)!r} is not a torch model file (torch.export .pt2, TorchScript or torch.save)")
-
-
-def format_for_output(path) -> str:
-    suffix = Path(path).suffix.lower()
-    if suffix not in EXTENSIONS:
-        raise ModelLoadError(f"cannot tell the output format from {str(path)!r}: end it with .pt2 (torch.export), "
-                             f".ts (TorchScript) or .pt (pickled model)")
-    return EXTENSIONS[suffix]
 
 
 # --------------------------------------------------------------------------- graph -> modules
@@ -251,8 +246,7 @@ def load(spec: str, *, trust_pickle: bool = False, input_shapes=None) -> LoadedM
     if not path.exists():
         raise ModelLoadError(f"unknown model {spec!r}: not a zoo name ({', '.join(ZOO)}) and no such file")
     if path.is_dir():
-        raise ModelLoadError(f"{spec!r} is a directory; pass a model file (.pt2, TorchScript or torch.save) "
-                             f"or a zoo name ({', '.join(ZOO)})")
+        return _load_folder(path, make_example(shapes) if shapes else None)
     fmt = detect_format(path)
     example = make_example(shapes) if shapes else None
     if fmt == "export":
@@ -260,6 +254,20 @@ def load(spec: str, *, trust_pickle: bool = False, input_shapes=None) -> LoadedM
     if fmt == "torchscript":
         return _load_torchscript(path, example)
     return _load_pickle(path, example, trust_pickle)
+
+
+def _load_folder(path, example):
+    """A folder written by ``layers.save_compressed`` (its base model rebuilt: zoo entry, transformers config)."""
+    from decomp_toolkit.layers import load_compressed
+    from decomp_toolkit.layers.serialize import MANIFEST, read_manifest
+
+    if not (path / MANIFEST).exists():
+        raise ModelLoadError(f"{str(path)!r} is a directory without {MANIFEST}; pass a model file (.pt2, "
+                             f"TorchScript or torch.save), a save_compressed folder or a zoo name ({', '.join(ZOO)})")
+    entry = ZOO.get(read_manifest(path)["base"].get("zoo"))
+    if example is None and entry is not None:
+        example = tuple(entry.example_input())
+    return LoadedModel(load_compressed(path), "dir", str(path), example, entry)
 
 
 def _load_export(path, example):
@@ -279,7 +287,7 @@ def _load_export(path, example):
         raise ModelLoadError(f"{str(path)!r} stores no example inputs; pass --input-shape (e.g. 1,3,224,224)")
     gm = program.module()
     lifted = lift_layers(gm)
-    return LoadedModel(gm, "export", str(path), example, lifted=lifted)
+    return LoadedModel(gm, "export", str(path), example, lifted=lifted, static_shapes=not program.range_constraints)
 
 
 def _load_torchscript(path, example):
@@ -303,7 +311,8 @@ def _load_torchscript(path, example):
                              f"(.pt2) instead") from None
     gm = program.module()
     lifted = lift_layers(gm)
-    return LoadedModel(gm, "torchscript", str(path), example, lifted=lifted)
+    return LoadedModel(gm, "torchscript", str(path), example, lifted=lifted,
+                       static_shapes=not program.range_constraints)
 
 
 def _load_pickle(path, example, trust_pickle):
@@ -326,32 +335,14 @@ def _load_pickle(path, example, trust_pickle):
     return LoadedModel(obj.eval(), "pickle", str(path), example)
 
 
-# --------------------------------------------------------------------------- saving
-
-def save(model: nn.Module, path, fmt: str, example_input=None):
-    """Save ``model`` to ``path`` as ``fmt`` (one of FORMATS)."""
-    model.eval()
-    path = str(path)
-    if fmt == "export":
-        if example_input is None:
-            raise ModelLoadError("saving as torch.export needs example inputs; pass --input-shape")
-        program = torch.export.export(model, tuple(example_input))
-        torch.export.save(program, path)
-    elif fmt == "torchscript":
-        if example_input is None:
-            raise ModelLoadError("saving as TorchScript needs example inputs; pass --input-shape")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            traced = torch.jit.trace(model, tuple(example_input), check_trace=False)
-        traced.save(path)
-    elif fmt == "pickle":
-        torch.save(model, path)
-    else:
-        raise ModelLoadError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
-
+# --------------------------------------------------------------------------- reading back
 
 def load_saved(path, fmt: str, trust_pickle: bool = True):
-    """A callable module loaded back from a file written by :func:`save` (for checks)."""
+    """A callable module loaded back from a file written by :func:`.export.save` (for checks)."""
+    if fmt == "dir":
+        from decomp_toolkit.layers import load_compressed
+
+        return load_compressed(path)
     if fmt == "export":
         return torch.export.load(str(path)).module()
     if fmt == "torchscript":
@@ -359,5 +350,5 @@ def load_saved(path, fmt: str, trust_pickle: bool = True):
     return torch.load(str(path), map_location="cpu", weights_only=not trust_pickle)
 
 
-__all__ = ["load", "save", "load_saved", "lift_layers", "detect_format", "format_for_output", "parse_input_shape",
+__all__ = ["load", "load_saved", "lift_layers", "detect_format", "parse_input_shape",
            "make_example", "LoadedModel", "ModelLoadError", "FORMATS"]

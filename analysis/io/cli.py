@@ -3,17 +3,24 @@
 ::
 
     decomp analyze MODEL [--thresholds 0.8 0.9 0.95 0.99] [--scheme channel|spatial] [--plots DIR]
-    decomp compress MODEL --method svd (--energy E | --tol T | --ratio R | --rank K |
-                    --budget-params F | --budget-flops F) [--include PAT ...] [--exclude PAT ...]
-                    [--set KEY=VALUE ...] -o OUT [--eval] [--report-json FILE]
+    decomp compress MODEL --method svd [--energy E | --tol T | --ratio R | --rank K |
+                    --budget-params F | --budget-flops F] [--include PAT ...] [--exclude PAT ...]
+                    [--set KEY=VALUE ...] -o OUT [--format pt2|onnx|dir|ts] [--static-shapes] [--eval]
+                    [--report-json FILE]
     decomp demo [--limit N] [--plots DIR | --no-plots]
     decomp zoo
 
+    decomp info FILE
+
 MODEL is a zoo name (``decomp zoo`` lists them) or a file: a ``torch.export`` archive
-(``.pt2``), a TorchScript file (needs ``--input-shape``), or a whole pickled model
-(only with ``--trust-pickle``). ``compress`` writes OUT in the format of the input file;
-for a zoo model the extension of OUT chooses (``.pt2``, ``.ts``, ``.pt``). Bad input
-exits with status 2 and one line on stderr (set ``DECOMP_DEBUG=1`` for the traceback).
+(``.pt2``), a TorchScript file (needs ``--input-shape``), a ``save_compressed`` folder, or a
+whole pickled model (only with ``--trust-pickle``). ``compress`` writes OUT in the format
+its extension names: ``.pt2`` (torch.export with a dynamic batch dim, and a dynamic sequence
+dim for token inputs), ``.onnx`` (checked in onnxruntime against torch), ``.ts``, or a folder
+(``--format dir``: safetensors + JSON manifest); a ``.pt`` name (a pickle) is refused unless
+``--format pickle`` asks for it. The report travels inside the file: ``decomp info FILE``. Bad input
+exits with status 2 and one line on stderr (set ``DECOMP_DEBUG=1`` for the traceback); so
+does a request that compresses nothing (OUT is then not written).
 """
 from __future__ import annotations
 
@@ -24,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from .zoo import ZOO, MissingZooPackage
+from ..zoo import ZOO, MissingZooPackage
 
 SPEC_FLAGS = ("energy", "tol", "ratio", "rank", "budget_params", "budget_flops")
 
@@ -91,7 +98,7 @@ def _output_check(model, reference, example) -> dict:
 def _analyze(args) -> int:
     import torch
 
-    from .spectra import energy_table
+    from ..spectra import energy_table
 
     torch.set_num_threads(max(1, args.threads))
     loaded = _load(args)
@@ -100,7 +107,7 @@ def _analyze(args) -> int:
     print(table)
     if args.plots:
         try:
-            from .plots import plot_energy, plot_spectrum
+            from ..plots import plot_energy, plot_spectrum
         except ImportError as err:
             print(f"decomp: plots unavailable ({err}); install matplotlib (pip install matplotlib)", file=sys.stderr)
             return 1
@@ -119,24 +126,27 @@ def _compress(args) -> int:
 
     from decomp_toolkit.layers import compress
 
-    from . import model_io
+    from . import export, model_io
 
     torch.set_num_threads(max(1, args.threads))
-    out_format = None
-    if args.model in ZOO:
-        out_format = model_io.format_for_output(args.output)
+    out_format = export.format_for_output(args.output, args.format)   # refused before any work
     options = _parse_set(args.set)
     spec = _spec_kwargs(args)
-    if "budget" not in spec:
+    methods = _method_names()
+    if args.method not in methods:
+        raise CLIError(f"--method {args.method!r} is not a method; available: {', '.join(methods)}")
+    if not spec and _needs_spec(args.method):
+        raise CLIError(f"method {args.method!r} needs a rank specification: pass one of the arguments --energy --tol "
+                       f"--ratio --rank --budget-params --budget-flops")
+    if "budget" not in spec and spec:
         from decomp_toolkit.decomp.rank import parse_rank_spec
 
-        parse_rank_spec(**spec, context="compress")   # one clear error before any loading
+        parse_rank_spec(**spec, allow_tuple=True, context="compress")   # one clear error before any loading
     loaded = _load(args)
-    out_format = out_format or loaded.format
-    if loaded.example_input is None and (args.budget_flops is not None or out_format != "pickle"):
+    if loaded.example_input is None and (args.budget_flops is not None or out_format not in ("pickle", "dir")):
         raise CLIError("this model needs example inputs (for FLOPs or to export it): pass --input-shape, "
                        "e.g. --input-shape 1,3,224,224")
-    if not Path(args.output).parent.exists():
+    if not Path(args.output.rstrip("/") or ".").parent.exists():
         raise CLIError(f"-o {args.output!r}: the directory {str(Path(args.output).parent)!r} does not exist")
     data = None
     if args.eval and loaded.entry is not None:
@@ -148,6 +158,10 @@ def _compress(args) -> int:
                              progress=not args.quiet, **spec, **options)
     seconds = time.perf_counter() - start
     print(report)
+    if not report.replaced:
+        reasons = sorted({r.status.removeprefix("skipped: ") for r in report.layers})
+        raise CLIError(f"nothing was compressed (every layer kept dense: {'; '.join(reasons)[:300]}); "
+                       f"{args.output} not written")
     print(f"compressed {len(report.replaced)} of {len(report.layers)} layers in {seconds:.2f} s")
     if args.eval:
         if loaded.entry is not None:
@@ -157,18 +171,53 @@ def _compress(args) -> int:
                   f"{_format_metrics(_output_check(small, loaded.model, loaded.example_input))}")
         else:
             print("--eval: no evaluation data for this model (pass --input-shape to compare outputs)")
-    model_io.save(small, args.output, out_format, loaded.example_input)
-    suffix_format = model_io.EXTENSIONS.get(Path(args.output).suffix.lower())
-    note = f"; the input's format, although the name ends in {Path(args.output).suffix}" if (
-        suffix_format not in (None, out_format)) else ""
-    print(f"saved {args.output} ({out_format}{note})")
+    _save_and_check(small, report, args, out_format, loaded)
     if args.report_json:
         Path(args.report_json).write_text(report.to_json(indent=2))
     return 0
 
 
+def _save_and_check(small, report, args, out_format, loaded):
+    """Write OUT and run it back against the model in memory (torch.export / onnxruntime)."""
+    from . import export
+
+    base = {"zoo": loaded.source} if loaded.format == "zoo" else None
+    static = args.static_shapes or (loaded.static_shapes and out_format in ("export", "onnx"))
+    if static and not args.static_shapes:
+        print(f"note: {loaded.source} was traced at fixed shapes {_shapes(loaded.example_input)}, so {args.output} "
+              f"has them too; export your model with dynamic_shapes for a dynamic batch")
+    export.save(small, args.output, out_format, loaded.example_input, report=report, base=base, static=static)
+    print(f"saved {args.output} ({FORMAT_LABELS[out_format]}{'' if static else _dynamic_note(out_format)})")
+    if out_format in ("export", "onnx") and loaded.example_input is not None:
+        batches = (loaded.example_input[0].shape[0],) if static else (1, 2, 7)
+        check = export.check_export if out_format == "export" else export.check_onnx
+        diffs = check(args.output, small, loaded.example_input, batches)
+        what = "torch.export program" if out_format == "export" else "onnxruntime"
+        print(f"checked {what} against torch at batch " + ", ".join(
+            f"{b}: max abs diff {d:.2e}" for b, d in diffs.items()))
+
+
+FORMAT_LABELS = {"export": "torch.export", "onnx": "ONNX", "dir": "save_compressed folder: safetensors + manifest",
+                 "torchscript": "TorchScript, static shapes", "pickle": "pickle"}
+
+
+def _shapes(example) -> str:
+    return ", ".join("x".join(str(d) for d in x.shape) for x in example)
+
+
+def _dynamic_note(fmt) -> str:
+    return "; dynamic batch dim (and sequence dim of token inputs)" if fmt in ("export", "onnx") else ""
+
+
+def _info(args) -> int:
+    from .info import describe
+
+    print(describe(args.file))
+    return 0
+
+
 def _demo(args) -> int:
-    from .demo import run_demo
+    from ..demo import run_demo
 
     run_demo(limit=args.limit, plots_dir=None if args.no_plots else args.plots)
     return 0
@@ -195,6 +244,18 @@ def _model_arguments(p):
                    help="torch threads (default 2)")
 
 
+def _needs_spec(method) -> bool:
+    from decomp_toolkit.layers import available_methods
+
+    return bool(getattr(available_methods()[method], "spec_required", True))
+
+
+def _method_names() -> list:
+    from decomp_toolkit.layers import available_methods
+
+    return sorted(available_methods())
+
+
 def _fraction(text):
     try:
         value = float(text)
@@ -218,8 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     comp = sub.add_parser("compress", help="factorize the layers of a model and save it")
     _model_arguments(comp)
-    comp.add_argument("--method", default="svd", help="decomposition method (default svd)")
-    spec = comp.add_mutually_exclusive_group(required=True)
+    comp.add_argument("--method", default="svd",
+                      help=f"decomposition method, one of: {', '.join(_method_names())} (default svd)")
+    spec = comp.add_mutually_exclusive_group()
     spec.add_argument("--energy", type=_fraction, help="keep this fraction of each layer's spectral energy")
     spec.add_argument("--tol", type=_fraction, help="relative Frobenius error bound per layer")
     spec.add_argument("--ratio", type=_fraction, help="fraction of each layer's parameters to keep")
@@ -233,7 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--set", nargs="+", metavar="KEY=VALUE",
                       help="extra method options, e.g. --set scheme=spatial random_state=0")
     comp.add_argument("-o", "--output", required=True, metavar="OUT",
-                      help="output file (same format as the input file; for a zoo model: .pt2, .ts or .pt)")
+                      help="output: .pt2 (torch.export, dynamic batch), .onnx (checked in onnxruntime), .ts "
+                           "(TorchScript) or a folder with --format dir (safetensors + manifest, no pickle)")
+    comp.add_argument("--format", choices=("pt2", "onnx", "dir", "ts", "pickle"),
+                      help="output format; must agree with OUT's extension (default: from the extension)")
+    comp.add_argument("--static-shapes", action="store_true",
+                      help="export .pt2 / .onnx at the example input's shapes (no dynamic batch dim)")
     comp.add_argument("--eval", action="store_true", help="print the zoo metric before and after")
     comp.add_argument("--eval-limit", type=int, default=None, metavar="N", help="evaluate on the first N samples")
     comp.add_argument("--report-json", metavar="FILE", help="also write the report as JSON")
@@ -246,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-plots", action="store_true", help="do not write plots")
     demo.set_defaults(func=_demo)
 
+    info = sub.add_parser("info", help="what a compressed file or folder holds: inputs, modules, report")
+    info.add_argument("file", metavar="FILE", help=".pt2, .onnx, .ts file or save_compressed folder")
+    info.set_defaults(func=_info)
+
     zoo = sub.add_parser("zoo", help="list the zoo models and whether their packages are installed")
     zoo.set_defaults(func=_zoo)
     return parser
@@ -256,7 +327,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (CLIError, MissingZooPackage, ValueError, TypeError, OSError, KeyError, RuntimeError) as err:
+    except (CLIError, MissingZooPackage, ValueError, TypeError, OSError, KeyError, RuntimeError, MemoryError) as err:
         if os.environ.get("DECOMP_DEBUG"):
             raise
         message = " ".join(str(err).split()) or type(err).__name__

@@ -1,0 +1,50 @@
+"""Data-parallel calibration with ``torch.distributed``: each rank sees its shard of the data.
+
+* :func:`all_reduce_calibration` sums a :class:`~layers.calibrate.Calibration` (Grams, row sums,
+  sample and batch counts) over the ranks in place, so every rank holds the statistics of the
+  whole calibration set: ``compress(model, calibration=cal)`` then gives the same model on
+  every rank as one process calibrated on all the shards (to rounding of the sums).
+* :func:`layers.sequential.compress_sequential` all-reduces its statistics itself and splits
+  the per-layer fits across the ranks (each layer fitted by one rank, factors broadcast).
+
+Without an initialised process group (or with one rank) both are plain single-process runs.
+"""
+from __future__ import annotations
+
+import torch
+
+from .calibrate import Calibration
+
+
+def is_distributed() -> bool:
+    """Whether a ``torch.distributed`` process group with more than one rank is initialised."""
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_calibration(calibration: Calibration) -> Calibration:
+    """Sum ``calibration`` over the ranks (in place; returned). Every rank must have calibrated the same layers."""
+    if not isinstance(calibration, Calibration):
+        raise TypeError(f"all_reduce_calibration: expected a Calibration, got {type(calibration).__name__}")
+    if not is_distributed():
+        return calibration
+    import torch.distributed as dist
+    names = sorted(calibration.grams)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, names)
+    if any(g != names for g in gathered):
+        raise ValueError("all_reduce_calibration: the ranks calibrated different layers; every rank must run the "
+                         "same layers= on its shard")
+    for name in names:
+        dist.all_reduce(calibration.grams[name])
+        dist.all_reduce(calibration.sums[name])
+    counts = torch.tensor([float(calibration.samples[n]) for n in names] + [float(calibration.batches)],
+                          dtype=torch.float64)
+    dist.all_reduce(counts)
+    for name, value in zip(names, counts[:-1].tolist()):
+        calibration.samples[name] = int(value)
+    calibration.batches = int(counts[-1])
+    return calibration
+
+
+__all__ = ["all_reduce_calibration", "is_distributed"]

@@ -1,0 +1,324 @@
+"""The layer kinds the toolkit can factorize: one table, and the way to add a kind.
+
+Every method registers builders per *kind key*: ``"linear"`` (a weight ``(out, in)``
+applied as ``x @ W^T + b``) or ``1``/``2``/``3`` (an ``nn.ConvNd`` weight
+``(out, in/groups, *kernel)``). A module type belongs to a kind through this table:
+``nn.Linear`` and ``nn.Conv1d/2d/3d`` (and their subclasses that keep their forward) are
+built in; another type is added with :func:`register_layer_kind`, e.g. transformers'
+``Conv1D`` (weight stored ``(in, out)``, forward ``x @ W + b``)::
+
+    register_layer_kind(Conv1D, kind="linear", weight=lambda m: m.weight.T)
+
+``weight(module)`` reads the weight as ``(out, in[, *kernel])``; ``dense(module)`` returns the
+plain ``nn.Linear`` / ``nn.ConvNd`` computing the same function (its weight may be a view
+of the module's, it is never modified; for a ``"linear"`` kind it defaults to an
+``nn.Linear`` viewing ``weight(module)`` and ``module.bias``). Every
+method, ``compress``, ``calibrate`` and the FLOP counters then treat the module as that
+layer, and the factorized module replaces it with the same call signature.
+Transposed convolutions are listed (``compress`` reports them as kept dense) but not
+supported.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.utils import parametrize
+
+STANDARD_TYPES = {"linear": nn.Linear, 1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+FUNCTIONAL = {"linear": F.linear, 1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+KIND_KEYS = tuple(STANDARD_TYPES)
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """One row of the table: a module type and how the methods read it.
+
+    ``key``: the builder key (``"linear"`` or 1/2/3); ``name``: shown in messages;
+    ``dense``: module -> equivalent ``nn.Linear``/``nn.ConvNd`` (None: the module is one);
+    ``unsupported``: the reason no method can factorize it (None: supported).
+    """
+
+    module_type: type
+    key: object
+    name: str
+    dense: Callable | None = None
+    unsupported: str | None = None
+
+    @property
+    def standard_type(self) -> type:
+        return STANDARD_TYPES[self.key]
+
+
+_KINDS: dict[type, LayerKind] = {}
+
+
+def register_layer_kind(module_type: type, *, kind=None, name: str | None = None, weight: Callable | None = None,
+                        dense: Callable | None = None, unsupported: str | None = None) -> LayerKind:
+    """Add ``module_type`` to the table (see the module docstring); returns its row.
+
+    ``kind``: ``"linear"`` or 1/2/3, the builders that apply (default: that of the standard
+    type ``module_type`` subclasses). ``weight(module)``: the weight as ``(out, in[, *k])``;
+    ``dense(module)``: the equivalent plain layer. A type that does not subclass its standard
+    type needs ``dense=`` (or, for ``kind="linear"``, ``weight=``).
+    """
+    if not isinstance(module_type, type) or not issubclass(module_type, nn.Module):
+        raise TypeError(f"register_layer_kind: module_type must be an nn.Module subclass, got {module_type!r}")
+    if kind is None:
+        kind = next((k for k, t in STANDARD_TYPES.items() if issubclass(module_type, t)), None)
+    if kind not in STANDARD_TYPES:
+        raise ValueError(f"register_layer_kind: kind={kind!r} is not one of {KIND_KEYS}")
+    if dense is None and weight is not None:
+        if kind != "linear":
+            raise TypeError("register_layer_kind: a conv kind needs dense=fn(module) -> the equivalent nn.ConvNd "
+                            "(its options cannot be read off a weight)")
+        dense = _linear_from(weight)
+    if dense is None and unsupported is None and not issubclass(module_type, STANDARD_TYPES[kind]):
+        raise TypeError(f"register_layer_kind: {module_type.__name__} is not a {STANDARD_TYPES[kind].__name__}; "
+                        f"pass dense=fn(module) -> the equivalent {STANDARD_TYPES[kind].__name__} (or weight=)")
+    row = LayerKind(module_type, kind, name or module_type.__name__, dense, unsupported)
+    _KINDS[module_type] = row
+    return row
+
+
+for _key, _type in STANDARD_TYPES.items():
+    register_layer_kind(_type, kind=_key)
+for _dim, _type in ((1, nn.ConvTranspose1d), (2, nn.ConvTranspose2d), (3, nn.ConvTranspose3d)):
+    register_layer_kind(_type, kind=_dim, unsupported="transposed convolutions are not supported")
+
+
+def register_optional_kinds() -> None:
+    """Add the kinds of optional packages once they are imported: transformers' ``Conv1D`` (GPT-2)."""
+    import sys
+    if "transformers.pytorch_utils" not in sys.modules or _OPTIONAL_DONE:
+        return
+    from transformers.pytorch_utils import Conv1D
+    _OPTIONAL_DONE.append(Conv1D)
+    if Conv1D not in _KINDS:
+        register_layer_kind(Conv1D, kind="linear", name="Conv1D", weight=lambda m: m.weight.T)
+
+
+_OPTIONAL_DONE: list = []
+
+
+def kind_of(module) -> LayerKind | None:
+    """The table row of ``module``'s type (the nearest registered base class), or None."""
+    register_optional_kinds()
+    for cls in type(module).__mro__:
+        if cls in _KINDS:
+            return _KINDS[cls]
+    return None
+
+
+def candidate_types() -> tuple:
+    """Every module type in the table (unsupported ones included)."""
+    return tuple(_KINDS)
+
+
+def is_candidate(module) -> bool:
+    """True for a module ``compress`` looks at (a factorizable kind, or a listed unsupported one)."""
+    return kind_of(module) is not None
+
+
+def is_supported(module) -> bool:
+    row = kind_of(module)
+    return row is not None and row.unsupported is None
+
+
+def registered_kind(module) -> LayerKind | None:
+    """The row of a non-built-in kind added with :func:`register_layer_kind` (None for built-ins and others)."""
+    row = kind_of(module)
+    return row if row is not None and row.dense is not None else None
+
+
+def registered_kinds() -> dict:
+    """``{name: LayerKind}`` of the kinds added with :func:`register_layer_kind` beyond the built-ins."""
+    return {row.name: row for row in _KINDS.values() if row.dense is not None}
+
+
+def check_dense_equivalent(module, dense, label="") -> None:
+    """Raise ValueError unless ``dense`` computes ``module``'s function on a small random input."""
+    if isinstance(dense, nn.Linear):
+        x = torch.randn(2, dense.in_features, dtype=dense.weight.dtype, device=dense.weight.device)
+    else:
+        spatial = [max(8, d * (k - 1) + 1) for k, d in zip(dense.kernel_size, dense.dilation)]
+        x = torch.randn(1, dense.in_channels, *spatial, dtype=dense.weight.dtype, device=dense.weight.device)
+    with torch.no_grad():
+        expected, got = module(x), dense(x)
+    if expected.shape != got.shape or not torch.allclose(expected, got, rtol=1e-4, atol=1e-5):
+        raise ValueError(f"{label}: the dense equivalent registered for {type(module).__name__} does not compute "
+                         f"the module's function; fix the dense=/weight= given to register_layer_kind")
+
+
+def legacy_reparametrization(module):
+    """The legacy ``weight_norm``/``spectral_norm`` forward pre-hook of ``module`` (None when it has none)."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+    return next((h for h in module._forward_pre_hooks.values() if isinstance(h, (WeightNorm, SpectralNorm))), None)
+
+
+def plain_copy(module, base_type):
+    """A plain ``base_type`` layer holding ``module``'s effective weight and bias (parametrizations applied)."""
+    legacy = legacy_reparametrization(module)
+    with torch.no_grad():
+        weight = (legacy.compute_weight(module) if legacy is not None else module.weight).detach().clone()
+        bias = module.bias.detach().clone() if module.bias is not None else None
+    if base_type is nn.Linear:
+        return linear_view(weight, bias)
+    cfg = conv_config(module)
+    cfg.pop("dim")
+    conv = base_type(**cfg, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+        if bias is not None:
+            conv.bias.copy_(bias)
+    return conv
+
+
+def standard_layer(module):
+    """The plain ``nn.Linear``/``nn.ConvNd`` that computes what ``module`` computes (``module`` itself if it is one)."""
+    row = kind_of(module)
+    if row is None or row.dense is None:
+        return module
+    return row.dense(module)
+
+
+def standard_type(key) -> type:
+    """``nn.Linear`` / ``nn.Conv1d/2d/3d`` for a kind key."""
+    return STANDARD_TYPES[key]
+
+
+def functional(key) -> Callable:
+    """``F.linear`` / ``F.conv1d/2d/3d`` for a kind key."""
+    return FUNCTIONAL[key]
+
+
+def kind_name(key) -> str:
+    return STANDARD_TYPES[key].__name__
+
+
+def _linear_from(weight):
+    def dense(module):
+        return linear_view(weight(module), getattr(module, "bias", None))
+    return dense
+
+
+def linear_view(weight, bias=None) -> nn.Linear:
+    """An ``nn.Linear`` whose parameters are ``weight (out, in)`` and ``bias`` (views, not copies)."""
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    layer.weight = nn.Parameter(weight, requires_grad=weight.requires_grad)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias, requires_grad=bias.requires_grad)
+    return layer
+
+
+# --------------------------------------------------------------------------- validation
+
+def layer_label(layer, name=None) -> str:
+    """``"name (Conv2d, weight (64, 32, 3, 3))"`` for error messages."""
+    weight = getattr(layer, "weight", None)
+    shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) and not _is_uninitialized(weight) else "?"
+    prefix = f"{name} " if name else ""
+    return f"{prefix}({type(layer).__name__}, weight {shape})"
+
+
+def _is_uninitialized(tensor) -> bool:
+    return isinstance(tensor, nn.parameter.UninitializedParameter)
+
+
+def _check_module(layer, row, label):
+    if not isinstance(layer, nn.Module):
+        raise TypeError(f"expected an nn.Module layer, got {type(layer).__name__}")
+    if isinstance(layer, LazyModuleMixin) and layer.has_uninitialized_params():
+        raise ValueError(f"{label}: lazy layer is not initialized yet; run one forward pass first")
+    if row is None:
+        raise TypeError(f"{label}: unsupported module type; only nn.Linear and nn.Conv1d/2d/3d "
+                        f"(and subclasses that keep their forward, or kinds added with register_layer_kind) "
+                        f"can be decomposed")
+    if row.unsupported is not None:
+        raise TypeError(f"{label}: {row.unsupported}; only nn.Linear and nn.Conv1d/2d/3d can be decomposed")
+    base = row.module_type
+    for method in ("forward", "_conv_forward"):
+        if hasattr(base, method) and getattr(type(layer), method) is not getattr(base, method):
+            raise TypeError(f"{label}: {type(layer).__name__} overrides {method}() of {base.__name__}; "
+                            f"a factorized layer could not reproduce it")
+    if parametrize.is_parametrized(layer):
+        raise TypeError(f"{label}: parametrized layers (e.g. weight_norm/spectral_norm) are not supported; "
+                        f"remove the parametrization first")
+
+
+def layer_kind(layer, name=None):
+    """The kind key (``"linear"`` or 1/2/3) of ``layer``, after validating it.
+
+    Raises TypeError for non-modules, module types not in the table, transposed convs,
+    subclasses that override forward, parametrized layers; ValueError for uninitialized
+    (lazy) layers and NaN/Inf weights.
+    """
+    label = layer_label(layer, name)
+    row = kind_of(layer) if isinstance(layer, nn.Module) else None
+    _check_module(layer, row, label)
+    standard = standard_layer(layer)
+    if standard.weight.is_meta:
+        raise ValueError(f"{label}: weight is on the meta device (it holds no values); load the weights first")
+    if not torch.isfinite(standard.weight).all():
+        raise ValueError(f"{label}: weight contains NaN or Inf entries")
+    if standard.bias is not None and not torch.isfinite(standard.bias).all():
+        raise ValueError(f"{label}: bias contains NaN or Inf entries")
+    return row.key
+
+
+# --------------------------------------------------------------------------- dense configs
+
+def conv_config(conv) -> dict:
+    """Constructor keywords of a dense conv (without bias), plus ``dim``."""
+    return dict(in_channels=conv.in_channels, out_channels=conv.out_channels,
+                kernel_size=tuple(conv.kernel_size), stride=tuple(conv.stride),
+                padding=conv.padding if isinstance(conv.padding, str) else tuple(conv.padding),
+                dilation=tuple(conv.dilation), groups=conv.groups, padding_mode=conv.padding_mode,
+                dim=len(conv.kernel_size))
+
+
+def linear_config(linear) -> dict:
+    """Constructor keywords of a dense Linear (without bias)."""
+    return dict(in_features=linear.in_features, out_features=linear.out_features)
+
+
+def dense_config(layer) -> dict:
+    """``linear_config`` or ``conv_config`` of a standard layer."""
+    return linear_config(layer) if isinstance(layer, nn.Linear) else conv_config(layer)
+
+
+def conv_padding(padding, kernel_size, dilation) -> list:
+    """``[(left, right)]`` per spatial dim of a conv's ``padding`` (int/tuple, 'valid', 'same')."""
+    dims = len(kernel_size)
+    if padding == "valid":
+        return [(0, 0)] * dims
+    if padding == "same":
+        totals = [d * (k - 1) for k, d in zip(kernel_size, dilation)]
+        return [(t // 2, t - t // 2) for t in totals]
+    padding = (padding,) * dims if isinstance(padding, int) else tuple(padding)
+    return [(p, p) for p in padding]
+
+
+def pad_input(x, padding, kernel_size, dilation, padding_mode="zeros"):
+    """``x`` padded as a conv with these options pads it, so a padding-free conv follows."""
+    flat = [v for pair in reversed(conv_padding(padding, kernel_size, dilation)) for v in pair]
+    if not any(flat):
+        return x
+    mode = "constant" if padding_mode == "zeros" else padding_mode
+    return F.pad(x, flat, mode=mode)
+
+
+def pad_like(conv, x):
+    """``x`` padded as ``conv`` pads it (its padding_mode), so a padding-free conv follows."""
+    return pad_input(x, conv.padding, conv.kernel_size, conv.dilation, conv.padding_mode)
+
+
+__all__ = ["LayerKind", "register_layer_kind", "kind_of", "candidate_types", "is_candidate", "is_supported",
+           "standard_layer", "standard_type", "functional", "kind_name", "linear_view", "layer_label", "layer_kind",
+           "conv_config", "linear_config", "dense_config", "conv_padding", "pad_input", "pad_like", "registered_kind",
+           "registered_kinds", "check_dense_equivalent", "legacy_reparametrization", "plain_copy"]

@@ -1,0 +1,815 @@
+"""Sequential (asymmetric) low-rank compression, streamed block by block.
+
+``compress_sequential(model, data, ratio=... | budget=... | ranks=...)`` replaces the
+targeted ``nn.Linear`` (and ungrouped ``nn.ConvNd``) layers of ``model`` by
+:class:`~layers.lowrank.LowRankLinear` / :class:`~layers.lowrank.LowRankConv` modules whose
+weights are fitted in execution order so that each layer reproduces the ORIGINAL model's
+outputs from the inputs it REALLY receives in the partly compressed model:
+
+    W' = argmin_{rank <= k} ||W X^T - W' X'^T||_F          (see :mod:`decomp.asymmetric`)
+
+``X``: the layer's inputs in the original model; ``X'``: its inputs when every layer fitted
+before it is already compressed. The closed form needs ``X'^T X'``, the cross-Gram
+``X'^T X`` and ``X^T X``; it is the exact optimum at that rank (both factors jointly, so it
+includes the truncation-aware refit of the kept factors), and the report's
+``rel_error_bound`` is the certified relative error ``||W X^T - W' X'^T||_F / ||W X^T||_F``
+on the calibration data (an upper bound when a jitter was needed; ``SequentialReport.fits``
+also holds the error the non-sequential whitened fit of the same rank would have on the same
+objective, which is never lower).
+
+Streaming. The model is cut into ``blocks`` (default: the ``nn.ModuleList`` holding the most
+targeted layers, e.g. a transformer's decoder blocks) that run as a chain: each block's first
+positional input is the previous block's output, its other inputs (masks, rotary embeddings,
+...) are those of the first block. Only the current block's calibration activations, one
+copy of its original weights and the statistics of one group of layers (the layers reading
+the same tensor, e.g. q/k/v) are alive at a time. Inside a block the layers are fitted in
+stages: a pass over the microbatches accumulates the statistics of the next group of
+unfitted layers and stops the block there; the group is fitted and replaced; the next pass
+goes one group further. ``device="cuda"`` moves the block being compressed (and the
+microbatches it runs on) to that device and back to the CPU afterwards, so the rest of the
+model never leaves the CPU; ``device=None`` keeps everything where it is.
+
+Distributed: with ``torch.distributed`` initialised, each rank passes its own shard of the
+calibration data; the statistics are all-reduced (sum) before each fit, each layer is fitted
+by rank ``index % world_size`` and its factors broadcast, so every rank ends with the same
+model as one process on all the data (to rounding).
+
+Ranks: ``ratio`` (each layer keeps that fraction of its parameters), ``ranks`` ({name: k}),
+or ``budget=dict(params=f)`` / ``dict(layer_params=f)``: the whole model (``params``) or the
+targeted layers (``layer_params``) keep at most the fraction ``f`` of their parameters, ranks
+allocated on the estimated LOSS increase (:func:`layer_loss_profiles`,
+:func:`layers.budget.allocate_by_loss`).
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from decomp_toolkit.decomp.asymmetric import asymmetric_svd, centered_statistics, sequential_objective
+from decomp_toolkit.decomp.whitened import whitened_svd
+
+from ._accounting import CONV_TYPES, count_params
+from .calibrate import batch_input, iter_batches, pad_input, unfold_patches
+from .errors import UnsupportedLayerError
+from .fit import Fit
+from .lowrank import LowRankConv, LowRankLinear
+from .report import LayerRecord, Report
+
+SEQUENTIAL_NOTE = ("sequential (asymmetric) fit: rel_error_bound is the certified relative error "
+                   "||W X^T - W' X'^T||_F / ||W X^T||_F of each layer's output on the calibration data, X its "
+                   "inputs in the original model, X' its inputs in the partly compressed model (centered with the "
+                   "bias absorbing the mean shift for layers with a bias); rel_error is the relative weight error")
+
+
+class _StopBlock(Exception):
+    """Raised by a hook to end a block's forward early (the statistics needed are collected)."""
+
+
+@dataclass
+class SequentialReport(Report):
+    """:class:`~layers.report.Report` plus each replaced layer's :class:`~layers.fit.Fit` (``fits[name]``,
+    the module's ``fit``: output errors, ``diagnostics`` with ``nonsequential``, ``refit_floor``,
+    ``jitter``) and wall-clock ``timings`` (s): ``allocate`` (the budget's loss profiles),
+    ``compress`` (the whole sequential pass), of which ``stage passes`` (forwards collecting the
+    statistics) and ``fits`` (the decompositions)."""
+
+    fits: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+
+    def rank_table(self) -> str:
+        """``name  shape  rank  kept params`` of every targeted layer, one per line."""
+        lines = []
+        for r in self.layers:
+            rank = "dense" if not r.replaced else r.rank
+            lines.append(f"{r.name:<40} {'x'.join(map(str, r.shape)):>10} {rank!s:>6} "
+                         f"{r.params_after / max(r.params_before, 1):6.1%}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- statistics
+
+def input_rows(layer, x) -> torch.Tensor:
+    """``(rows, P)``: the rows ``layer``'s weight matrix ``(out, P)`` multiplies (tokens, or im2col patches)."""
+    if isinstance(layer, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    dims = len(layer.kernel_size)
+    if x.ndim == dims + 1:
+        x = x[None]
+    patches = unfold_patches(layer, pad_input(layer, x))               # (B, C, *O, *K)
+    perm = [0] + list(range(2, 2 + dims)) + [1] + list(range(2 + dims, 2 + 2 * dims))
+    return patches.permute(perm).reshape(-1, weight_matrix(layer).shape[1])
+
+
+def weight_matrix(layer) -> torch.Tensor:
+    """The ``(out, P)`` matrix of a Linear or (ungrouped) conv."""
+    return layer.weight.reshape(layer.weight.shape[0], -1)
+
+
+@dataclass
+class FitStatistics:
+    """Sums over the calibration rows of one input: ``gram = X^T X``, ``gram_in = X'^T X'``,
+    ``cross = X'^T X``, ``mean``/``mean_in`` sums and ``count`` (float64). ``same``: X' == X so far."""
+
+    gram: torch.Tensor
+    gram_in: torch.Tensor
+    cross: torch.Tensor
+    total: torch.Tensor
+    total_in: torch.Tensor
+    count: int = 0
+    same: bool = True
+
+    @classmethod
+    def empty(cls, n, device=None):
+        def z(*shape):
+            return torch.zeros(*shape, dtype=torch.float64, device=device)
+        return cls(z(n, n), z(n, n), z(n, n), z(n), z(n))
+
+    def add(self, x, x_in):
+        """Accumulate original rows ``x (N, n)`` and received rows ``x_in (N, n)`` (same samples).
+
+        Products are formed in the rows' dtype (float32 rows: float32 products of one microbatch)
+        and summed over microbatches in float64."""
+        if x.shape != x_in.shape:
+            raise ValueError(f"sequential fit: original inputs {tuple(x.shape)} and compressed-model inputs "
+                             f"{tuple(x_in.shape)} differ in shape; the calibration batches must be the same")
+        gram = (x.T @ x).double()
+        self.gram += gram
+        self.total += x.double().sum(0)
+        self.count += x.shape[0]
+        if self.same and torch.equal(x, x_in):
+            return
+        if self.same:   # the streams split here: the earlier rows had X' == X
+            self.gram_in.copy_(self.gram - gram)
+            self.cross.copy_(self.gram_in)
+            self.total_in.copy_(self.total - x.double().sum(0))
+            self.same = False
+        self.gram_in += (x_in.T @ x_in).double()
+        self.cross += (x_in.T @ x).double()
+        self.total_in += x_in.double().sum(0)
+
+    def resolved(self):
+        """``(gram, gram_in, cross, mean, mean_in)`` with the shared entries filled in when X' == X."""
+        if self.same:
+            mean = self.total / max(self.count, 1)
+            return self.gram, self.gram, self.gram, mean, mean
+        return (self.gram, self.gram_in, self.cross, self.total / max(self.count, 1),
+                self.total_in / max(self.count, 1))
+
+    def all_reduce(self):
+        """Sum the statistics over the ranks of ``torch.distributed`` (no-op without it)."""
+        if not _distributed():
+            return
+        import torch.distributed as dist
+        same = torch.tensor([1.0 if self.same else 0.0], dtype=torch.float64, device=self.gram.device)
+        dist.all_reduce(same, op=dist.ReduceOp.MIN)
+        if self.same and float(same) == 0.0:   # another rank's streams differ: materialize ours
+            self.gram_in.copy_(self.gram)
+            self.cross.copy_(self.gram)
+            self.total_in.copy_(self.total)
+            self.same = False
+        tensors = [self.gram, self.total] + ([] if self.same else [self.gram_in, self.cross, self.total_in])
+        for t in tensors:
+            dist.all_reduce(t)
+        count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.gram.device)
+        dist.all_reduce(count)
+        self.count = int(count.item())
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _world():
+    if not _distributed():
+        return 0, 1
+    import torch.distributed as dist
+    return dist.get_rank(), dist.get_world_size()
+
+
+# --------------------------------------------------------------------------- the fit of one layer
+
+@torch.no_grad()
+def fit_layer(layer, stats: FitStatistics, rank: int, context: str = "", compare: bool = True):
+    """``(module, Fit)``: the low-rank replacement of ``layer`` fitted on ``stats`` at ``rank``.
+
+    ``compare``: also evaluate the non-sequential (whitened) fit of the same rank on the same
+    objective (``fit.diagnostics["nonsequential"]``; NaN when not compared)."""
+    gram, gram_in, cross, mean, mean_in = stats.resolved()
+    centered = layer.bias is not None
+    if centered:
+        gram, gram_in, cross = centered_statistics(gram, gram_in, cross, mean, mean_in, stats.count)
+    W = weight_matrix(layer).detach()
+    fit = asymmetric_svd(W.double(), gram, gram_in, cross, rank, context=context)
+    nonsequential = math.nan
+    if compare:
+        plain = whitened_svd(W.double(), gram, rank=rank, context=context).to_tensor()
+        nonsequential = sequential_objective(W, plain, gram, gram_in, cross)
+    module = _lowrank_module(layer, fit.A, fit.B, rank)
+    if centered:
+        shift = W.double() @ mean - fit.to_tensor() @ mean_in
+        module.expand.bias.copy_(layer.bias.detach() + shift.to(layer.bias.dtype).reshape(module.expand.bias.shape))
+    weight_error = float((W.double() - fit.to_tensor()).norm())
+    module.fit = Fit(method="svd-sequential", ranks=rank, error=fit.error, error_bound=fit.error_bound,
+                     error_kind="output", norm=fit.norm, weight_error=weight_error,
+                     weight_norm=float(W.double().norm()),
+                     diagnostics=dict(nonsequential=nonsequential, refit_floor=fit.refit_floor, jitter=fit.jitter,
+                                      whitening=fit.whitening))
+    return module, module.fit
+
+
+def _lowrank_module(layer, A, B, rank):
+    kw = dict(device=layer.weight.device, dtype=layer.weight.dtype)
+    if isinstance(layer, nn.Linear):
+        module = LowRankLinear(layer.in_features, layer.out_features, rank, bias=layer.bias is not None, **kw)
+    else:
+        module = LowRankConv(layer.in_channels, layer.out_channels, tuple(layer.kernel_size), rank,
+                             stride=tuple(layer.stride), dilation=tuple(layer.dilation),
+                             padding=layer.padding if isinstance(layer.padding, str) else tuple(layer.padding),
+                             padding_mode=layer.padding_mode, bias=layer.bias is not None,
+                             dim=len(layer.kernel_size), **kw)
+    with torch.no_grad():
+        module.reduce.weight.copy_(B.reshape(module.reduce.weight.shape))
+        module.expand.weight.copy_(A.reshape(module.expand.weight.shape))
+    return module
+
+
+def rank_for_ratio(layer, ratio: float, name: str = "") -> int | None:
+    """Largest rank whose factors hold ``<= ratio`` of the layer's weight parameters; None if even rank 1 does not."""
+    m, n = weight_matrix(layer).shape
+    rank = int(math.floor(ratio * m * n / (m + n)))
+    return min(rank, min(m, n)) if rank >= 1 else None
+
+
+def lowrank_params(layer, rank: int) -> int:
+    """Parameters of the rank-``rank`` replacement of ``layer`` (bias included)."""
+    m, n = weight_matrix(layer).shape
+    return rank * (m + n) + (m if layer.bias is not None else 0)
+
+
+# --------------------------------------------------------------------------- blocks and targets
+
+def find_blocks(model, targets) -> list:
+    """Default blocks: the children of the ``nn.ModuleList`` holding the most targets (else the whole model)."""
+    best, best_count = None, 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 1:
+            prefix = f"{name}." if name else ""
+            count = sum(1 for t in targets if t.startswith(prefix))
+            if count > best_count:
+                best, best_count = [f"{prefix}{i}" for i in range(len(module))], count
+    return best or [""]
+
+
+def select_targets(model, include=("*",), exclude=()) -> list:
+    """Names of the Linear / ungrouped ConvNd layers matching ``include`` and not ``exclude`` (fnmatch)."""
+    if isinstance(include, str):
+        include = (include,)
+    if isinstance(exclude, str):
+        exclude = (exclude,)
+    names = []
+    for name, module in model.named_modules():
+        if not name or not isinstance(module, (nn.Linear,) + CONV_TYPES):
+            continue
+        if any(fnmatch.fnmatchcase(name, p) for p in include) and not any(fnmatch.fnmatchcase(name, p)
+                                                                         for p in exclude):
+            names.append(name)
+    if not names:
+        raise ValueError(f"compress_sequential: include={include!r} / exclude={exclude!r} select no Linear/Conv layer")
+    return names
+
+
+def _check_supported(name, layer):
+    if isinstance(layer, CONV_TYPES) and layer.groups != 1:
+        raise UnsupportedLayerError(name, f"grouped conv (groups={layer.groups}): the sequential fit handles "
+                                          f"ungrouped convs only")
+
+
+def _assign_blocks(targets, blocks):
+    owner = {}
+    for t in targets:
+        hits = [b for b in blocks if b == "" or t == b or t.startswith(b + ".")]
+        if not hits:
+            raise ValueError(f"compress_sequential: layer {t!r} lies in none of the blocks {blocks[:4]}...; "
+                             f"exclude it or pass blocks= covering it")
+        owner[t] = max(hits, key=len)
+    return {b: [t for t in targets if owner[t] == b] for b in blocks}
+
+
+def _set_submodule(root, name, module):
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+# --------------------------------------------------------------------------- moving data
+
+def _to(value, device):
+    if device is None:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    if isinstance(value, list):
+        return [_to(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+def _first(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def capture_block_inputs(model, first_block, batches, forward=None, check_block=None) -> list:
+    """``[(args, kwargs)]`` the first block receives, one per microbatch (the forward stops there).
+
+    ``check_block``: the second block; its input is captured once to check that it is the
+    first block's output (the chain the streaming relies on).
+    """
+    captured, device = [], next((p.device for p in model.parameters()), None)
+
+    def grab(module, args, kwargs):
+        captured.append((tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), dict(kwargs)))
+        raise _StopBlock
+
+    handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                _run_until_stop(model, batch, forward, device)
+    finally:
+        handle.remove()
+    if check_block is not None and captured:
+        _check_chain(model, first_block, check_block, batches[0], forward, device, captured[0])
+    return captured
+
+
+def _run_until_stop(model, batch, forward, device):
+    try:
+        if forward is not None:
+            forward(model, batch)
+        else:
+            x = batch_input(batch)
+            model(x.to(device) if device is not None and isinstance(x, torch.Tensor) else x)
+    except _StopBlock:
+        return
+    raise RuntimeError("compress_sequential: the model's forward finished without reaching the block")
+
+
+def _check_chain(model, first_block, second_block, batch, forward, device, first_inputs):
+    seen = []
+
+    def grab(module, args):
+        seen.append(args[0].detach())
+        raise _StopBlock
+
+    handle = second_block.register_forward_pre_hook(grab)
+    try:
+        with torch.no_grad():
+            _run_until_stop(model, batch, forward, device)
+            args, kwargs = first_inputs
+            expected = _first(first_block(*args, **kwargs))
+    finally:
+        handle.remove()
+    if seen[0].shape != expected.shape or not torch.allclose(seen[0], expected, rtol=1e-4, atol=1e-5):
+        raise ValueError("compress_sequential: the blocks do not form a chain (the second block's input is not "
+                         "the first block's output); pass blocks= naming modules that do")
+
+
+__all__ = ["compress_sequential", "SequentialReport", "FitStatistics", "fit_layer", "find_blocks",
+           "select_targets", "input_rows", "rank_for_ratio", "capture_block_inputs"]
+
+
+# --------------------------------------------------------------------------- block passes
+
+def _run_stream(block, stream):
+    """The block's outputs on every microbatch, as the next block's ``(args, kwargs)``."""
+    out = []
+    with torch.no_grad():
+        for args, kwargs in stream:
+            y = _first(block(*args, **kwargs))
+            out.append(((y,) + tuple(args[1:]), kwargs))
+    return out
+
+
+def _reference_pass(original, stream, names):
+    """``(inputs, next_stream)``: each named layer's input per microbatch in the original block, and its outputs."""
+    inputs = {name: [] for name in names}
+    hooks = []
+    for name in names:
+        def record(module, args, name=name):
+            inputs[name].append(args[0].detach())
+        hooks.append(original.get_submodule(name).register_forward_pre_hook(record))
+    try:
+        following = _run_stream(original, stream)
+    finally:
+        for h in hooks:
+            h.remove()
+    for name, seen in inputs.items():
+        if len(seen) != len(stream):
+            raise UnsupportedLayerError(name, f"it ran {len(seen)} times for {len(stream)} microbatches; the "
+                                              f"sequential fit needs every layer to run once per forward")
+    return inputs, following
+
+
+def _collect_stage(block, unfitted, stream, reference, device):
+    """``(members, stats, key_of)``: the next group of unfitted layers reading the same tensor, and its statistics."""
+    stats, key_of, members = {}, {}, None
+    for j, (args, kwargs) in enumerate(stream):
+        state = {"input": None, "names": [], "added": set()}
+
+        def pre(module, inputs, name):
+            x = inputs[0]
+            if state["input"] is None:
+                state["input"] = x
+            elif x is not state["input"]:
+                raise _StopBlock
+            state["names"].append(name)
+            ref = reference[name][j]
+            # layers reading the same original tensor with the same row layout share their statistics
+            first = next(i for i, n in enumerate(state["names"]) if reference[n][j] is ref)
+            key = (first, weight_matrix(module).shape[1], _row_signature(module))
+            key_of[name] = key
+            if key not in state["added"]:
+                rows, rows_in = input_rows(module, ref), input_rows(module, x.detach())
+                stats.setdefault(key, FitStatistics.empty(rows.shape[1], device=rows.device)).add(rows, rows_in)
+                state["added"].add(key)
+
+        hooks = [block.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: pre(m, a, n)) for n in unfitted]
+        try:
+            with torch.no_grad():
+                block(*args, **kwargs)
+        except _StopBlock:
+            pass
+        finally:
+            for h in hooks:
+                h.remove()
+        if members is None:
+            members = list(state["names"])
+        elif state["names"] != members:
+            raise ValueError(f"compress_sequential: microbatch {j} reached the layers {state['names']} where the "
+                             f"first reached {members}; the blocks must run the same layers on every batch")
+    return members, stats, key_of
+
+
+def _row_signature(module):
+    if isinstance(module, nn.Linear):
+        return ("linear",)
+    return ("conv", tuple(module.kernel_size), tuple(module.stride), tuple(module.dilation), str(module.padding),
+            module.padding_mode)
+
+
+def _fit_owned(layer, stats, rank, index, name, compare):
+    """Fit on the owning rank (``index % world``) and broadcast the factors to the others."""
+    me, world = _world()
+    owner = index % world
+    if me == owner:
+        module, record = fit_layer(layer, stats, rank, context=name, compare=compare)
+    else:
+        module = _lowrank_module(layer, torch.zeros(weight_matrix(layer).shape[0], rank),
+                                 torch.zeros(rank, weight_matrix(layer).shape[1]), rank)
+        record = None
+    if world > 1:
+        import torch.distributed as dist
+        for p in module.parameters():
+            dist.broadcast(p.data, src=owner)
+        box = [record]
+        dist.broadcast_object_list(box, src=owner)
+        record = module.fit = box[0]
+    return module, record
+
+
+def _compress_block(block, block_name, ranks, stream, reference, device, report, counter, compare=False):
+    """Fit every layer of ``block`` with a rank, stage by stage (see module docstring)."""
+    local = [n for n in reference if ranks.get(_full(block_name, n)) is not None]
+    unfitted = list(local)
+    while unfitted:
+        started = time.perf_counter()
+        members, stats, key_of = _collect_stage(block, unfitted, stream, reference, device)
+        report.timings["stage passes"] = report.timings.get("stage passes", 0.0) + time.perf_counter() - started
+        if not members:
+            raise RuntimeError(f"compress_sequential: block {block_name!r} never reached {unfitted}")
+        for s in stats.values():
+            s.all_reduce()
+        for name in members:
+            full = _full(block_name, name)
+            layer = block.get_submodule(name)
+            started = time.perf_counter()
+            module, fit = _fit_owned(layer, stats[key_of[name]], ranks[full], counter[0], full, compare)
+            report.timings["fits"] = report.timings.get("fits", 0.0) + time.perf_counter() - started
+            counter[0] += 1
+            _set_submodule(block, name, module)
+            report.fits[full] = fit
+        unfitted = [n for n in unfitted if n not in members]
+
+
+def _full(block_name, name):
+    return f"{block_name}.{name}" if block_name else name
+
+
+def stream_blocks(model, blocks, batches, per_block, forward=None, device=None):
+    """Run ``model`` block by block on ``batches``; ``per_block(name, block, reference, original, compressed)``
+    may change ``block`` and returns ``(next original stream, changed)``.
+
+    ``reference`` is a copy of the block taken before ``per_block`` runs (the original weights),
+    ``original`` / ``compressed`` the streams (``[(args, kwargs)]`` per microbatch) of the original
+    and of the compressed model at the block's input, on ``device``. Only this block's streams,
+    its copy and what ``per_block`` keeps are alive at a time.
+    """
+    modules = [model.get_submodule(b) if b else model for b in blocks]
+    original = capture_block_inputs(model, modules[0], batches, forward,
+                                    check_block=modules[1] if len(modules) > 1 else None)
+    compressed, shared = original, True
+    for name, block in zip(blocks, modules):
+        home = next((p.device for p in block.parameters()), None)
+        if device is not None:
+            block.to(device)
+        reference = copy.deepcopy(block)
+        original_here = _to(original, device)
+        compressed_here = original_here if shared else _to(compressed, device)
+        following, changed = per_block(name, block, reference, original_here, compressed_here)
+        del reference
+        if shared and not changed:
+            compressed_next = following
+        else:
+            compressed_next, shared = _run_stream(block, compressed_here), False
+        original = _to(following, home) if device is not None else following
+        compressed = original if shared else (_to(compressed_next, home) if device is not None else compressed_next)
+        del original_here, compressed_here, following, compressed_next
+        if device is not None and home is not None:
+            block.to(home)
+    return original, compressed
+
+
+def compress_sequential(model, data, *, ratio=None, ranks=None, budget=None, include=("*",), exclude=(),
+                        blocks=None, batch_size=8, forward=None, loss=None, min_rank=None, device=None,
+                        compare=False, inplace=False, progress=True):
+    """Sequential (asymmetric) low-rank compression of ``model``; returns ``(model, SequentialReport)``.
+
+    ``data``: calibration batches (a tensor split into ``batch_size`` rows, or an iterable
+    of batches; ``forward(model, batch)`` runs one when ``model(batch)`` does not). Exactly
+    one of ``ratio`` (kept fraction of each layer's parameters), ``ranks`` ({name: k or None})
+    or ``budget`` (``dict(params=f)`` for the whole model, ``dict(layer_params=f)`` for the
+    targeted layers; needs ``loss(model, batch) -> scalar`` unless the model is a causal LM
+    taking token ids, see :func:`layer_loss_profiles`). ``min_rank``: ``{pattern: int or
+    fraction of full rank}`` floors for the allocation. ``blocks``: dotted names of the chained
+    blocks (default :func:`find_blocks`). ``device``: where each block is compressed (see the
+    module docstring). ``compare``: also fit each layer non-sequentially (whitened SVD of the
+    same rank) and record its error on the same objective in ``report.fits`` (costs one more
+    SVD per layer). The input model is unchanged unless ``inplace``.
+    """
+    given = [k for k, v in dict(ratio=ratio, ranks=ranks, budget=budget).items() if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"compress_sequential: pass exactly one of ratio=, ranks=, budget= (got {given or 'none'})")
+    target = model if inplace else copy.deepcopy(model)
+    targets = select_targets(target, include, exclude)
+    report = SequentialReport(model_params_before=count_params(model))
+    report.notes.append(SEQUENTIAL_NOTE)
+    skipped = {}
+    for name in targets:
+        try:
+            _check_supported(name, target.get_submodule(name))
+        except UnsupportedLayerError as err:
+            skipped[name] = err.reason
+    targets = [t for t in targets if t not in skipped]
+    batches = list(iter_batches(data, batch_size))
+    if not batches:
+        raise ValueError("compress_sequential: data yielded no batches")
+    blocks = list(blocks) if blocks is not None else find_blocks(target, targets)
+    per_block = _assign_blocks(targets, blocks)
+    start = time.perf_counter()
+    plan = _rank_plan(target, targets, ratio, ranks, budget, batches, blocks, per_block, forward, loss, min_rank,
+                      device, report)
+    report.timings["allocate"] = time.perf_counter() - start
+    start = time.perf_counter()
+    counter = [0]
+    bar = _progress(len(blocks), progress)
+
+    def per_block_fn(name, block, reference, original, compressed):
+        local = [t[len(name) + 1:] if name else t for t in per_block[name] if plan.get(t) is not None]
+        inputs, following = _reference_pass(reference, original, local)
+        if local:
+            _compress_block(block, name, plan, compressed, inputs, device, report, counter, compare)
+        del inputs
+        bar.update(1)
+        return following, bool(local)
+
+    stream_blocks(target, blocks, batches, per_block_fn, forward, device)
+    bar.close()
+    report.timings["compress"] = time.perf_counter() - start
+    _fill_report(report, model, target, targets, plan, skipped)
+    return target, report
+
+
+def _rank_plan(model, targets, ratio, ranks, budget, batches, blocks, per_block, forward, loss, min_rank, device,
+               report):
+    layers = {t: model.get_submodule(t) for t in targets}
+    if ratio is not None:
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+            raise ValueError(f"compress_sequential: ratio={ratio!r} must be in (0, 1]")
+        return {t: rank_for_ratio(layer, ratio, t) for t, layer in layers.items()}
+    if ranks is not None:
+        unknown = sorted(set(ranks) - set(targets))
+        if unknown:
+            raise ValueError(f"compress_sequential: ranks= names layers that are not targeted: {unknown[:5]}")
+        for t, k in ranks.items():
+            full = min(weight_matrix(layers[t]).shape)
+            if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= full):
+                raise ValueError(f"compress_sequential: ranks[{t!r}]={k!r} must be an int in [1, {full}] or None")
+        return {t: ranks.get(t) for t in targets}
+    return _budget_plan(model, layers, budget, batches, blocks, forward, loss, min_rank, device, report)
+
+
+def _budget_plan(model, layers, budget, batches, blocks, forward, loss, min_rank, device, report):
+    from .budget import allocate_by_loss
+
+    if not isinstance(budget, dict) or len(budget) != 1 or next(iter(budget)) not in ("params", "layer_params"):
+        raise ValueError(f"compress_sequential: budget={budget!r}: pass dict(params=f) or dict(layer_params=f)")
+    kind, fraction = next(iter(budget.items()))
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ValueError(f"compress_sequential: budget={budget!r}: the fraction must be in (0, 1]")
+    profiles = layer_loss_profiles(model, layers, batches, blocks, forward=forward, loss=loss, min_rank=min_rank,
+                                   device=device)
+    dense = sum(p.dense_cost for p in profiles.values())
+    total = dense if kind == "layer_params" else count_params(model)
+    allocation = allocate_by_loss(profiles, fraction * total - (total - dense))
+    report.budget = allocation
+    what = "targeted layers' parameters" if kind == "layer_params" else "model parameters"
+    state = "met" if allocation.met else "NOT met"
+    report.notes.append(f"budget {state}: {what} <= {fraction:.2%} of {total:,}; reached "
+                        f"{allocation.cost + total - dense:,.0f} ({(allocation.cost + total - dense) / total:.2%}); "
+                        f"ranks allocated on the estimated loss increase (Fisher-weighted whitened spectra)")
+    return {t: (r[0] if r is not None else None) for t, r in allocation.ranks.items()}
+
+
+def _fill_report(report, original, target, targets, plan, skipped):
+    for name in targets + sorted(skipped):
+        layer = original.get_submodule(name)
+        record = LayerRecord(name=name, type=type(layer).__name__, shape=tuple(layer.weight.shape),
+                             method="svd-sequential", params_before=count_params(layer))
+        record.params_after = record.params_before
+        fit = report.fits.get(name)
+        if name in skipped:
+            record.status = f"skipped: {skipped[name]}"
+        elif fit is None:
+            record.status = "skipped: kept dense (no rank below the dense cost was asked or allocated)"
+        else:
+            new = target.get_submodule(name)
+            record.rank, record.params_after = fit.ranks, count_params(new)
+            record.rel_error, record.rel_error_bound = fit.relative_weight_error, fit.relative_error_bound
+        report.layers.append(record)
+    report.model_params_after = count_params(target)
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total, enabled):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc="compress_sequential", unit="block", leave=False)
+
+
+# --------------------------------------------------------------------------- loss profiles for the allocator
+
+def causal_lm_loss(model, batch):
+    """Mean next-token cross-entropy of a causal LM on token ids ``(B, T)`` (the default ``loss``)."""
+    ids = batch_input(batch)
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32) or ids.ndim != 2:
+        raise ValueError("compress_sequential: the default loss is a causal LM's next-token cross-entropy on "
+                         "(batch, tokens) integer ids; pass loss=fn(model, batch) -> scalar for this model")
+    device = next((p.device for p in model.parameters()), None)
+    ids = ids.to(device) if device is not None else ids
+    out = model(ids)
+    logits = getattr(out, "logits", out)
+    return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+
+
+def output_fisher(model, names, batches, loss=None, chunk_size=2) -> dict:
+    """``{name: (out,) float64}``: sum over batches and positions of the squared loss gradient of each
+    named layer's output channels (the diagonal empirical Fisher of the outputs). Tensor batches
+    are run ``chunk_size`` rows at a time (the backward's activations are the memory peak). The
+    model's parameters, their ``.grad`` and its training flags are left as they were."""
+    loss = loss or causal_lm_loss
+    outputs, fisher, hooks = {}, {}, []
+    modes = {m: m.training for m in model.modules()}
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for name in names:
+        def keep(module, args, out, name=name):
+            outputs[name] = out
+        hooks.append(model.get_submodule(name).register_forward_hook(keep))
+    try:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(True)
+        for batch in _chunks(batches, chunk_size):
+            outputs.clear()
+            with torch.enable_grad():
+                value = loss(model, batch)
+                ran = [n for n in names if n in outputs]
+                grads = torch.autograd.grad(value, [outputs[n] for n in ran], allow_unused=True)
+            for name, g in zip(ran, grads):
+                if g is None:
+                    continue
+                module = model.get_submodule(name)
+                channel = g.ndim - 1 if isinstance(module, nn.Linear) else (1 if g.ndim > len(module.kernel_size) + 1
+                                                                            else 0)
+                squared = g.detach().double().pow(2).movedim(channel, -1).reshape(-1, g.shape[channel]).sum(0)
+                fisher[name] = fisher[name] + squared.cpu() if name in fisher else squared.cpu()
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        for m, training in modes.items():
+            m.training = training
+    if _distributed():
+        import torch.distributed as dist
+        for name in sorted(fisher):
+            dist.all_reduce(fisher[name])
+    return fisher
+
+
+def _chunks(batches, size):
+    for batch in batches:
+        if isinstance(batch, torch.Tensor) and size and len(batch) > size:
+            yield from batch.split(size)
+        else:
+            yield batch
+
+
+def component_losses(layer, gram, fisher) -> torch.Tensor:
+    """Estimated loss increase of dropping each component of the whitened SVD of ``layer`` (descending).
+
+    With ``W L = U S V^T`` (``L L^T = X^T X``), dropping component ``i`` changes the outputs by
+    ``s_i u_i v_i^T L^{-1} x_t``, whose energy on output channel ``j`` is ``s_i^2 u_ij^2`` in total
+    over the calibration rows; weighting each channel by its diagonal Fisher ``F_j`` (the mean
+    squared loss gradient) gives the second-order loss estimate ``s_i^2 sum_j F_j u_ij^2`` (up to
+    a constant common to all layers of a model).
+    """
+    from decomp_toolkit.decomp.whitened import whitening_factor
+
+    W = weight_matrix(layer).detach().double().to(gram.device)
+    L, _, _ = whitening_factor(gram.double())
+    U, S, _ = torch.linalg.svd(W @ L, full_matrices=False)
+    weights = fisher.double().to(U.device) if fisher is not None else torch.ones(U.shape[0], dtype=torch.float64)
+    return (S ** 2 * (weights[:, None] * U ** 2).sum(0)).cpu()
+
+
+def layer_loss_profiles(model, layers, batches, blocks, *, forward=None, loss=None, min_rank=None, device=None):
+    """``{name: layers.budget.LossProfile}`` of the targeted ``layers`` ({name: module}).
+
+    One pass of ``loss`` with gradients (:func:`output_fisher`), then one streamed block-by-block
+    pass of the original model accumulating each layer's input Gram (only one block's at a
+    time) for :func:`component_losses`.
+    """
+    from .budget import LossProfile
+
+    names = list(layers)
+    fisher = output_fisher(model, names, batches, loss)
+    per_block = _assign_blocks(names, blocks)
+    profiles = {}
+
+    def per_block_fn(name, block, reference, original, compressed):
+        local = [t[len(name) + 1:] if name else t for t in per_block[name]]
+        inputs, following = _reference_pass(reference, original, local)
+        for short in local:
+            full = _full(name, short)
+            module = reference.get_submodule(short)
+            rows = [input_rows(module, x) for x in inputs[short]]
+            gram = sum(r.double().T @ r.double() for r in rows)
+            if _distributed():
+                import torch.distributed as dist
+                dist.all_reduce(gram)
+            profiles[full] = _profile(layers[full], full, component_losses(module, gram, fisher.get(full)),
+                                      min_rank, LossProfile)
+        return following, False
+
+    stream_blocks(model, blocks, batches, per_block_fn, forward, device)
+    return profiles
+
+
+def _profile(layer, name, losses, min_rank, profile_type):
+    m, n = weight_matrix(layer).shape
+    full = min(m, n)
+    floor = 1
+    for pattern, value in (min_rank or {}).items():
+        if fnmatch.fnmatchcase(name, pattern):
+            floor = int(math.ceil(value * full)) if isinstance(value, float) else int(value)
+            break
+    bias = m if layer.bias is not None else 0
+    return profile_type(losses=losses.numpy(), step=m + n, fixed_cost=bias, dense_cost=count_params(layer),
+                        min_rank=max(1, min(floor, full)))
