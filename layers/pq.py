@@ -50,6 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from decomp_toolkit.decomp.data_aware import weighted_pq
+from decomp_toolkit.decomp.formats.pq import code_bits_for, pq_decode
 from decomp_toolkit.decomp.pq import code_dtype, pq
 
 from ._accounting import layer_macs
@@ -93,7 +94,7 @@ class _PQLayer(FactorizedLayer):
 
     @property
     def code_bits(self) -> int:
-        return max(0, math.ceil(math.log2(self.n_centroids))) if self.n_centroids > 1 else 0
+        return code_bits_for(self.n_centroids)
 
     @property
     def num_params(self) -> int:
@@ -147,14 +148,7 @@ class _PQLayer(FactorizedLayer):
 
     def dense_weight(self) -> torch.Tensor:
         """The decoded weight (differentiable w.r.t. the codebooks), original shape."""
-        codes = self.codes.long()
-        C = self.codebooks
-        if C.shape[0] == 1:
-            blocks = C[0][codes]
-        else:
-            blocks = C[torch.arange(self.n_sub, device=codes.device)[None, :], codes]
-        flat = blocks.reshape(self.rows, -1)[:, :self.row_length]
-        return flat.reshape(self.weight_shape)
+        return pq_decode(self.codebooks, self.codes, self.row_length).reshape(self.weight_shape)
 
     # -- cache -------------------------------------------------------------------------------
     def _cache_key(self):

@@ -29,3 +29,17 @@ def decaying_matrix(m, n, decay=0.5, seed=0, dtype=torch.float64):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True)
+def tensorly_numpy_backend():
+    """Every test starts on tensorly's default numpy backend, whatever an earlier test set."""
+    try:
+        import tensorly as tl
+    except ImportError:  # pragma: no cover - tensorly is a dependency
+        yield
+        return
+    previous = tl.get_backend()
+    tl.set_backend("numpy")
+    yield
+    tl.set_backend(previous)

@@ -23,14 +23,6 @@ def fro(x):
     return float(np.linalg.norm(np.asarray(x).ravel()))
 
 
-@pytest.fixture(autouse=True)
-def numpy_backend():
-    previous = tl.get_backend()
-    tl.set_backend("numpy")
-    yield
-    tl.set_backend(previous)
-
-
 @pytest.mark.parametrize("seed", [0, 1])
 def test_cp_matches_or_beats_tensorly(seed):
     A = low_rank_plus_noise((9, 8, 7), 4, 0.1, seed)
