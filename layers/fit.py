@@ -19,11 +19,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from decomp_toolkit.decomp.formats.base import RelativeErrors, relative_to
+
 ERROR_KINDS = ("weight", "output")
 
 
 @dataclass
-class Fit:
+class Fit(RelativeErrors):
     """What one factorization achieved (see the module docstring)."""
 
     method: str = ""
@@ -43,24 +45,8 @@ class Fit:
             raise ValueError(f"Fit.error_kind={self.error_kind!r} is not one of {ERROR_KINDS}")
 
     @property
-    def relative_error(self) -> float | None:
-        """``error / norm`` (None when either is unknown)."""
-        return _relative(self.error, self.norm)
-
-    @property
-    def relative_error_bound(self) -> float | None:
-        """``error_bound / norm`` (None when no bound is certified)."""
-        return _relative(self.error_bound, self.norm)
-
-    @property
     def relative_weight_error(self) -> float | None:
-        return _relative(self.weight_error, self.weight_norm)
-
-
-def _relative(value, norm):
-    if value is None or norm is None:
-        return None
-    return float(value) / float(norm) if norm > 0 else 0.0
+        return relative_to(self.weight_error, self.weight_norm)
 
 
 def root_sum_squares(values):

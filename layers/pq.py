@@ -50,7 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from decomp_toolkit.decomp.data_aware import weighted_pq
-from decomp_toolkit.decomp.formats.pq import code_bits_for, pq_decode
+from decomp_toolkit.decomp.formats.pq import CodeAccounting, pq_decode
 from decomp_toolkit.decomp.pq import code_dtype, pq
 
 from ._accounting import layer_macs
@@ -64,7 +64,7 @@ from .registry import register
 FORWARD_MODES = ("decode", "lut")
 
 
-class _PQLayer(FactorizedLayer):
+class _PQLayer(CodeAccounting, FactorizedLayer):
     """Shared storage, decoding and cache of PQLinear / PQConv."""
 
     CONFIG = ("block_size", "n_centroids", "shared_codebook", "codebook_bits")
@@ -85,18 +85,6 @@ class _PQLayer(FactorizedLayer):
         self._cache = None
 
     @property
-    def n_sub(self) -> int:
-        return int(self.codes.shape[1])
-
-    @property
-    def rank(self) -> int:
-        return self.n_centroids
-
-    @property
-    def code_bits(self) -> int:
-        return code_bits_for(self.n_centroids)
-
-    @property
     def num_params(self) -> int:
         """Stored numbers: codebook entries + codes + bias."""
         bias = self.bias.numel() if self.bias is not None else 0
@@ -106,10 +94,6 @@ class _PQLayer(FactorizedLayer):
     def size_bits(self) -> int:
         bias = self.bias.numel() * 32 if self.bias is not None else 0
         return self.codes.numel() * self.code_bits + self.codebooks.numel() * self.codebook_bits + bias
-
-    @property
-    def size_bytes(self) -> float:
-        return self.size_bits / 8
 
     @property
     def compression_ratio(self) -> float:

@@ -28,17 +28,33 @@ from dataclasses import dataclass, field
 from .._backend import to_torch
 
 
-def _ratio(value, norm):
+def relative_to(value, norm) -> float | None:
+    """``value / norm`` as a float (0 for a zero norm), or None when either is unknown."""
     if value is None or norm is None:
         return None
-    return value / norm if norm > 0 else 0.0
+    return float(value) / float(norm) if norm > 0 else 0.0
+
+
+class RelativeErrors:
+    """``relative_error`` / ``relative_error_bound`` of anything with ``error``, ``error_bound`` and ``norm``
+    (the factor objects here and the layers' fit record)."""
+
+    @property
+    def relative_error(self) -> float | None:
+        """``error / norm`` (measured), or None when either is unknown."""
+        return relative_to(self.error, self.norm)
+
+    @property
+    def relative_error_bound(self) -> float | None:
+        """``error_bound / norm`` (certified), or None without a certified bound."""
+        return relative_to(self.error_bound, self.norm)
 
 
 def _fmt(value) -> str:
     return "None" if value is None else f"{value:.4g}"
 
 
-class Factorization:
+class Factorization(RelativeErrors):
     """Base class of all factor objects (see the module docstring for the protocol)."""
 
     shape: tuple
@@ -62,16 +78,6 @@ class Factorization:
     def compression(self) -> float:
         """dense_params / num_params (> 1 means smaller than dense)."""
         return self.dense_params / self.num_params
-
-    @property
-    def relative_error(self) -> float | None:
-        """``error / norm`` (measured), or None when either is unknown."""
-        return _ratio(self.error, self.norm)
-
-    @property
-    def relative_error_bound(self) -> float | None:
-        """``error_bound / norm`` (certified), or None without a certified bound."""
-        return _ratio(self.error_bound, self.norm)
 
     def relative_error_to(self, reference) -> float:
         """Measured ``||reference - to_tensor()||_F / ||reference||_F`` (float64)."""

@@ -66,8 +66,30 @@ def pq_decode(codebooks: torch.Tensor, codes: torch.Tensor, row_length: int | No
     return flat if row_length is None else flat[:, :row_length]
 
 
+class CodeAccounting:
+    """What every product-quantized object derives from ``n_centroids`` and ``codes (rows, n_sub)``:
+    the factor object below and the PQ layers share these, so the counting exists once."""
+
+    @property
+    def rank(self) -> int:
+        return self.n_centroids
+
+    @property
+    def code_bits(self) -> int:
+        return code_bits_for(self.n_centroids)
+
+    @property
+    def n_sub(self) -> int:
+        """Sub-vectors (sub-spaces) per row."""
+        return int(self.codes.shape[1])
+
+    @property
+    def size_bytes(self) -> float:
+        return self.size_bits / 8
+
+
 @dataclass(repr=False)
-class ProductQuantized(MeasuredFactorization):
+class ProductQuantized(CodeAccounting, MeasuredFactorization):
     """Product-quantized weight: ``codebooks (n_books, k, d)`` and integer ``codes (rows, n_sub)``.
 
     Row ``r`` of ``W.reshape(rows, -1)`` is decoded by :func:`pq_decode`; rows are cropped
@@ -93,21 +115,8 @@ class ProductQuantized(MeasuredFactorization):
         return int(self.codebooks.shape[1])
 
     @property
-    def rank(self) -> int:
-        return self.n_centroids
-
-    @property
-    def code_bits(self) -> int:
-        return code_bits_for(self.n_centroids)
-
-    @property
     def row_length(self) -> int:
         return math.prod(self.shape[1:])
-
-    @property
-    def n_sub(self) -> int:
-        """Sub-vectors (sub-spaces) per row."""
-        return int(self.codes.shape[1])
 
     @property
     def num_params(self) -> int:
@@ -119,10 +128,6 @@ class ProductQuantized(MeasuredFactorization):
         """Storage in bits (:func:`pq_size_bits`)."""
         return pq_size_bits(self.shape, self.block_size, self.n_centroids, codebook_bits=self.codebook_bits,
                             shared_codebook=self.shared_codebook, pad=True)
-
-    @property
-    def size_bytes(self) -> float:
-        return self.size_bits / 8
 
     @property
     def bits_per_weight(self) -> float:
