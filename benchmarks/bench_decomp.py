@@ -6,15 +6,18 @@ libraries limited to the same count with threadpoolctl; each one-shot step repor
 and the measuring thread's CPU time, the figure other processes on a shared machine cannot
 inflate). Writes ``benchmarks/results/bench_decomp.md``. Tables:
 
-1. the CP target: a 256x256x3x3 kernel with a trained-like spectrum (decaying
-   spectra in every unfolding, plus 1% noise) at rank 64, our cp (default mixed precision,
-   and all-float64) vs tensorly ``parafac(init='svd')`` with the same iteration budget
-   (tol=0: both run every sweep), the error and time ratios;
-2. randomized SVD of a trained-like 2048x2048 matrix at rank 128: ours (default float64
-   math with a certified bound; ``compute_dtype=float32``) vs ``torch.svd_lowrank`` at the
-   same sketch size and power iterations, error / Eckart-Young optimum;
+1. CP at ``--iters`` sweeps (tol=0): trained-like kernels (decaying spectra in every
+   unfolding plus 1% noise: 256x256x3x3 at rank 64, two decay rates; 128x64x3x3 at rank 32)
+   and a rank-24 CP tensor plus 10% noise; our cp (defaults) vs tensorly
+   ``parafac(init='svd')``, errors and CPU ratio (tensorly's 256-channel runs, ~40 s each,
+   are timed once; the others interleaved), plus our ALS without line search for reference;
+2. randomized SVD of trained-like float32 matrices (2048x2048 and 4096x1024, ranks
+   64/128/256, 2 and 4 power iterations): ours vs ``torch.svd_lowrank`` at the same sketch
+   size and power iterations, interleaved, paired CPU ratio, both errors / Eckart-Young optimum
+   and our certified bound;
 3. k-means on PQ-like sub-vectors (65,536 points of dimension 8, 256 centroids): ours
-   vs sklearn ``KMeans(n_init=1, algorithm="lloyd")`` at the same iteration budgets, inertia;
+   vs sklearn ``KMeans(n_init=1, algorithm="lloyd")`` at the same iteration budgets,
+   interleaved, paired CPU ratio, inertia, and whether a rerun gives the same codes;
 4. real pretrained kernels (ccexam's MNIST CNN: conv2 ``features.3.weight`` 64x32x3x3, and
    its first Linear 128x3136 seen as 128x64x7x7, since 3136 = 64 channels x 7 x 7 of the
    flattened feature map) at 2x and 4x parameter reduction (ratio 0.5 / 0.25). Optional
@@ -47,16 +50,24 @@ from decomp_toolkit.decomp import tucker as our_tucker  # noqa: E402
 warnings.filterwarnings("ignore")
 
 
-def trained_like(shape=(256, 256, 3, 3), seed=0, noise=0.01):
-    """Random core rotated and scaled per mode with decaying spectra 0.5**(i/(I_n/8)), + noise."""
+def trained_like(shape=(256, 256, 3, 3), seed=0, noise=0.01, decay_div=8):
+    """Random core rotated and scaled per mode with decaying spectra 0.5**(i/(I_n/decay_div)), + noise."""
     gen = torch.Generator().manual_seed(seed)
     X = torch.randn(*shape, generator=gen, dtype=torch.float64)
     for size in shape:  # each tensordot contracts the leading mode and appends the new one
-        decay = torch.tensor([0.5 ** (i / max(1, size / 8)) for i in range(size)], dtype=torch.float64)
+        decay = torch.tensor([0.5 ** (i / max(1, size / decay_div)) for i in range(size)], dtype=torch.float64)
         Q = torch.linalg.qr(torch.randn(size, size, generator=gen, dtype=torch.float64)).Q
         X = torch.tensordot(X, Q * decay, dims=([0], [1]))
     scale = noise * X.norm() / math.sqrt(X.numel())
     return X + scale * torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+
+def low_rank_cp(shape, rank, seed=0, noise=0.1):
+    """An exact rank-``rank`` CP tensor with Gaussian factors plus ``noise`` relative Gaussian noise."""
+    gen = torch.Generator().manual_seed(seed)
+    factors = [torch.randn(size, rank, generator=gen, dtype=torch.float64) for size in shape]
+    X = torch.einsum("az,bz,cz,dz->abcd", *factors)
+    return X + noise * X.norm() / math.sqrt(X.numel()) * torch.randn(*shape, generator=gen, dtype=torch.float64)
 
 
 def rel(A, B):
@@ -78,50 +89,79 @@ def secs(wall, cpu):
 
 
 def cp_table(iters):
-    T = trained_like()
-    Tn = T.numpy()
-    c, w1, c1 = timed(lambda: cp(T, rank=64, n_iter_max=iters, convergence_tol=0))
-    c64, w2, c2 = timed(lambda: cp(T, rank=64, n_iter_max=iters, convergence_tol=0, mixed_precision=False))
-    (weights, factors), w3, c3 = timed(lambda: parafac(Tn, 64, n_iter_max=iters, init="svd", tol=0))
-    ref = rel(Tn, tl.cp_to_tensor((weights, factors)))
-    rows = [["decomp.cp (mixed precision, default)", secs(w1, c1), f"{c.relative_error:.4f}",
-             f"{c.relative_error / ref:.4f}", f"{c3 / c1:.1f}x",
-             f"{c.info['float32_sweeps']} float32 sweeps, {c.info['linesearch_accepted']} extrapolations"],
-            ["decomp.cp (all float64)", secs(w2, c2), f"{c64.relative_error:.4f}", f"{c64.relative_error / ref:.4f}",
-             f"{c3 / c2:.1f}x", ""],
-            ["tensorly parafac(init='svd')", secs(w3, c3), f"{ref:.4f}", "1.0000", "1.0x", "numpy backend"]]
-    BENCH.section(f"CP of a trained-like 256x256x3x3 kernel, rank 64, {iters} sweeps (tol=0)",
-                  ["method", "wall / CPU s", "rel. error", "error / tensorly's", "tensorly CPU / ours", "notes"], rows)
+    cases = [("256x256x3x3 trained-like (decay /8)", trained_like(), 64, False),
+             ("256x256x3x3 trained-like (decay /16)", trained_like(decay_div=16), 64, False),
+             ("128x64x3x3 trained-like (decay /16)", trained_like((128, 64, 3, 3), seed=1, decay_div=16), 32, True),
+             ("64x48x3x3 rank-24 CP + 10% noise", low_rank_cp((64, 48, 3, 3), 24, seed=2), 24, True)]
+    rows = []
+    for name, T, R, interleave_tensorly in cases:
+        Tn = T.numpy()
+        fns = {"ours": lambda: cp(T, rank=R, n_iter_max=iters, convergence_tol=0),
+               "tensorly": lambda: parafac(Tn, R, n_iter_max=iters, init="svd", tol=0)}
+        if interleave_tensorly:
+            t = BENCH.compare(fns, tag=f"cp {name}", min_sample_s=0)
+            ratio, tl_time = paired(t, "tensorly", "ours"), wall_cpu_ms(t["tensorly"])
+        else:  # tensorly takes ~40 s a call here: one call, beside our median
+            t = BENCH.compare({"ours": fns["ours"]}, tag=f"cp {name}", min_sample_s=0)
+            _, wall, cpu = timed(fns["tensorly"])
+            ratio, tl_time = f"{cpu / t['ours'].cpu_median:.1f}x (one tensorly call)", f"{wall * 1e3:.0f} / {cpu * 1e3:.0f}"
+        c, plain, (weights, factors) = fns["ours"](), cp(T, rank=R, n_iter_max=iters, convergence_tol=0,
+                                                         linesearch=False, mixed_precision=False), fns["tensorly"]()
+        ref = rel(Tn, tl.cp_to_tensor((weights, factors)))
+        rows.append([name, R, wall_cpu_ms(t["ours"]), tl_time, ratio, f"{c.relative_error:.4f}", f"{ref:.4f}",
+                     f"{c.relative_error / ref:.4f}", f"{plain.relative_error:.4f}"])
+    BENCH.section(f"CP, {iters} sweeps (tol=0): decomp.cp vs tensorly parafac(init='svd')",
+                  ["tensor", "rank", "ours wall / CPU ms", "tensorly wall / CPU ms", "tensorly CPU / ours",
+                   "ours rel. error", "tensorly rel. error", "error ours / tensorly",
+                   "ours without line search (plain float64 ALS)"], rows,
+                  note="Ours: default cp (line search, mixed precision); tensorly numpy backend, same init family "
+                       "and sweep budget. The last column is our ALS with the extrapolation off, for reference.")
+
+
+def trained_like_matrix(m, n, gen):
+    """A rank-256 signal with a decaying spectrum plus 5% noise, float32 (as trained weights look)."""
+    return torch.randn(m, 256, generator=gen) @ torch.randn(256, n, generator=gen) / 16 + 0.05 * torch.randn(
+        m, n, generator=gen)
+
+
+def paired(timings, reference, ours):
+    """``"1.23x ±4%"``: median over rounds of reference CPU / our CPU (paired, same rounds)."""
+    return str(BENCH.ratio(timings[reference], timings[ours], cpu=True))
+
+
+def wall_cpu_ms(timing):
+    return f"{timing.median * 1e3:.0f} / {timing.cpu_median * 1e3:.0f}"
 
 
 def randomized_svd_table():
     from decomp_toolkit.decomp import svd
     from decomp_toolkit.decomp.svd import optimal_error
 
-    gen = torch.Generator().manual_seed(0)
-    n, k, oversample = 2048, 128, 10
-    W = torch.randn(n, 256, generator=gen) @ torch.randn(256, n, generator=gen) / 16 + 0.05 * torch.randn(
-        n, n, generator=gen)
-    best = optimal_error(W, k)
-    rows, torch_cpu = [], {}
-    for n_iter in (2, 4):
-        (U, S, V), wall, cpu = timed(lambda: torch.svd_lowrank(W, q=k + oversample, niter=n_iter))
-        error = float((W - (U[:, :k] * S[:k]) @ V[:, :k].T).norm()) / best
-        torch_cpu[n_iter] = cpu
-        rows.append([f"torch.svd_lowrank(q={k + oversample}, niter={n_iter})", secs(wall, cpu), f"{error:.4f}",
-                     "1.0x", "no bound"])
-        for label, extra in (("float64 math (default)", {}), ("compute_dtype=float32", dict(
-                compute_dtype=torch.float32))):
-            f, wall, cpu = timed(lambda: svd(W, rank=k, algorithm="randomized", oversample=oversample,
-                                             n_iter=n_iter, random_state=0, **extra))
-            error = float((W - f.to_tensor()).norm()) / best
-            rows.append([f"decomp.svd randomized n_iter={n_iter}, {label}", secs(wall, cpu), f"{error:.4f}",
-                         f"{torch_cpu[n_iter] / cpu:.2f}x", "certified error_bound"])
-    f, wall, cpu = timed(lambda: svd(W, rank=k))
-    rows.append(["decomp.svd exact (LAPACK)", secs(wall, cpu), "1.0000", f"{torch_cpu[4] / cpu:.2f}x vs niter=4",
-                 "optimal"])
-    BENCH.section(f"Randomized SVD of a trained-like {n}x{n} float32 matrix, rank {k}",
-                  ["method", "wall / CPU s", "error / optimum", "torch CPU / ours (same niter)", "notes"], rows)
+    gen, oversample, rows = torch.Generator().manual_seed(0), 10, []
+    for m, n in ((2048, 2048), (4096, 1024)):
+        W = trained_like_matrix(m, n, gen)
+        for k in (64, 128, 256):
+            best = optimal_error(W, k)
+            for n_iter in (2, 4):
+                fns = {"torch": lambda: torch.svd_lowrank(W, q=k + oversample, niter=n_iter),
+                       "ours": lambda: svd(W, rank=k, algorithm="randomized", oversample=oversample, n_iter=n_iter,
+                                           random_state=0)}
+                t = BENCH.compare(fns, tag=f"svd {m}x{n} k={k} n_iter={n_iter}", min_sample_s=0)
+                torch.manual_seed(0)
+                U, S, V = fns["torch"]()
+                f = fns["ours"]()
+                torch_error = float((W - (U[:, :k] * S[:k]) @ V[:, :k].T).norm()) / best
+                ours_error = float((W - f.to_tensor()).norm()) / best
+                rows.append([f"{m}x{n}", k, n_iter, wall_cpu_ms(t["torch"]), wall_cpu_ms(t["ours"]),
+                             paired(t, "torch", "ours"), f"{torch_error:.4f}", f"{ours_error:.4f}",
+                             f"{f.error_bound / best:.4f}"])
+    BENCH.section("Randomized SVD of trained-like float32 matrices: decomp.svd vs torch.svd_lowrank",
+                  ["shape", "rank k", "n_iter", "torch wall / CPU ms", "ours wall / CPU ms",
+                   "torch CPU / ours (paired)", "torch error / optimum", "ours error / optimum",
+                   "ours error_bound / optimum"], rows,
+                  note=f"Same sketch size (k + {oversample}) and power iterations; interleaved rounds. Ours: float32 "
+                       f"sketch, float64 small SVD, error_bound certified for the returned float32 factors "
+                       f"(torch.svd_lowrank gives no bound). Optimum = Eckart-Young error at rank k.")
 
 
 def kmeans_table():
@@ -137,19 +177,24 @@ def kmeans_table():
         KMeans = None
     rows = []
     for iters in (10, 25, 50):
-        (C, codes, history), wall, cpu = timed(lambda: pq_module.kmeans(X[None], k, n_iter=iters, convergence_tol=0,
-                                                                        random_state=0))
-        row = [str(iters), secs(wall, cpu), f"{history[-1]:.6g}"]
+        def ours():
+            return pq_module.kmeans(X[None], k, n_iter=iters, convergence_tol=0, random_state=0)
         if KMeans is None:
-            rows.append(row + ["sklearn not installed", "-", "-"])
+            t = BENCH.compare({"ours": ours}, tag=f"kmeans {iters}", min_sample_s=0)
+            rows.append([str(iters), wall_cpu_ms(t["ours"]), f"{ours()[2][-1]:.6g}", "sklearn not installed", "-",
+                         "-", "-", "-"])
             continue
-        km, wall2, cpu2 = timed(lambda: KMeans(k, n_init=1, max_iter=iters, tol=0, random_state=0,
-                                               algorithm="lloyd").fit(X.numpy()))
-        rows.append(row + [secs(wall2, cpu2), f"{km.inertia_:.6g}", f"{cpu2 / cpu:.2f}x",
-                           f"{history[-1] / km.inertia_:.4f}"])
+
+        def sklearn():
+            return KMeans(k, n_init=1, max_iter=iters, tol=0, random_state=0, algorithm="lloyd").fit(X.numpy())
+        t = BENCH.compare({"sklearn": sklearn, "ours": ours}, tag=f"kmeans {iters}", min_sample_s=0)
+        (_, codes, history), (_, again, _), sk = ours(), ours(), sklearn().inertia_
+        rows.append([str(iters), wall_cpu_ms(t["ours"]), f"{history[-1]:.6g}", wall_cpu_ms(t["sklearn"]), f"{sk:.6g}",
+                     paired(t, "sklearn", "ours"), f"{history[-1] / sk:.4f}", str(bool(torch.equal(codes, again)))])
     BENCH.section(f"k-means, {n} points in R^{d}, {k} centroids (k-means++ seeding, Lloyd, tol=0)",
-                  ["iterations", "ours wall / CPU s", "ours inertia", "sklearn wall / CPU s", "sklearn inertia",
-                   "sklearn CPU / ours", "inertia ours / sklearn"], rows)
+                  ["iterations", "ours wall / CPU ms", "ours inertia", "sklearn wall / CPU ms", "sklearn inertia",
+                   "sklearn CPU / ours (paired)", "inertia ours / sklearn", "ours: same codes on a rerun"], rows,
+                  note="Interleaved rounds; sklearn KMeans(n_init=1, algorithm='lloyd', tol=0), float32 input for both.")
 
 
 def mnist_weights():

@@ -7,7 +7,10 @@ of the test split (8,160 predicted tokens); "X% removed": the factorized decoder
 
 * plain SVD            ``compress(method="svd", ratio=kept)``
 * whitened uniform     ``compress(calibration=calibrate(...), ratio=kept)`` (SVD-LLM's truncation)
-* whitened + budget    ``compress(calibration=..., budget=dict(params=...))`` (energy allocator)
+* whitened + energy budget ``compress(calibration=calibrate(...), budget=dict(params=...))`` (relative output
+  energy allocator)
+* whitened + budget    ``compress(calibration=calibrate(..., fisher=True), budget=dict(params=..., min_rank=0.05))``
+  (loss allocator on the calibration Fisher)
 * sequential uniform   ``compress_sequential(ratio=kept)``
 * sequential + alloc   ``compress_sequential(budget=dict(layer_params=kept))`` (loss allocator)
 * + recovery           ``recover(...)`` on the train split, when ``--recover-seconds`` > 0
@@ -21,7 +24,6 @@ Run: ``python benchmarks/bench_llm.py`` (about an hour on 2 shared cores; ``--re
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import time
 from pathlib import Path
@@ -35,8 +37,22 @@ from decomp_toolkit.analysis.zoo import smollm2  # noqa: E402
 from decomp_toolkit.layers import calibrate, compress  # noqa: E402
 from decomp_toolkit.layers.sequential import compress_sequential  # noqa: E402
 
-ROWS = ("sequential-budget", "sequential", "whitened", "whitened-budget", "plain", "recovered")
+ROWS = ("sequential-budget", "sequential", "whitened", "whitened-budget", "whitened-energy-budget", "plain",
+        "recovered")
 LINEARS = smollm2.DECODER_LINEARS
+
+
+def peak_rss_mb(reset=False):
+    """The process's peak resident set (VmHWM, MB) since the last reset (Linux; None elsewhere)."""
+    try:
+        if reset:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        with open("/proc/self/status") as f:
+            line = next(row for row in f if row.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024
+    except (OSError, StopIteration):
+        return None
 
 
 def linear_params(model):
@@ -49,21 +65,28 @@ def run_row(row, model, cal_tokens, kept, cache, args):
     start = time.perf_counter()
     if row == "plain":
         small, _ = compress(model, method="svd", ratio=kept, include=[LINEARS], progress=False)
-    elif row in ("whitened", "whitened-budget"):
-        if "calibration" not in cache:
+    elif row in ("whitened", "whitened-budget", "whitened-energy-budget"):
+        fisher = row == "whitened-budget"
+        key = ("calibration", fisher)
+        if key not in cache:
             t0 = time.perf_counter()
-            cache["calibration"] = calibrate(model, cal_tokens, layers=LINEARS, batch_size=8, progress=False)
-            cache["calibrate_s"] = time.perf_counter() - t0
-        cal = cache["calibration"]
+            cache[key] = calibrate(model, cal_tokens, include=LINEARS, batch_size=8, progress=False, fisher=fisher)
+            cache[("calibrate_s", fisher)] = time.perf_counter() - t0
+            first = True
+        else:
+            first = False
+        cal = cache[key]
         if row == "whitened":
             small, _ = compress(model, method="svd", ratio=kept, calibration=cal, include=[LINEARS], progress=False)
+            note = ""
         else:
-            total, dense = sum(p.numel() for p in model.parameters()), linear_params(model)
-            fraction = (total - (1 - kept) * dense) / total
-            small, _ = compress(model, method="svd", budget=dict(params=fraction), calibration=cal,
-                                include=[LINEARS], progress=False)
-        seconds = time.perf_counter() - start + (cache["calibrate_s"] if row == "whitened" else 0.0)
-        return small, seconds, ""
+            budget = dict(params=kept, **(dict(min_rank=MIN_RANKS) if fisher else {}))
+            small, report = compress(model, method="svd", budget=budget, calibration=cal, include=[LINEARS],
+                                     progress=False)
+            note = rank_summary(report)
+        calibrate_s = cache[("calibrate_s", fisher)] if first else 0.0
+        return small, time.perf_counter() - start + calibrate_s, note + (
+            f" (includes calibrate {calibrate_s:.0f} s)" if first else "")
     elif row == "sequential":
         small, _ = compress_sequential(model, cal_tokens, ratio=kept, include=LINEARS, batch_size=8, progress=False)
     elif row == "sequential-budget":
@@ -94,7 +117,33 @@ def rank_summary(report):
         text = f"{kind}: {dense} dense" + (f", rank median {ranks[len(ranks) // 2]} [{ranks[0]}-{ranks[-1]}]"
                                            if ranks else "")
         parts.append(text)
-    return "; ".join(parts) + f"; timings {', '.join(f'{k} {v:.0f} s' for k, v in report.timings.items())}"
+    timings = getattr(report, "timings", None)
+    return "; ".join(parts) + (f"; timings {', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}"
+                               if timings else "")
+
+
+def linear_macs_per_token(model):
+    """MACs per token of every ``nn.Linear`` (factorized layers are chains of them; lm_head included)."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def speed_section(bench, model, tokens, kept_values):
+    """Whole-model forward speedup vs the Linear-MAC ratio (eager, 1 thread) for uniform SVD ratios."""
+    rows = []
+    for kept in kept_values:
+        small, _ = compress(model, method="svd", ratio=kept, include=[LINEARS], progress=False)
+        ratio = linear_macs_per_token(model) / linear_macs_per_token(small)
+        for batch in (tokens[:1], tokens[:8]):
+            realized = speedup(bench, model, small, batch)
+            rows.append([f"{kept:.0%}", f"{len(batch)} x {batch.shape[1]}", f"{ratio:.2f}x",
+                         f"{realized.median:.2f}x", f"{realized.median / ratio:.2f}"])
+            print(" | ".join(rows[-1]), flush=True)
+        del small
+    bench.section("Whole-model speedup vs MAC ratio (torch eager, 1 thread)",
+                  ["decoder Linear MACs kept", "input", "MAC ratio (all Linears, lm_head included)",
+                   "realized (thread CPU)", "realized / MAC ratio"], rows,
+                  note="uniform plain-SVD ranks (speed does not depend on the values); attention, norms and the "
+                       "embedding lookup do not shrink")
 
 
 def speedup(bench, model, small, tokens):
@@ -111,6 +160,11 @@ def main(argv=None):
     parser.add_argument("--recover-seconds", type=float, default=0.0,
                         help="time budget of the recovery row per ratio (0: no recovery row)")
     parser.add_argument("--train-windows", type=int, default=2048)
+    parser.add_argument("--long-windows", type=int, default=4,
+                        help="2048-token test windows (default 4: the same 8,192 tokens) for dense and the rows "
+                             "of the first --removed (0: off)")
+    parser.add_argument("--speed-kept", type=float, nargs="*", default=[0.5],
+                        help="decoder-MAC fractions of the whole-model speed section (none: skip it)")
     parser.add_argument("--tag", default="", help="suffix of the summary file (bench_llm-TAG.md), for split runs")
     parser.add_argument("--dense-ppl", type=float, default=None,
                         help="skip measuring the dense perplexity and print this value (for split runs)")
@@ -124,31 +178,39 @@ def main(argv=None):
     one_batch = test[:1]
     dense_ppl = args.dense_ppl if args.dense_ppl is not None else smollm2.perplexity(model, test)
     dense = linear_params(model)
-    bench.note(f"dense perplexity {dense_ppl:.2f} (32 x 256 test windows); decoder Linear parameters {dense:,}")
-    rows, cache = [], {}
+    long = smollm2.token_windows("test", count=args.long_windows, length=2048) if args.long_windows else None
+    long_text = (f"; 2048-token windows ({args.long_windows} x 2048): {smollm2.perplexity(model, long, batch_size=1):.2f}"
+                 if long is not None else "")
+    bench.note(f"dense perplexity {dense_ppl:.2f} (32 x 256 test windows){long_text}; "
+               f"decoder Linear parameters {dense:,}")
+    if args.speed_kept:
+        speed_section(bench, model, test, args.speed_kept)
+    rows, cache, kept_sections = [], {}, len(bench.sections)
     for removed in args.removed:
         kept = 1 - removed
         for row in args.rows:
-            cpu0 = time.thread_time()
+            cpu0, rss0 = time.thread_time(), peak_rss_mb(reset=True)
             small, seconds, note = run_row(row, model, cal_tokens, kept, cache, args)
-            cpu = time.thread_time() - cpu0
+            cpu, rss = time.thread_time() - cpu0, peak_rss_mb()
             ppl = smollm2.perplexity(small, test)
+            if long is not None and removed == args.removed[0]:
+                note = f"2048-token windows: {smollm2.perplexity(small, long, batch_size=1):.2f}; " + note
             params = linear_params_after(small)
             ratio = speedup(bench, model, small, one_batch)
-            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            rss_text = f"{rss:,.0f} ({rss - rss0:+,.0f})" if rss is not None else "n/a"
             rows.append([f"{removed:.0%}", f"{kept:.0%}", row, f"{params / dense:.1%}", f"{ppl:,.2f}",
-                         f"{seconds:.1f} ({cpu:.1f})", f"{ratio.median:.2f}x", f"{rss:,.0f}", note])
+                         f"{seconds:.1f} ({cpu:.1f})", f"{ratio.median:.2f}x", rss_text, note])
             print(" | ".join(rows[-1]), flush=True)
-            write_table(bench, dense_ppl, rows)
+            write_table(bench, dense_ppl, rows, kept_sections)
         cache.pop(("budget", kept), None)
 
 
-def write_table(bench, dense_ppl, rows):
+def write_table(bench, dense_ppl, rows, kept_sections):
     """(Re)write the summary after every row, so an interrupted run leaves what it measured."""
-    bench.sections = bench.sections[:1]
+    bench.sections = bench.sections[:kept_sections]
     bench.section("SmolLM2-135M, decoder Linears compressed (perplexity, 32 x 256 Wikipedia test windows)",
                   ["removed", "kept", "method", "Linear params kept", "perplexity", "compress s wall (thread CPU)",
-                   "forward speedup (1 x 256)", "peak RSS MB (process so far)", "note"], rows,
+                   "forward speedup (1 x 256)", "peak RSS MB while compressing (above the resident model)", "note"], rows,
                   note=f"dense perplexity {dense_ppl:.2f}; SVD-LLM (its own code, same protocol): step 1 75.73 / "
                        f"236.12 / 930.64, step 2 67.83 / 208.12 / 804.79 at 20 / 40 / 60% removed. "
                        f"'compress s' of the whitened rows includes calibrate() once (first whitened row).")

@@ -359,7 +359,7 @@ def cp_als(T: torch.Tensor, R: int, *, n_iter_max=100, convergence_tol=1e-8, ini
     ``ridge`` is the baseline Tikhonov weight relative to the Gram scale (a numerical
     safeguard, negligible for the fit). ``mixed_precision`` (float64 ``T`` only): the two
     big contractions per sweep run in float32 while the fit is far from converged
-    (relative error above 1e-3 and still dropping by more than 1e-4 per sweep), where
+    (relative error above 1e-3 and still dropping by more than 1e-5 per sweep), where
     their ~1e-7 relative rounding is orders of magnitude below the fit error; every
     solve, norm and error is float64, and the remaining sweeps (and the final error)
     are all float64. See the module docstring for the rest.
@@ -388,7 +388,7 @@ def cp_als(T: torch.Tensor, R: int, *, n_iter_max=100, convergence_tol=1e-8, ini
         errors.append(rel)
         change = abs(errors[-2] - errors[-1]) if len(errors) > 1 else math.inf
         if st.tree is not st.exact_tree:
-            if rel < 1e-3 or change < 1e-4:  # close to convergence: finish in float64
+            if rel < 1e-3 or change < 1e-5:  # close to convergence: finish in float64
                 st.tree, st.cached = st.exact_tree, None
             continue
         if change < convergence_tol:

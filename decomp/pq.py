@@ -39,7 +39,8 @@ from .formats.pq import ProductQuantized, code_dtype, pq_decode
 from .rank import InfeasibleRankError
 
 DEFAULT_MAX_CENTROIDS = 256
-_CHUNK_ELEMENTS = 1 << 16  # point-centroid scores per chunk of the assignment step (256 KB: in cache)
+_CHUNK_ELEMENTS = 1 << 18  # point-centroid distances per chunk of the assignment step (1 MiB in float32: in cache)
+_KEY_DTYPES = {torch.float32: (torch.int32, 23), torch.float64: (torch.int64, 52)}  # same width, mantissa bits
 
 
 # ----------------------------------------------------------------------------- k-means
@@ -51,24 +52,69 @@ def _sq_norms(X):
 def assign_nearest(X, C):
     """Nearest centroid of every point: X (B, n, d), C (B, k, d) -> (codes (B, n), dist2 (B, n)).
 
-    Chunks of ``_CHUNK_ELEMENTS`` point-centroid scores ``||c||^2 - 2 x.c`` (``||x||^2`` does
-    not change the argmin) stay in cache: one fused ``baddbmm`` and an ``argmin`` per chunk.
-    The returned squared distances are recomputed exactly from the chosen centroids.
+    Ties go to the lowest index (as ``argmin``). The returned squared distances are
+    recomputed exactly from the chosen centroids.
+    """
+    if X.shape[-1] == 1:
+        return _assign_scalar(X, C)
+    return _assign(_lifted_points(X), X, C)
+
+
+def _lifted_points(X):
+    """``[x, 1, ||x||^2]`` per point, so that one batched GEMM with ``[-2c, ||c||^2, 1]`` gives ``||x - c||^2``."""
+    return torch.cat([X, torch.ones_like(X[..., :1]), _sq_norms(X)[..., None]], dim=-1)
+
+
+def _assign(Xl, X, C):
+    """:func:`assign_nearest` with the lifted points ``Xl`` (:func:`_lifted_points`) computed once.
+
+    Chunks of ``_CHUNK_ELEMENTS`` point-centroid distances stay in cache. The argmin of a
+    chunk is found as the minimum of integer keys: a non-negative float's bit pattern orders
+    like its value, so ``(bits with the low b bits cleared) | index`` (``k <= 2**b``) has its
+    minimum at the smallest distance up to a relative ``2**(b - mantissa)``; rows whose chosen
+    distance is not exactly the row minimum (near-ties, rounding below zero) are redone with
+    ``argmin``, so the result is exactly the argmin's.
     """
     B, n, d = X.shape
     k = C.shape[1]
-    if d == 1:
-        return _assign_scalar(X, C)
-    c2 = _sq_norms(C)[:, None, :]
-    Ct = C.transpose(1, 2)
+    Cl = torch.cat([-2 * C, _sq_norms(C)[..., None], torch.ones_like(C[..., :1])], dim=-1).transpose(1, 2)
     step = max(1, _CHUNK_ELEMENTS // max(1, B * k))
     codes = torch.empty(B, n, dtype=torch.long, device=X.device)
+    keys = _index_keys(X.dtype, B, min(step, n), k, X.device)
     for start in range(0, n, step):
-        scores = torch.baddbmm(c2, X[:, start:start + step], Ct, alpha=-2)
-        codes[:, start:start + step] = scores.argmin(-1)
+        dist = torch.bmm(Xl[:, start:start + step], Cl)
+        codes[:, start:start + step] = _chunk_argmin(dist, keys)
     # exact squared distances of the chosen centroids (the expansion above loses digits)
     chosen = torch.gather(C, 1, codes[..., None].expand(B, n, d))
     return codes, _sq_norms(X - chosen)
+
+
+def _index_keys(dtype, B, rows, k, device):
+    """``(mask of the kept high bits, index column, key buffer (B, rows, k))`` for :func:`_chunk_argmin`,
+    or None (plain argmin)."""
+    if dtype not in _KEY_DTYPES:
+        return None
+    key_dtype, mantissa = _KEY_DTYPES[dtype]
+    bits = max(1, (k - 1).bit_length())
+    if bits > mantissa - 13:  # keys would be too coarse: most rows would be redone
+        return None
+    return -(1 << bits), torch.arange(k, dtype=key_dtype, device=device), torch.empty(B, rows, k, dtype=key_dtype,
+                                                                                      device=device)
+
+
+def _chunk_argmin(dist, keys):
+    """Row-wise argmin of ``dist (B, rows, k)`` (first index on ties), via integer keys when ``keys``."""
+    if keys is None:
+        return dist.argmin(-1)
+    minimum = dist.amin(-1)
+    high, index, buffer = keys
+    key = torch.bitwise_and(dist.view(index.dtype), high, out=buffer[:, :dist.shape[1]]).bitwise_or_(index)
+    codes = key.amin(-1).bitwise_and_(~high).long()
+    exact = torch.gather(dist, -1, codes[..., None])[..., 0] == minimum
+    if not bool(exact.all()):
+        redo = ~exact
+        codes[redo] = dist[redo].argmin(-1)
+    return codes
 
 
 def _assign_scalar(X, C):
@@ -90,9 +136,10 @@ def _kmeans_pp(X, k, generator):
     C = torch.empty(B, k, d, dtype=X.dtype, device=X.device)
     C[:, 0] = X[rows, first]
     d2 = _sq_norms(X - C[:, :1])
+    diff, cum, new = torch.empty_like(X), torch.empty_like(d2), torch.empty_like(d2)  # reused: no allocation per step
     for j in range(1, k):
         # sample with probability d2 / sum(d2) by inverse CDF (torch.multinomial is slow for large n)
-        cum = d2.cumsum(-1)
+        torch.cumsum(d2, -1, out=cum)
         total = cum[:, -1:]
         u = torch.rand(B, 1, generator=generator, dtype=X.dtype).to(X.device) * total
         pick = torch.searchsorted(cum, u, right=True)[:, 0].clamp_max(n - 1)
@@ -100,7 +147,8 @@ def _kmeans_pp(X, k, generator):
         if flat.any():
             pick[flat] = torch.randint(n, (int(flat.sum()),), generator=generator).to(X.device)
         C[:, j] = X[rows, pick]
-        d2 = torch.minimum(d2, _sq_norms(X - C[:, j:j + 1]))
+        torch.sub(X, C[:, j:j + 1], out=diff)
+        torch.minimum(d2, torch.sum(diff.square_(), -1, out=new), out=d2)
     return C
 
 
@@ -119,8 +167,9 @@ def kmeans(X, n_centroids: int, *, n_iter: int = 50, convergence_tol: float = 1e
     C = _kmeans_pp(X, k, generator)
     history = []
     offsets = (torch.arange(B, device=X.device) * k)[:, None]
+    lifted = _lifted_points(X) if d > 1 else None
     for it in range(n_iter + 1):
-        codes, dist = assign_nearest(X, C)
+        codes, dist = _assign(lifted, X, C) if d > 1 else _assign_scalar(X, C)
         history.append(float(dist.sum()))
         if it == n_iter or (it > 0 and history[-2] - history[-1] <= convergence_tol * history[-2]):
             break

@@ -120,12 +120,16 @@ def whitened_svd(W, gram, rank=None, *, energy=None, tol=None, ratio=None, white
     # exact power-of-two scalings (W by 2^ew, G by 4^(eg/2)): squares stay finite for 1e-300 .. 1e300
     Tb, ew = unit_scale(Tb)
     Gb, eg = unit_scale(0.5 * (Gb + Gb.transpose(-2, -1)), even=True)
-    check_psd(Gb, context)
+    cholesky = check_psd(Gb, context)
     output_scale = math.ldexp(1.0, ew + eg // 2)
-    jitter = None if jitter is None else float(jitter) * math.ldexp(1.0, -eg)
-    L, used, shift = whitening_factor(Gb, whitening=whitening, jitter=jitter, context=context)
+    if cholesky is not None and whitening == "cholesky" and jitter is None:   # no jitter needed: reuse it
+        L, used, shift = cholesky, "cholesky", 0.0
+    else:
+        jitter = None if jitter is None else float(jitter) * math.ldexp(1.0, -eg)
+        L, used, shift = whitening_factor(Gb, whitening=whitening, jitter=jitter, context=context)
     shift = shift * math.ldexp(1.0, eg)
-    U, S, _ = torch.linalg.svd(Tb @ L, full_matrices=False)
+    WL = Tb @ L
+    U, S = left_singular_vectors(WL)
     spectrum = S.cpu().numpy()
     max_rank = min(m, n)
     shape_text = f"shape {tuple(T.shape)}"
@@ -137,7 +141,10 @@ def whitened_svd(W, gram, rank=None, *, energy=None, tol=None, ratio=None, white
     Uw = Uk @ P
     E = Tb - (Uw * Sk[..., None, :]) @ Vh
     output_error = math.sqrt(max(float(((E @ Gb) * E).sum()), 0.0)) * output_scale
-    output_norm = math.sqrt(max(float(((Tb @ Gb) * Tb).sum()), 0.0)) * output_scale
+    # ||W X^T||_F^2 = tr(W G W^T) = ||W L||_F^2 when L L^T = G (an exact Cholesky factor)
+    exact_factor = used == "cholesky" and shift == 0.0
+    output_norm = (float(torch.linalg.norm(WL)) if exact_factor else
+                   math.sqrt(max(float(((Tb @ Gb) * Tb).sum()), 0.0))) * output_scale
     Sk, weight_scale = times_power_of_two(Sk, ew), math.ldexp(1.0, ew)
     if not batched:
         Uw, Sk, Vh, spectrum = Uw[0], Sk[0], Vh[0], spectrum[0]
@@ -148,6 +155,19 @@ def whitened_svd(W, gram, rank=None, *, energy=None, tol=None, ratio=None, white
                               weight_norm=float(torch.linalg.norm(Tb)) * weight_scale, whitening=used, jitter=shift)
 
 
+def left_singular_vectors(M):
+    """``(U, S)`` of the thin SVD ``M = U diag(S) V^T`` of ``M (.., m, n)``, without computing ``V``.
+
+    A wide ``M`` (``n > m``) is first reduced to the square ``R^T`` of ``M^T = Q R`` (Householder
+    QR, ``Q`` never formed): ``M M^T = R^T R``, so ``R^T`` has the same ``U`` and ``S``. Both steps
+    are backward stable: the result is as accurate as the SVD of ``M`` itself.
+    """
+    if M.shape[-1] > M.shape[-2]:
+        M = torch.linalg.qr(M.transpose(-2, -1), mode="r")[1].transpose(-2, -1)
+    U, S, _ = torch.linalg.svd(M, full_matrices=False)
+    return U, S
+
+
 # a Gram accumulated in float32 over many rows has eigenvalue errors ~ sqrt(rows) * 1.2e-7 of the largest;
 # an indefinite matrix passed by mistake has negative eigenvalues of the order of the largest
 PSD_TOLERANCE = 1e-4
@@ -155,9 +175,13 @@ PSD_TOLERANCE = 1e-4
 
 def check_psd(gram, context="gram"):
     """Raise ValueError unless each block of the symmetric ``gram (g, n, n)`` is positive semi-definite
-    up to rounding: no eigenvalue below ``-PSD_TOLERANCE`` times the block's largest |eigenvalue|."""
-    if int(torch.linalg.cholesky_ex(gram).info.max()) == 0:
-        return  # positive definite
+    up to rounding: no eigenvalue below ``-PSD_TOLERANCE`` times the block's largest |eigenvalue|.
+
+    Returns the Cholesky factor ``L (g, n, n)``, ``L L^T = gram``, when every block is positive
+    definite (and the factor is finite), else None."""
+    L, info = torch.linalg.cholesky_ex(gram)
+    if int(info.max()) == 0 and bool(torch.isfinite(L).all()):
+        return L  # positive definite
     values = torch.linalg.eigvalsh(gram)
     low, high = values.min(-1).values, values.abs().max(-1).values
     bad = low < -PSD_TOLERANCE * high

@@ -43,6 +43,7 @@ class BudgetProfile:
     energies: list
     build: Callable
     dense_cost: int = 0
+    objective: str = "energy"  # "loss": energies are absolute estimated loss increases, comparable across layers
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -91,10 +92,14 @@ def _break_even_ranks(profile, cost) -> tuple | None:
 
 
 def allocate(profiles: dict, cost_of: Callable, fixed_cost: float, target: float) -> Allocation:
-    """Greedy allocation. ``cost_of(name, module)`` gives a module's cost (params or MACs).
+    """Ranks maximizing ``prod_l E_l`` at total cost <= ``target``. ``cost_of(name, module)`` gives a
+    module's cost (params or MACs).
 
     ``fixed_cost`` counts everything outside the profiled layers. Returns the ranks per
-    layer (None for layers that stay dense) and the total cost reached.
+    layer (None for layers that stay dense), the total cost reached and the objective
+    ``sum -log E_l`` (:func:`energy_objective`): the better of the greedy rule and, when every
+    layer has one rank axis with an affine cost, the price search of :func:`allocate_by_loss`
+    on ``-log E`` (a budget that is met beats one that is not; then the lower objective wins).
     """
     costs = {name: _cost_function(profile, lambda module, name=name: cost_of(name, module))
              for name, profile in profiles.items()}
@@ -123,7 +128,39 @@ def allocate(profiles: dict, cost_of: Callable, fixed_cost: float, target: float
         version[name] += 1
         push_next(name)
     total = _fill_up(profiles, state, cost, total, target)
-    return Allocation(ranks=state, cost=total, target=target)
+    greedy = Allocation(ranks=state, cost=total, target=target, objective=energy_objective(profiles, state))
+    lagrangian = _lagrangian_energy_allocation(profiles, costs, fixed_cost, target)
+    if lagrangian is not None and (lagrangian.met, -lagrangian.objective) > (greedy.met, -greedy.objective):
+        return lagrangian
+    return greedy
+
+
+def energy_objective(profiles: dict, ranks: dict) -> float:
+    """``sum_l -log E_l``: the energy allocator's objective (E_l = kept energy fraction; dense keeps 1)."""
+    return sum(-math.log(profiles[n].kept_fraction(r)) for n, r in ranks.items() if r is not None)
+
+
+def _lagrangian_energy_allocation(profiles, costs, fixed_cost, target):
+    """The energy objective minimized by :func:`allocate_by_loss`'s price search (single rank axis, affine
+    costs only; else None): each layer's loss at rank k is ``-log E(k)``, dense being one option, so
+    no layer has to jump from dense to its break-even rank."""
+    converted = {}
+    for name, profile in profiles.items():
+        full = profile.full_ranks[0] if len(profile.full_ranks) == 1 else 0
+        if full < 2:
+            return None
+        cost = costs[name]
+        step, first = cost((2,)) - cost((1,)), cost((1,))
+        if step <= 0 or cost((full,)) != first + step * (full - 1):
+            return None
+        energies = np.asarray(profile.energies[0], dtype=float)
+        lost = np.concatenate([np.cumsum(energies[::-1])[::-1], [0.0]]) / max(float(energies.sum()), 1e-300)
+        curve = -np.log(np.maximum(1.0 - lost, 1e-300))  # -log E(k), k = 0 .. full (as kept_fraction)
+        converted[name] = LossProfile(losses=np.maximum(-np.diff(curve), 0.0), step=int(step),
+                                      dense_cost=int(profile.dense_cost), fixed_cost=int(first - step))
+    result = allocate_by_loss(converted, target - fixed_cost)
+    return Allocation(ranks=result.ranks, cost=result.cost + fixed_cost, target=target,
+                      objective=energy_objective(profiles, result.ranks))
 
 
 def _fill_up(profiles, state, cost, total, target):
@@ -285,6 +322,46 @@ def allocate_by_loss(profiles: dict, target: float) -> Allocation:
     objective = sum(float(tails[n][r]) if r is not None else 0.0 for n, r in state.items())
     return Allocation(ranks={n: (None if r is None else (r,)) for n, r in state.items()}, cost=cost, target=target,
                       objective=objective)
+
+
+def allocate_profiles_by_loss(profiles: dict, cost_of: Callable, fixed_cost: float, target: float,
+                              min_rank=None) -> Allocation:
+    """:func:`allocate_by_loss` over single-axis :class:`BudgetProfile` s whose objective is ``"loss"``.
+
+    Same arguments as :func:`allocate` (``target`` counts the whole ``fixed_cost +`` profiled
+    layers). Each layer's cost must be affine in its rank (read off real modules at ranks 1, 2
+    and full); ``min_rank`` (``{fnmatch pattern: int rank or float fraction of the full rank}``,
+    first match wins) is the smallest rank a layer may take (else it stays dense).
+    """
+    converted = {}
+    for name, profile in profiles.items():
+        if profile.objective != "loss" or len(profile.full_ranks) != 1:
+            raise ValueError(f"{name}: loss allocation needs a single-axis profile of estimated losses "
+                             f"(objective {profile.objective!r}, {len(profile.full_ranks)} rank axes)")
+        cost = _cost_function(profile, lambda module, name=name: cost_of(name, module))
+        step, first = cost((2,)) - cost((1,)), cost((1,))
+        full = profile.full_ranks[0]
+        if full >= 2 and cost((full,)) != first + step * (full - 1):
+            raise ValueError(f"{name}: its cost is not affine in the rank; loss allocation cannot price it")
+        converted[name] = LossProfile(losses=np.asarray(profile.energies[0], dtype=float), step=max(int(step), 1),
+                                      dense_cost=int(profile.dense_cost), fixed_cost=int(first - step),
+                                      min_rank=rank_floor(name, full, min_rank))
+    allocation = allocate_by_loss(converted, target - fixed_cost)
+    allocation.cost += fixed_cost
+    allocation.target = target
+    return allocation
+
+
+def rank_floor(name: str, full: int, min_rank=None) -> int:
+    """The smallest rank ``name`` may take: the first ``fnmatch`` pattern of ``min_rank`` matching it
+    (an int rank, or a float fraction of ``full`` rounded up), else 1; clipped to ``[1, full]``."""
+    import fnmatch
+
+    for pattern, value in (min_rank or {}).items():
+        if fnmatch.fnmatchcase(name, pattern):
+            floor = int(math.ceil(value * full)) if isinstance(value, float) else int(value)
+            return max(1, min(floor, full))
+    return 1
 
 
 def _fill_by_loss(profiles, tails, state, target):

@@ -43,7 +43,9 @@ class Calibration:
     ``grams[name]``: float64 CPU tensor ``(groups, P, P)`` (``groups = 1`` for Linear);
     ``sums[name]``: ``(groups, P)`` the sum of the rows (for the mean / covariance);
     ``samples[name]``: rows accumulated (input vectors, or patches per group);
-    ``weight_shapes[name]``: the layer's weight shape; ``batches``: batches run.
+    ``weight_shapes[name]``: the layer's weight shape; ``batches``: batches run;
+    ``fisher[name]``: ``(out,)`` diagonal output Fisher (only with ``calibrate(fisher=True)``,
+    see :mod:`layers.fisher`): ``compress(budget=...)`` then allocates ranks on the estimated loss.
     ``calibration[name]`` is the Gram; ``calibration.gram_for(layer)`` finds a layer of
     the calibrated model by identity (or the only entry).
     """
@@ -55,6 +57,7 @@ class Calibration:
     batches: int = 0
     skipped: dict = field(default_factory=dict)   # name -> why the layer was not calibrated
     masked: dict = field(default_factory=dict)    # name -> padding rows left out (attention mask)
+    fisher: dict = field(default_factory=dict)    # name -> (out,) output Fisher (calibrate(fisher=True))
     _modules: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __contains__(self, name) -> bool:
@@ -141,7 +144,8 @@ class Calibration:
 
 
 def calibrate(model, data, max_batches=None, include=None, progress=True, *, exclude=(), batch_size=128,
-              chunk_elements=DEFAULT_CHUNK_ELEMENTS, forward=None, memory_limit=None, layers=None) -> Calibration:
+              chunk_elements=DEFAULT_CHUNK_ELEMENTS, forward=None, memory_limit=None, layers=None, fisher=False,
+              loss=None) -> Calibration:
     """Run ``data`` through ``model`` and collect each target layer's input Gram (float64).
 
     ``data``: an iterable of batches or one tensor that is split into batches of
@@ -164,7 +168,18 @@ def calibrate(model, data, max_batches=None, include=None, progress=True, *, exc
     before any allocation when one, or all together, would exceed it, naming the layer.
     NaN/Inf in a batch or in a layer's input raises at the first batch and layer it is seen.
     The model is not modified (see module docstring). Layers that never ran get no entry.
+    Cost: layers reading the same tensor (q/k/v) share one Gram computation per call (each gets
+    its own identical entry; :func:`gram_of`); an uncalibrated ``transformers`` LM head runs on
+    the last position only (:func:`unused_logits_kwargs`).
+
+    ``fisher=True``: a second pass (forward + backward) records each layer's diagonal output
+    Fisher of ``loss(model, batch)`` (default: a causal LM's cross-entropy, else the
+    sensitivity of the model's outputs; :func:`layers.fisher.layer_fisher`) in
+    ``Calibration.fisher``; ``data`` must then be re-iterable (a tensor or a list of batches).
     """
+    if fisher and not isinstance(data, torch.Tensor) and iter(data) is data:
+        raise TypeError("calibrate(fisher=True) runs the data twice: pass a tensor or a list of batches, "
+                        f"not a one-shot {type(data).__name__}")
     if layers is not None:
         if include is not None:
             raise TypeError("calibrate: pass include= (or its alias layers=), not both")
@@ -175,7 +190,7 @@ def calibrate(model, data, max_batches=None, include=None, progress=True, *, exc
         raise ValueError(f"max_batches={max_batches!r} must be a positive int or None")
     check_memory(targets, memory_limit)
     result = Calibration(skipped=skipped)
-    state = {"mask": None, "batch": 0}
+    state = {"mask": None, "batch": 0, "last": {}}
     hooks, modes = [], {m: m.training for m in model.modules()}
     try:
         for name, module in targets:
@@ -188,10 +203,12 @@ def calibrate(model, data, max_batches=None, include=None, progress=True, *, exc
                 if max_batches is not None and index >= max_batches:
                     break
                 state["batch"], state["mask"] = index, attention_mask(batch)
+                state["last"].clear()
                 if forward is not None:
                     forward(model, batch)
                 else:
-                    run_model(model, batch, what=f"calibrate: batch {index}")
+                    run_model(model, batch, what=f"calibrate: batch {index}",
+                              extra_kwargs=unused_logits_kwargs(model, targets, batch))
                 result.batches += 1
     finally:
         for hook in hooks:
@@ -200,36 +217,73 @@ def calibrate(model, data, max_batches=None, include=None, progress=True, *, exc
             module.training = training
     if result.batches == 0:
         raise ValueError("calibrate: data yielded no batches")
+    if fisher:
+        from .fisher import layer_fisher
+        result.fisher = layer_fisher(model, list(result.grams), data, loss=loss, forward=forward,
+                                     batch_size=batch_size, max_batches=max_batches)
     return result
 
 
+def gram_signature(layer) -> tuple:
+    """What turns a layer's input tensor into the rows of its Gram: layers with the same signature
+    reading the same tensor have the same Gram (e.g. the q/k/v projections of one attention)."""
+    if isinstance(layer, nn.Linear):
+        return ("linear", layer.in_features)
+    return ("conv", type(layer).__name__, layer.in_channels, layer.groups, tuple(layer.kernel_size),
+            tuple(layer.stride), tuple(layer.dilation), str(layer.padding), layer.padding_mode)
+
+
 def _collector(result, name, module, state, chunk_elements):
-    """The forward pre-hook that adds one call's inputs of ``module`` to ``result``."""
+    """The forward pre-hook that adds one call's inputs of ``module`` to ``result``.
+
+    Layers reading the same input tensor (same object, not modified in place since) with the
+    same :func:`gram_signature` share one computation of its statistics per call: the last
+    input of each signature is remembered in ``state["last"]`` (cleared between batches)."""
     gram_module = standard_layer(module)
-    linear = isinstance(gram_module, nn.Linear)
+    signature = gram_signature(gram_module)
 
     def hook(_, args):
         if not args or not isinstance(args[0], torch.Tensor):
             raise TypeError(f"calibrate: {name} ({type(module).__name__}) was called without a tensor input")
-        x = args[0].detach()
-        if not torch.isfinite(x).all():
-            raise ValueError(f"calibrate: the input of layer {name} ({type(module).__name__}, weight "
-                             f"{tuple(gram_module.weight.shape)}) contains NaN or Inf at batch {state['batch']}; "
-                             f"the layers before it (or the data) produce non-finite values")
-        mask = state["mask"]
-        if linear and mask is not None and x.ndim >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-            x = x[mask.to(x.device).bool()]
-            result.masked[name] = result.masked.get(name, 0) + int((mask == 0).sum())
-        G, rows, S = input_gram(gram_module, x, chunk_elements=chunk_elements, with_sum=True)
-        if name in result.grams:
-            result.grams[name] += G.cpu()
-            result.sums[name] += S.cpu()
-            result.samples[name] += rows
+        x = args[0]
+        last = state["last"].get(signature)
+        if last is not None and last[0] is x and last[1] == x._version:
+            statistics = last[2]
         else:
-            result.grams[name], result.sums[name], result.samples[name] = G.cpu(), S.cpu(), rows
-            result.weight_shapes[name] = tuple(gram_module.weight.shape)
-            result._modules[name] = weakref.ref(module)
+            statistics = _input_statistics(gram_module, x.detach(), state, chunk_elements, name, module)
+            state["last"][signature] = (x, x._version, statistics)
+        _accumulate(result, name, module, gram_module, *statistics)
     return hook
+
+
+def _input_statistics(gram_module, x, state, chunk_elements, name, module):
+    """``(G, rows, S, masked)`` of one input ``x`` (``masked``: padding rows left out, None without a mask)."""
+    if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():   # one reduction; the full test if it fails
+        raise ValueError(f"calibrate: the input of layer {name} ({type(module).__name__}, weight "
+                         f"{tuple(gram_module.weight.shape)}) contains NaN or Inf at batch {state['batch']}; "
+                         f"the layers before it (or the data) produce non-finite values")
+    mask, masked = state["mask"], None
+    if isinstance(gram_module, nn.Linear) and mask is not None and x.ndim >= 3 and \
+            tuple(x.shape[:2]) == tuple(mask.shape):
+        x = x[mask.to(x.device).bool()]
+        masked = int((mask == 0).sum())
+    G, rows, S = input_gram(gram_module, x, chunk_elements=chunk_elements, with_sum=True)
+    return G, rows, S, masked
+
+
+def _accumulate(result, name, module, gram_module, G, rows, S, masked):
+    """Add one call's statistics to ``result``'s entry of ``name`` (a copy: entries never share storage)."""
+    if masked is not None:
+        result.masked[name] = result.masked.get(name, 0) + masked
+    if name in result.grams:
+        result.grams[name] += G.to("cpu")
+        result.sums[name] += S.to("cpu")
+        result.samples[name] += rows
+    else:
+        result.grams[name], result.sums[name] = G.to("cpu", copy=True), S.to("cpu", copy=True)
+        result.samples[name] = rows
+        result.weight_shapes[name] = tuple(gram_module.weight.shape)
+        result._modules[name] = weakref.ref(module)
 
 
 def attention_mask(batch):
@@ -293,15 +347,41 @@ def _check_finite(batch, what):
             raise ValueError(f"{what}: the data contains NaN or Inf ({_describe_batch(batch)})")
 
 
-def run_model(model, batch, what="batch"):
+def unused_logits_kwargs(model, targets, batch) -> dict:
+    """``{"logits_to_keep": 1}`` when ``model`` is a ``transformers`` LM whose output head is not among
+    ``targets`` ([(name, module)]) and the batch asks for no loss (no ``labels``), else ``{}``.
+
+    Calibration discards the model's outputs, so the head (a vocabulary-sized product per
+    token) then runs on the last position only; every layer before it sees the same inputs.
+    """
+    try:
+        head = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError, TypeError):   # not a transformers model, or no head
+        head = None
+    if not isinstance(head, nn.Module) or isinstance(batch, (tuple, list)):
+        return {}
+    if isinstance(batch, Mapping) and ("labels" in batch or "logits_to_keep" in batch):
+        return {}
+    inside = {id(m) for m in head.modules()}
+    if any(id(module) in inside for _, module in targets):
+        return {}
+    try:
+        accepted = "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"logits_to_keep": 1} if accepted else {}
+
+
+def run_model(model, batch, what="batch", extra_kwargs=None):
     """Run ``model`` on ``batch`` as :func:`model_call` says; a failure inside names the layer it reached.
 
-    Errors raised by the model's forward (wrong shape, wrong dtype, a dict given to a
-    model taking a tensor) become a ValueError naming the batch, the last layer entered and
-    the input shape it got.
+    ``extra_kwargs`` are added to the call's keyword arguments. Errors raised by the model's
+    forward (wrong shape, wrong dtype, a dict given to a model taking a tensor) become a
+    ValueError naming the batch, the last layer entered and the input shape it got.
     """
     _check_finite(batch, what)
     args, kwargs = model_call(model, batch)
+    kwargs = {**kwargs, **(extra_kwargs or {})}
     names = {id(m): n for n, m in model.named_modules()}
     last = {}
 
@@ -383,10 +463,47 @@ def check_memory(targets, memory_limit=None) -> None:
 
 # --------------------------------------------------------------------------- Grams
 
+_BLAS = {}
+
+
+def _syrk():
+    """``(scipy dsyrk, threadpoolctl BLAS controller)`` or None when either is unavailable (loaded once)."""
+    if "syrk" not in _BLAS:
+        try:
+            from scipy.linalg.blas import dsyrk
+            from threadpoolctl import ThreadpoolController
+            _BLAS["syrk"] = (dsyrk, ThreadpoolController().select(user_api="blas"))
+        except ImportError:  # pragma: no cover - both ship with the project's dependencies
+            _BLAS["syrk"] = None
+    return _BLAS["syrk"]
+
+
+def gram_of(rows: torch.Tensor) -> torch.Tensor:
+    """``rows^T rows`` ``(P, P)`` in float64 for ``rows (N, P)``, exactly symmetric.
+
+    The products and sums are float64 (the rows are converted first). On the CPU the
+    symmetric rank-N update (BLAS ``dsyrk``: one triangle, half the multiplications of a
+    general product, run on ``torch.get_num_threads()`` BLAS threads) is used and mirrored;
+    elsewhere a matmul. Both are float64 products of the same numbers: they differ only by
+    the summation order (rounding, ~1e-16 relative).
+    """
+    R = rows.detach().to(torch.float64)
+    syrk = _syrk() if R.device.type == "cpu" else None
+    if syrk is None or R.shape[0] == 0 or R.shape[1] == 0:
+        return R.T @ R
+    dsyrk, blas = syrk
+    R = R.contiguous()
+    with blas.limit(limits=torch.get_num_threads()):
+        upper = torch.from_numpy(dsyrk(1.0, R.numpy().T, trans=0))   # (P, N) Fortran view of R: R^T R
+    return torch.triu(upper) + torch.triu(upper, 1).T
+
+
 def input_gram(layer, x, chunk_elements=DEFAULT_CHUNK_ELEMENTS, with_sum=False):
     """``(G, rows)``: the float64 Gram ``(groups, P, P)`` of ``layer``'s weight-matrix inputs for input ``x``.
 
     ``with_sum=True`` returns ``(G, rows, S)`` with ``S (groups, P)`` the sum of the rows.
+    Products and sums are float64 (:func:`gram_of`), over chunks of at most ``chunk_elements``
+    numbers.
     """
     if isinstance(layer, nn.Linear):
         rows = x.detach().reshape(-1, x.shape[-1])
@@ -395,7 +512,7 @@ def input_gram(layer, x, chunk_elements=DEFAULT_CHUNK_ELEMENTS, with_sum=False):
         step = max(1, chunk_elements // max(rows.shape[1], 1))
         for start in range(0, rows.shape[0], step):
             chunk = rows[start:start + step].double()
-            G[0] += chunk.T @ chunk
+            G[0] += gram_of(chunk)
             S[0] += chunk.sum(0)
         return (G, rows.shape[0], S) if with_sum else (G, rows.shape[0])
     if isinstance(layer, CONV_TYPES):
@@ -470,7 +587,10 @@ def _conv_gram(conv, x, chunk_elements):
                 view = view[:, :, o0:o0 + rows_per_chunk]
             # (b, *O, C, *K) -> (rows, g, C/g*K) -> (g, rows, P)
             chunk = view.permute(perm).reshape(-1, g, P).double().transpose(0, 1)
-            G += chunk.transpose(1, 2) @ chunk
+            if g == 1:
+                G[0] += gram_of(chunk[0])
+            else:   # many small per-group Grams: one batched product
+                G += chunk.transpose(1, 2) @ chunk
             S += chunk.sum(1)
     return G, B * positions, S
 

@@ -333,7 +333,8 @@ def compress(model, method="svd", *, rank=None, energy=None, tol=None, ratio=Non
     held = _held_out_statistics(target_model, held_out, plan)
     if budget is not None:
         plan = _budget_plan(targets, plan, shapes, budget, method, report,
-                            evaluation=(target_model, eval_fn, eval_cache) if eval_fn is not None else None)
+                            evaluation=(target_model, eval_fn, eval_cache) if eval_fn is not None else None,
+                            calibration=calibration)
     for target in _progress(targets, progress):
         report.layers.append(_process(target_model, target, plan[target.name], shapes, held, time_layers))
     report.model_params_after = _model_params(target_model)
@@ -570,10 +571,11 @@ def _check_budget_request(default, policy, budget, example_input):
     if given or policy:
         raise ValueError(f"budget={budget!r} chooses the ranks itself; do not also pass "
                          f"{', '.join(f'{k}=' for k in given) or 'policy='}")
-    what = [k for k in (budget if isinstance(budget, dict) else {}) if k != "of"]
+    what = [k for k in (budget if isinstance(budget, dict) else {}) if k not in BUDGET_KEYWORDS]
     if not isinstance(budget, dict) or len(what) != 1 or what[0] not in ("params", "flops"):
         raise ValueError(f"budget={budget!r}: pass dict(params=fraction) or dict(flops=fraction), optionally with "
-                         f"of='targeted' (default) or of='model'")
+                         f"of='targeted' (default) or of='model' and min_rank=")
+    _check_min_rank(budget.get("min_rank"), budget)
     if budget.get("of", "targeted") not in BUDGET_SCOPES:
         raise ValueError(f"budget={budget!r}: of= must be one of {BUDGET_SCOPES}")
     fraction = budget[what[0]]
@@ -583,18 +585,36 @@ def _check_budget_request(default, policy, budget, example_input):
         raise ValueError("budget=dict(flops=...) needs example_input= to count the layers' FLOPs")
 
 
+BUDGET_KEYWORDS = ("of", "min_rank")
+
+
+def _check_min_rank(min_rank, budget):
+    """``min_rank``: an int rank, a float fraction of each layer's full rank, or ``{pattern: either}``."""
+    if min_rank is None:
+        return
+    values = min_rank.values() if isinstance(min_rank, dict) else [min_rank]
+    for value in values:
+        fine = (isinstance(value, int) and not isinstance(value, bool) and value >= 1) or (
+            isinstance(value, float) and 0 < value <= 1)
+        if not fine:
+            raise ValueError(f"budget={budget!r}: min_rank values must be an int >= 1 (a rank) or a float in (0, 1] "
+                             f"(a fraction of each layer's full rank), got {value!r}")
+
+
 def _budget_kind(budget):
-    kind = next(k for k in budget if k != "of")
+    kind = next(k for k in budget if k not in BUDGET_KEYWORDS)
     return kind, float(budget[kind]), budget.get("of", "targeted")
 
 
-def _budget_plan(targets, plan, shapes, budget, method, report, evaluation=None):
+def _budget_plan(targets, plan, shapes, budget, method, report, evaluation=None, calibration=None):
     """Replace the per-layer settings of targeted layers by globally allocated ranks.
 
     Each layer's profile is built from its own settings (method options, and the
     calibration ``gram=`` when compress was calibrated: the allocation then weighs the
-    output spectrum, not the weights')."""
-    from .budget import allocate
+    output spectrum, not the weights'). When the calibration holds every targeted layer's
+    output Fisher (``calibrate(fisher=True)``) and the method's profiles are estimated
+    losses, the ranks minimize the summed estimated loss (:func:`layers.budget.allocate_by_loss`).
+    """
     from .registry import available_methods
 
     entry = available_methods().get(method)
@@ -610,9 +630,11 @@ def _budget_plan(targets, plan, shapes, budget, method, report, evaluation=None)
 
     layer_options = {name: {k: v for k, v in plan[name].items() if v is not None and k not in ("method",) + SPEC_NAMES}
                      for name in targeted}
+    fisher = calibration.fisher if calibration is not None else {}
     profiles = {}
     for name in targeted:
-        profiles[name] = entry.budget_profile(dense[name], **layer_options[name])
+        extra = {"fisher": fisher_in_output_scale(calibration, name, dense[name])} if name in fisher else {}
+        profiles[name] = entry.budget_profile(dense[name], **layer_options[name], **extra)
         profiles[name].dense_cost = cost_of(name, dense[name])
     targeted_cost = sum(p.dense_cost for p in profiles.values())
     total = targeted_cost if scope == "targeted" else _budget_total(kind, targets, shapes, report)
@@ -622,16 +644,67 @@ def _budget_plan(targets, plan, shapes, budget, method, report, evaluation=None)
         new_plan, report.budget = eval_driven_plan(evaluation[0], dense, plan, total, fraction, cost_of, method,
                                                    evaluation[1], cache=evaluation[2], report=report)
         return new_plan
-    allocation = allocate(profiles, cost_of, total - targeted_cost, fraction * total)
-    report.budget = allocation
+    report.budget = _allocate(profiles, cost_of, total - targeted_cost, fraction * total, budget, fisher, report,
+                              calibrated=calibration is not None)
     new_plan = dict(plan)
     for name in targeted:
-        ranks = allocation.ranks[name]
+        ranks = report.budget.ranks[name]
         if ranks is None:
             new_plan[name] = "skipped: kept dense by the budget allocation"
         else:
             new_plan[name] = dict(method=method, rank=ranks[0] if len(ranks) == 1 else ranks, **layer_options[name])
     return new_plan
+
+
+def fisher_in_output_scale(calibration, name, layer) -> torch.Tensor:
+    """``calibration.fisher[name]`` in the output scale of ``layer``: ``F_j / c_j^2``.
+
+    ``c_j = ||W'_j|| / ||W_j||`` (output-channel row norms of ``layer`` vs the calibrated module): 1
+    unless compress rescaled the layer's outputs (``bn_aware`` / ``fold_bn`` multiply output channel
+    ``j`` by the BatchNorm's scale, so the loss gradient there is divided by it). Without the
+    calibrated module at hand (it no longer exists) the Fisher is returned as recorded.
+    """
+    F = calibration.fisher[name].double()
+    ref = calibration._modules.get(name)
+    original = ref() if ref is not None else None
+    if original is None or original is layer or getattr(original, "weight", None) is None:
+        return F
+    rows = layer.weight.detach().double().reshape(layer.weight.shape[0], -1).norm(dim=1).cpu()
+    before = original.weight.detach().double().reshape(original.weight.shape[0], -1).norm(dim=1).cpu()
+    if rows.shape != F.shape or before.shape != F.shape:
+        return F
+    c = torch.where(before > 0, rows / before.clamp_min(1e-300), torch.ones_like(rows))
+    return F / c.clamp_min(1e-12).square()
+
+
+def _allocate(profiles, cost_of, fixed_cost, target, budget, fisher, report, calibrated=False):
+    """The loss allocator when every profile estimates losses, else the energy allocator (said in the report)."""
+    from .budget import allocate, allocate_profiles_by_loss
+
+    on_loss = [n for n, p in profiles.items() if p.objective == "loss"]
+    if profiles and len(on_loss) == len(profiles):
+        report.notes.append("budget allocated on the estimated loss increase (calibration Fisher x whitened "
+                            "spectra; layers.budget.allocate_by_loss)")
+        return allocate_profiles_by_loss(profiles, cost_of, fixed_cost, target, _min_rank_patterns(budget))
+    if fisher:
+        missing = sorted(set(profiles) - set(on_loss))
+        report.notes.append(f"calibration Fisher not usable for {len(missing)} targeted layers ({', '.join(missing[:5])}"
+                            f"{' ...' if len(missing) > 5 else ''}: no Fisher entry, or a factorization whose rows are "
+                            f"not output channels); budget allocated on relative output energy instead")
+    elif budget.get("min_rank") is not None:
+        raise ValueError(f"budget={budget!r}: min_rank= applies to the loss allocator; pass a calibration from "
+                         f"calibrate(model, data, fisher=True)")
+    else:
+        report.notes.append(f"budget allocated on relative {'output' if calibrated else 'weight'} energy (Zhang "
+                            f"et al.'s objective); with calibrate(..., fisher=True) the ranks are allocated on the "
+                            f"estimated loss instead (better on transformers, whose whitened spectra are dominated "
+                            f"by one component)")
+    return allocate(profiles, cost_of, fixed_cost, target)
+
+
+def _min_rank_patterns(budget):
+    value = budget.get("min_rank")
+    return value if isinstance(value, dict) or value is None else {"*": value}
 
 
 def _budget_total(kind, targets, shapes, report):

@@ -4,7 +4,10 @@ For models whose outputs are not class logits (score maps, embeddings) the loss 
 mean squared error to the teacher's outputs, normalised by the teacher's output energy
 (``||s - t||^2 / ||t||^2`` per batch), or any ``loss(student_out, teacher_out)``. Adam on
 the student's trainable parameters (``params="factorized"``: only the factorized layers'
-parameters, the rest frozen). The student stays in eval mode (BatchNorm statistics and
+parameters, the rest frozen). The teacher's output on each training batch is computed once
+and kept (``cache_teacher=True``, default: the batches are fixed, so every later pass over
+them costs only the student's forward and backward); pass ``cache_teacher=False`` when the
+teacher's outputs are too large to hold (e.g. LM logits). The student stays in eval mode (BatchNorm statistics and
 dropout are frozen: recovery data is small and unlabelled).
 
 Bounds and guarantee: training stops after ``seconds`` of CPU time of this thread
@@ -56,7 +59,8 @@ def _trainable(student, params):
 
 
 def distill(student, teacher, data, held_out, *, seconds=900.0, max_steps=None, lr=1e-4, loss=None,
-            held_out_fn=None, eval_every=25, params="factorized", batch_size=4, forward=None) -> DistillLog:
+            held_out_fn=None, eval_every=25, params="factorized", batch_size=4, forward=None,
+            cache_teacher=True) -> DistillLog:
     """Distil ``teacher`` into ``student`` (see module docstring); returns a :class:`DistillLog`.
 
     ``data`` / ``held_out``: batches (a tensor split into ``batch_size`` rows, or an iterable of
@@ -93,11 +97,16 @@ def distill(student, teacher, data, held_out, *, seconds=900.0, max_steps=None, 
         log.history.append((0, 0.0, first))
         optimizer = torch.optim.Adam(trainable, lr=lr)
         start = time.thread_time()
+        cached = {}
         while log.cpu_seconds < seconds and (max_steps is None or log.steps < max_steps):
-            for batch in batches:
+            for index, batch in enumerate(batches):
                 x = batch_input(batch)
-                with torch.no_grad():
-                    target = run(teacher, x)
+                target = cached.get(index)
+                if target is None:
+                    with torch.no_grad():
+                        target = run(teacher, x)
+                    if cache_teacher:
+                        cached[index] = target
                 optimizer.zero_grad(set_to_none=True)
                 loss(run(student, x), target).backward()
                 optimizer.step()

@@ -23,7 +23,10 @@ def is_distributed() -> bool:
 
 
 def all_reduce_calibration(calibration: Calibration) -> Calibration:
-    """Sum ``calibration`` over the ranks (in place; returned). Every rank must have calibrated the same layers."""
+    """Sum ``calibration`` over the ranks (in place; returned). Every rank must have calibrated the same layers.
+
+    ``Calibration.fisher`` (``calibrate(fisher=True)``) is not touched: calibrate already sums
+    it over the ranks (its backward pass runs on every rank at once)."""
     if not isinstance(calibration, Calibration):
         raise TypeError(f"all_reduce_calibration: expected a Calibration, got {type(calibration).__name__}")
     if not is_distributed():

@@ -283,23 +283,31 @@ def _svd_from_factors(layer, factors, *, context):
 
 
 @register_budget_profile("svd")
-def svd_budget_profile(layer, *, scheme="channel", gram=None, **_options):
+def svd_budget_profile(layer, *, scheme="channel", gram=None, fisher=None, **_options):
     """Energies (squared singular values summed over groups) and a meta-device builder.
 
     With ``gram`` (the layer's calibration Gram / covariance, as passed to the builder) the
     energies are those of the OUTPUT spectrum ``s_i(W L)`` that the data-aware SVD truncates.
+    With ``fisher`` too (the layer's ``(out,)`` output Fisher, :mod:`layers.fisher`) and a
+    factorization whose rows are output channels (Linear, the ``channel`` conv scheme), they
+    are the estimated loss increases of the components (objective ``"loss"``, comparable
+    across layers); otherwise ``fisher`` is ignored and the objective stays ``"energy"``.
     """
+    from .fisher import fisher_weighted_spectrum
+
     cls = LowRankLinear if isinstance(layer, nn.Linear) else SCHEMES[scheme]
     matrix = cls.weight_matrix(layer).detach().double()
     if gram is not None:
         G = torch.as_tensor(gram, dtype=torch.float64, device=matrix.device)
         matrix = matrix @ whitening_factor(G.expand(matrix.shape[0], *G.shape[-2:]))[0]
-    spectrum = torch.linalg.svdvals(matrix)
     config = linear_config(layer) if cls is LowRankLinear else conv_config(layer)
     bias = layer.bias is not None
 
     def build(ranks):
         return cls(**config, rank=ranks[0], bias=bias, device="meta")
+    if fisher is not None and gram is not None and cls in (LowRankLinear, LowRankConv):
+        return BudgetProfile([fisher_weighted_spectrum(matrix, fisher).numpy()], build, objective="loss")
+    spectrum = torch.linalg.svdvals(matrix)
     return BudgetProfile([np.square(spectrum.cpu().numpy()).sum(axis=0)], build)
 
 

@@ -55,8 +55,10 @@ from decomp_toolkit.decomp.asymmetric import asymmetric_svd, centered_statistics
 from decomp_toolkit.decomp.whitened import whitened_svd
 
 from ._accounting import CONV_TYPES, count_params
-from .calibrate import batch_input, iter_batches, pad_input, unfold_patches
+from .calibrate import batch_input, gram_of, gram_signature, iter_batches, pad_input, unfold_patches
 from .errors import UnsupportedLayerError
+from .distributed import is_distributed as _distributed
+from .fisher import fisher_weighted_spectrum, output_fisher
 from .fit import Fit
 from .lowrank import LowRankConv, LowRankLinear
 from .report import LayerRecord, Report
@@ -179,11 +181,6 @@ class FitStatistics:
         count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.gram.device)
         dist.all_reduce(count)
         self.count = int(count.item())
-
-
-def _distributed() -> bool:
-    import torch.distributed as dist
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _world():
@@ -400,12 +397,18 @@ def _run_stream(block, stream):
 
 
 def _reference_pass(original, stream, names):
-    """``(inputs, next_stream)``: each named layer's input per microbatch in the original block, and its outputs."""
+    """``(inputs, next_stream)``: each named layer's input per microbatch in the original block, and its outputs.
+
+    Layers called on the same tensor get the same recorded object (``inputs[a][j] is inputs[b][j]``),
+    so their statistics can be computed once."""
     inputs = {name: [] for name in names}
-    hooks = []
+    hooks, detached = [], {}
     for name in names:
         def record(module, args, name=name):
-            inputs[name].append(args[0].detach())
+            x = args[0]
+            if id(x) not in detached or detached[id(x)][0] is not x:
+                detached[id(x)] = (x, x.detach())
+            inputs[name].append(detached[id(x)][1])
         hooks.append(original.get_submodule(name).register_forward_pre_hook(record))
     try:
         following = _run_stream(original, stream)
@@ -435,7 +438,7 @@ def _collect_stage(block, unfitted, stream, reference, device):
             ref = reference[name][j]
             # layers reading the same original tensor with the same row layout share their statistics
             first = next(i for i, n in enumerate(state["names"]) if reference[n][j] is ref)
-            key = (first, weight_matrix(module).shape[1], _row_signature(module))
+            key = (first, weight_matrix(module).shape[1], gram_signature(module))
             key_of[name] = key
             if key not in state["added"]:
                 rows, rows_in = input_rows(module, ref), input_rows(module, x.detach())
@@ -457,13 +460,6 @@ def _collect_stage(block, unfitted, stream, reference, device):
             raise ValueError(f"compress_sequential: microbatch {j} reached the layers {state['names']} where the "
                              f"first reached {members}; the blocks must run the same layers on every batch")
     return members, stats, key_of
-
-
-def _row_signature(module):
-    if isinstance(module, nn.Linear):
-        return ("linear",)
-    return ("conv", tuple(module.kernel_size), tuple(module.stride), tuple(module.dilation), str(module.padding),
-            module.padding_mode)
 
 
 def _fit_owned(layer, stats, rank, index, name, compare):
@@ -557,8 +553,9 @@ def compress_sequential(model, data, *, ratio=None, ranks=None, budget=None, inc
     of batches; ``forward(model, batch)`` runs one when ``model(batch)`` does not). Exactly
     one of ``ratio`` (kept fraction of each layer's parameters), ``ranks`` ({name: k or None})
     or ``budget`` (``dict(params=f)`` for the whole model, ``dict(layer_params=f)`` for the
-    targeted layers; needs ``loss(model, batch) -> scalar`` unless the model is a causal LM
-    taking token ids, see :func:`layer_loss_profiles`). ``min_rank``: ``{pattern: int or
+    targeted layers; ``loss(model, batch) -> scalar`` defaults to a causal LM's cross-entropy,
+    or for other models the sensitivity of their outputs: :func:`layers.fisher.default_sensitivity_loss`,
+    see :func:`layer_loss_profiles`). ``min_rank``: ``{pattern: int or
     fraction of full rank}`` floors for the allocation. ``blocks``: dotted names of the chained
     blocks (default :func:`find_blocks`). ``device``: where each block is compressed (see the
     module docstring). ``compare``: also fit each layer non-sequentially (whitened SVD of the
@@ -579,6 +576,7 @@ def compress_sequential(model, data, *, ratio=None, ranks=None, budget=None, inc
         except UnsupportedLayerError as err:
             skipped[name] = err.reason
     targets = [t for t in targets if t not in skipped]
+    before = {name: _dense_summary(target.get_submodule(name)) for name in targets + sorted(skipped)}
     batches = list(iter_batches(data, batch_size))
     if not batches:
         raise ValueError("compress_sequential: data yielded no batches")
@@ -604,7 +602,7 @@ def compress_sequential(model, data, *, ratio=None, ranks=None, budget=None, inc
     stream_blocks(target, blocks, batches, per_block_fn, forward, device)
     bar.close()
     report.timings["compress"] = time.perf_counter() - start
-    _fill_report(report, model, target, targets, plan, skipped)
+    _fill_report(report, before, target, targets, plan, skipped)
     return target, report
 
 
@@ -649,11 +647,17 @@ def _budget_plan(model, layers, budget, batches, blocks, forward, loss, min_rank
     return {t: (r[0] if r is not None else None) for t, r in allocation.ranks.items()}
 
 
-def _fill_report(report, original, target, targets, plan, skipped):
+def _dense_summary(layer) -> tuple:
+    """``(type name, weight shape, parameter count)`` of a targeted layer before it is replaced."""
+    return type(layer).__name__, tuple(layer.weight.shape), count_params(layer)
+
+
+def _fill_report(report, before, target, targets, plan, skipped):
+    """One LayerRecord per targeted / skipped layer; ``before``: :func:`_dense_summary` of each, taken
+    before compression (with ``inplace=True`` the original layers are gone by now)."""
     for name in targets + sorted(skipped):
-        layer = original.get_submodule(name)
-        record = LayerRecord(name=name, type=type(layer).__name__, shape=tuple(layer.weight.shape),
-                             method="svd-sequential", params_before=count_params(layer))
+        kind, shape, params = before[name]
+        record = LayerRecord(name=name, type=kind, shape=shape, method="svd-sequential", params_before=params)
         record.params_after = record.params_before
         fit = report.fits.get(name)
         if name in skipped:
@@ -685,72 +689,6 @@ def _progress(total, enabled):
 
 # --------------------------------------------------------------------------- loss profiles for the allocator
 
-def causal_lm_loss(model, batch):
-    """Mean next-token cross-entropy of a causal LM on token ids ``(B, T)`` (the default ``loss``)."""
-    ids = batch_input(batch)
-    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32) or ids.ndim != 2:
-        raise ValueError("compress_sequential: the default loss is a causal LM's next-token cross-entropy on "
-                         "(batch, tokens) integer ids; pass loss=fn(model, batch) -> scalar for this model")
-    device = next((p.device for p in model.parameters()), None)
-    ids = ids.to(device) if device is not None else ids
-    out = model(ids)
-    logits = getattr(out, "logits", out)
-    return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
-
-
-def output_fisher(model, names, batches, loss=None, chunk_size=2) -> dict:
-    """``{name: (out,) float64}``: sum over batches and positions of the squared loss gradient of each
-    named layer's output channels (the diagonal empirical Fisher of the outputs). Tensor batches
-    are run ``chunk_size`` rows at a time (the backward's activations are the memory peak). The
-    model's parameters, their ``.grad`` and its training flags are left as they were."""
-    loss = loss or causal_lm_loss
-    outputs, fisher, hooks = {}, {}, []
-    modes = {m: m.training for m in model.modules()}
-    flags = {p: p.requires_grad for p in model.parameters()}
-    for name in names:
-        def keep(module, args, out, name=name):
-            outputs[name] = out
-        hooks.append(model.get_submodule(name).register_forward_hook(keep))
-    try:
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(True)
-        for batch in _chunks(batches, chunk_size):
-            outputs.clear()
-            with torch.enable_grad():
-                value = loss(model, batch)
-                ran = [n for n in names if n in outputs]
-                grads = torch.autograd.grad(value, [outputs[n] for n in ran], allow_unused=True)
-            for name, g in zip(ran, grads):
-                if g is None:
-                    continue
-                module = model.get_submodule(name)
-                channel = g.ndim - 1 if isinstance(module, nn.Linear) else (1 if g.ndim > len(module.kernel_size) + 1
-                                                                            else 0)
-                squared = g.detach().double().pow(2).movedim(channel, -1).reshape(-1, g.shape[channel]).sum(0)
-                fisher[name] = fisher[name] + squared.cpu() if name in fisher else squared.cpu()
-    finally:
-        for h in hooks:
-            h.remove()
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-        for m, training in modes.items():
-            m.training = training
-    if _distributed():
-        import torch.distributed as dist
-        for name in sorted(fisher):
-            dist.all_reduce(fisher[name])
-    return fisher
-
-
-def _chunks(batches, size):
-    for batch in batches:
-        if isinstance(batch, torch.Tensor) and size and len(batch) > size:
-            yield from batch.split(size)
-        else:
-            yield batch
-
-
 def component_losses(layer, gram, fisher) -> torch.Tensor:
     """Estimated loss increase of dropping each component of the whitened SVD of ``layer`` (descending).
 
@@ -758,15 +696,14 @@ def component_losses(layer, gram, fisher) -> torch.Tensor:
     ``s_i u_i v_i^T L^{-1} x_t``, whose energy on output channel ``j`` is ``s_i^2 u_ij^2`` in total
     over the calibration rows; weighting each channel by its diagonal Fisher ``F_j`` (the mean
     squared loss gradient) gives the second-order loss estimate ``s_i^2 sum_j F_j u_ij^2`` (up to
-    a constant common to all layers of a model).
+    a constant common to all layers of a model). Computed by :func:`layers.fisher.fisher_weighted_spectrum`.
     """
     from decomp_toolkit.decomp.whitened import whitening_factor
 
     W = weight_matrix(layer).detach().double().to(gram.device)
     L, _, _ = whitening_factor(gram.double())
-    U, S, _ = torch.linalg.svd(W @ L, full_matrices=False)
-    weights = fisher.double().to(U.device) if fisher is not None else torch.ones(U.shape[0], dtype=torch.float64)
-    return (S ** 2 * (weights[:, None] * U ** 2).sum(0)).cpu()
+    weights = fisher if fisher is not None else torch.ones(W.shape[0], dtype=torch.float64)
+    return fisher_weighted_spectrum(W @ L, weights)
 
 
 def layer_loss_profiles(model, layers, batches, blocks, *, forward=None, loss=None, min_rank=None, device=None):
@@ -786,15 +723,14 @@ def layer_loss_profiles(model, layers, batches, blocks, *, forward=None, loss=No
     def per_block_fn(name, block, reference, original, compressed):
         local = [t[len(name) + 1:] if name else t for t in per_block[name]]
         inputs, following = _reference_pass(reference, original, local)
+        grams = {}   # layers reading the same tensors (q/k/v, gate/up) share one Gram
         for short in local:
             full = _full(name, short)
             module = reference.get_submodule(short)
-            rows = [input_rows(module, x) for x in inputs[short]]
-            gram = sum(r.double().T @ r.double() for r in rows)
-            if _distributed():
-                import torch.distributed as dist
-                dist.all_reduce(gram)
-            profiles[full] = _profile(layers[full], full, component_losses(module, gram, fisher.get(full)),
+            key = (tuple(id(x) for x in inputs[short]), gram_signature(module))
+            if key not in grams:
+                grams[key] = _summed_gram(module, inputs[short])
+            profiles[full] = _profile(layers[full], full, component_losses(module, grams[key], fisher.get(full)),
                                       min_rank, LossProfile)
         return following, False
 
@@ -802,14 +738,19 @@ def layer_loss_profiles(model, layers, batches, blocks, *, forward=None, loss=No
     return profiles
 
 
+def _summed_gram(module, inputs):
+    """float64 ``X^T X`` of ``module``'s rows over the microbatch ``inputs`` (summed over the ranks)."""
+    gram = sum(gram_of(input_rows(module, x)) for x in inputs)
+    if _distributed():
+        import torch.distributed as dist
+        dist.all_reduce(gram)
+    return gram
+
+
 def _profile(layer, name, losses, min_rank, profile_type):
+    from .budget import rank_floor
+
     m, n = weight_matrix(layer).shape
-    full = min(m, n)
-    floor = 1
-    for pattern, value in (min_rank or {}).items():
-        if fnmatch.fnmatchcase(name, pattern):
-            floor = int(math.ceil(value * full)) if isinstance(value, float) else int(value)
-            break
     bias = m if layer.bias is not None else 0
     return profile_type(losses=losses.numpy(), step=m + n, fixed_cost=bias, dense_cost=count_params(layer),
-                        min_rank=max(1, min(floor, full)))
+                        min_rank=rank_floor(name, min(m, n), min_rank))

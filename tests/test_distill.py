@@ -43,3 +43,23 @@ def test_distill_rejects_bad_requests():
         distill(student, teacher, torch.randn(8, 16), torch.randn(8, 16), params="some")
     with pytest.raises(ValueError, match="at least one batch"):
         distill(student, teacher, [], torch.randn(8, 16), max_steps=1)
+
+
+def test_distill_runs_the_teacher_once_per_training_batch_when_cached():
+    teacher, student = _pair()
+    calls = []
+    handle = teacher.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    data, held = torch.randn(64, 16), torch.randn(32, 16)
+    try:
+        distill(student, teacher, data, held, max_steps=12, lr=1e-3, batch_size=16, eval_every=100)
+        cached = len(calls)
+        calls.clear()
+        _, fresh = _pair()
+        distill(fresh, teacher, data, held, max_steps=12, lr=1e-3, batch_size=16, eval_every=100,
+                cache_teacher=False)
+    finally:
+        handle.remove()
+    assert cached == 2 + 4          # held-out targets (2 batches) + each of the 4 training batches once
+    assert len(calls) == 2 + 12     # held-out targets + one teacher forward per step
+    with torch.no_grad():           # same targets either way: the two students followed the same steps
+        assert torch.allclose(student(held), fresh(held), atol=1e-6)

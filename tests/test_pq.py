@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from decomp_toolkit.decomp import pq, pq_size_bits
 from decomp_toolkit.decomp.formats.pq import code_dtype
-from decomp_toolkit.decomp.pq import block_for_bits, kmeans
+from decomp_toolkit.decomp.pq import _chunk_argmin, _index_keys, assign_nearest, block_for_bits, kmeans
 from decomp_toolkit.layers import PQConv, PQLinear, decompose
 from _helpers import check_contract
 
@@ -68,6 +68,32 @@ def test_codes_range_and_smallest_dtype():
     assert fn.codes.dtype == np.uint8 and isinstance(fn.to_tensor(), np.ndarray)
     assert fn.to_tensor().dtype == np.float32
     assert code_dtype(70000) == torch.uint32 and code_dtype(300, numpy=True) == np.uint16
+
+
+@given(rows=st.integers(1, 40), k=st.integers(2, 300), dtype=st.sampled_from([torch.float32, torch.float64]),
+       seed=st.integers(0, 2 ** 16))
+def test_keyed_chunk_argmin_is_argmin(rows, k, dtype, seed):
+    """The integer-key argmin of the assignment step equals argmin (first index on ties), near-ties,
+    duplicates and values rounded below zero included."""
+    gen = torch.Generator().manual_seed(seed)
+    dist = torch.rand(2, rows, k, generator=gen, dtype=dtype)
+    dist[..., ::3] = dist[..., :1]                               # exact duplicates of each row's first value
+    dist[..., 1::5] = dist[..., :1] * (1 + 1e-6)                 # near-ties below the keys' resolution
+    dist[0, :, -1] = -1e-7 * torch.rand(rows, generator=gen, dtype=dtype)  # rounding below zero
+    keys = _index_keys(dtype, 2, rows, k, dist.device)
+    assert keys is not None
+    assert torch.equal(_chunk_argmin(dist.clone(), keys), dist.argmin(-1))
+
+
+def test_assignment_matches_brute_force_nearest():
+    gen = torch.Generator().manual_seed(0)
+    X, C = torch.randn(2, 5000, 8, generator=gen), torch.randn(2, 300, 8, generator=gen)
+    codes, dist = assign_nearest(X, C)
+    exact = ((X.double()[:, :, None, :] - C.double()[:, None, :, :]) ** 2).sum(-1)
+    best = exact.amin(-1)
+    chosen = torch.gather(exact, -1, codes[..., None])[..., 0]
+    assert bool((chosen <= best + 1e-5 * (1 + best)).all())      # nearest up to the float32 expansion's rounding
+    torch.testing.assert_close(dist.double(), chosen, rtol=1e-5, atol=1e-6)
 
 
 def test_deterministic_and_seeded():

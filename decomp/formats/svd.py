@@ -25,7 +25,8 @@ class SVDFactors(Factorization):
     dimension holds independent blocks (e.g. groups of a grouped conv) that share the
     rank ``k``. ``num_params = batch * k * (m + n)`` (:func:`svd_num_params`).
     ``error_bound`` is the Frobenius error of the reconstruction, certified (see
-    :func:`decomp.svd.svd`); it is attained, so ``error`` is the same number.
+    :func:`decomp.svd.svd`); it is attained (within 1e-3 for the float32 randomized sketch of a
+    float32 input), so ``error`` is the same number.
     ``singular_values`` is the full spectrum (descending, ``(*batch, min(m, n))``) as
     computed, for analysis; ``algorithm`` the SVD variant (``"exact"``/``"randomized"``).
     """
@@ -44,7 +45,8 @@ class SVDFactors(Factorization):
 
     @property
     def error(self) -> float | None:
-        """The measured error: the SVD's certified bound is attained (Eckart–Young / a-posteriori exact)."""
+        """The measured error: the SVD's certified bound is attained (Eckart–Young / a-posteriori; within 1e-3 for a
+        float32 randomized sketch)."""
         return self.error_bound
 
     @property

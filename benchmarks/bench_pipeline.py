@@ -1,0 +1,91 @@
+"""SmolLM2-135M pipeline speed: calibrate, whitened compress and (``--sequential``) compress_sequential.
+
+Protocol (zoo entry ``smollm2-135m``, as :mod:`bench_llm`): calibration on 32 x 256 tokens of
+the calibration split, the 210 decoder Linears compressed, perplexity over the first 32
+256-token test windows. Each step is run once (``Bench.time_once``: wall and thread-CPU
+seconds, 1 torch thread by default):
+
+* ``calibrate(model, cal, include=LINEARS, batch_size=8)``
+* ``compress(model, method="svd", ratio=R, calibration=..., include=[LINEARS])`` (whitened SVD)
+* with ``--sequential``: ``compress_sequential(model, cal, ratio=R, ...)`` and
+  ``compress_sequential(model, cal, budget=dict(layer_params=R), min_rank={"*": 0.05}, ...)``
+
+The ``ranks`` column is a digest of the per-layer ranks (equal digests: identical ranks).
+
+Run: ``python benchmarks/bench_pipeline.py [--sequential] [--ratio 0.8]`` (about 2 minutes, 15 with
+``--sequential``, on an idle core).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import Bench, add_bench_args  # noqa: E402
+
+from decomp_toolkit.analysis.zoo import smollm2  # noqa: E402
+from decomp_toolkit.layers import calibrate, compress  # noqa: E402
+from decomp_toolkit.layers.sequential import compress_sequential  # noqa: E402
+
+LINEARS = smollm2.DECODER_LINEARS
+MIN_RANKS = {"*": 0.05}
+
+
+def rank_digest(report) -> str:
+    """Short digest of ``name:rank`` over the report's layers (rank None = dense)."""
+    text = ";".join(f"{r.name}:{r.rank if r.replaced else None}" for r in report.layers)
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def steps(model, cal_tokens, ratio, sequential):
+    """``{label: zero-argument callable}`` of the timed steps, in order; compress reuses calibrate's result."""
+    done = {}
+
+    def run_calibrate():
+        done["calibration"] = calibrate(model, cal_tokens, include=LINEARS, batch_size=8, progress=False)
+        return None, None
+
+    plan = {"calibrate": run_calibrate,
+            "compress (whitened svd)": lambda: compress(model, method="svd", ratio=ratio,
+                                                        calibration=done["calibration"], include=[LINEARS],
+                                                        progress=False)}
+    if sequential:
+        plan["compress_sequential ratio"] = lambda: compress_sequential(
+            model, cal_tokens, ratio=ratio, include=LINEARS, batch_size=8, progress=False)
+        plan["compress_sequential budget"] = lambda: compress_sequential(
+            model, cal_tokens, budget=dict(layer_params=ratio), include=LINEARS, batch_size=8, progress=False,
+            min_rank=MIN_RANKS)
+    return plan
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_bench_args(parser, repeats=7)
+    parser.add_argument("--ratio", type=float, default=0.8, help="kept fraction of the Linear parameters")
+    parser.add_argument("--sequential", action="store_true", help="also time compress_sequential (ratio, budget)")
+    parser.add_argument("--tag", default="", help="suffix of the summary file (bench_pipeline-TAG.md)")
+    args = parser.parse_args(argv)
+    bench = Bench("bench_pipeline" + (f"-{args.tag}" if args.tag else ""), args)
+    model = smollm2.load_smollm2()
+    cal_tokens = smollm2.token_windows("calibration", count=32, length=256)
+    test = smollm2.token_windows("test", count=32, length=256)
+    rows, total_wall, total_cpu = [], 0.0, 0.0
+    for label, step in steps(model, cal_tokens, args.ratio, args.sequential).items():
+        (small, report), wall, cpu = bench.time_once(step)
+        ppl = f"{smollm2.perplexity(small, test):.4f}" if small is not None else ""
+        timings = ", ".join(f"{k} {v:.1f}" for k, v in getattr(report, "timings", {}).items())
+        rows.append([label, f"{wall:.1f}", f"{cpu:.1f}", ppl, rank_digest(report) if report else "", timings])
+        if label in ("calibrate", "compress (whitened svd)"):
+            total_wall, total_cpu = total_wall + wall, total_cpu + cpu
+        print(" | ".join(rows[-1]), flush=True)
+    rows.insert(2, ["calibrate + compress", f"{total_wall:.1f}", f"{total_cpu:.1f}", "", "", ""])
+    bench.section(f"SmolLM2-135M pipeline, ratio {args.ratio} (each step once)",
+                  ["step", "wall s", "thread CPU s", "perplexity (32 x 256 test)", "ranks", "report timings (s)"],
+                  rows)
+    bench.write()
+
+
+if __name__ == "__main__":
+    main()
