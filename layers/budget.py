@@ -149,18 +149,35 @@ def _lagrangian_energy_allocation(profiles, costs, fixed_cost, target):
         full = profile.full_ranks[0] if len(profile.full_ranks) == 1 else 0
         if full < 2:
             return None
-        cost = costs[name]
-        step, first = cost((2,)) - cost((1,)), cost((1,))
-        if step <= 0 or cost((full,)) != first + step * (full - 1):
+        affine = _affine_rank_cost(costs[name], full)
+        if affine is None or affine[0] <= 0:
             return None
+        step, first = affine
         energies = np.asarray(profile.energies[0], dtype=float)
         lost = np.concatenate([np.cumsum(energies[::-1])[::-1], [0.0]]) / max(float(energies.sum()), 1e-300)
         curve = -np.log(np.maximum(1.0 - lost, 1e-300))  # -log E(k), k = 0 .. full (as kept_fraction)
         converted[name] = LossProfile(losses=np.maximum(-np.diff(curve), 0.0), step=int(step),
                                       dense_cost=int(profile.dense_cost), fixed_cost=int(first - step))
-    result = allocate_by_loss(converted, target - fixed_cost)
-    return Allocation(ranks=result.ranks, cost=result.cost + fixed_cost, target=target,
-                      objective=energy_objective(profiles, result.ranks))
+    result = _allocate_converted(converted, fixed_cost, target)
+    result.objective = energy_objective(profiles, result.ranks)
+    return result
+
+
+def _affine_rank_cost(cost, full):
+    """``(step, cost at rank 1)`` when ``cost((k,)) = cost((1,)) + step * (k - 1)`` holds at ranks 1, 2 and
+    ``full``; else None. The per-rank price a :class:`LossProfile` needs."""
+    step, first = cost((2,)) - cost((1,)), cost((1,))
+    if full >= 2 and cost((full,)) != first + step * (full - 1):
+        return None
+    return step, first
+
+
+def _allocate_converted(converted, fixed_cost, target):
+    """:func:`allocate_by_loss` on ``converted`` LossProfiles, with ``fixed_cost`` added back to cost and target."""
+    allocation = allocate_by_loss(converted, target - fixed_cost)
+    allocation.cost += fixed_cost
+    allocation.target = target
+    return allocation
 
 
 def _fill_up(profiles, state, cost, total, target):
@@ -338,18 +355,15 @@ def allocate_profiles_by_loss(profiles: dict, cost_of: Callable, fixed_cost: flo
         if profile.objective != "loss" or len(profile.full_ranks) != 1:
             raise ValueError(f"{name}: loss allocation needs a single-axis profile of estimated losses "
                              f"(objective {profile.objective!r}, {len(profile.full_ranks)} rank axes)")
-        cost = _cost_function(profile, lambda module, name=name: cost_of(name, module))
-        step, first = cost((2,)) - cost((1,)), cost((1,))
         full = profile.full_ranks[0]
-        if full >= 2 and cost((full,)) != first + step * (full - 1):
+        affine = _affine_rank_cost(_cost_function(profile, lambda module, name=name: cost_of(name, module)), full)
+        if affine is None:
             raise ValueError(f"{name}: its cost is not affine in the rank; loss allocation cannot price it")
+        step, first = affine
         converted[name] = LossProfile(losses=np.asarray(profile.energies[0], dtype=float), step=max(int(step), 1),
                                       dense_cost=int(profile.dense_cost), fixed_cost=int(first - step),
                                       min_rank=rank_floor(name, full, min_rank))
-    allocation = allocate_by_loss(converted, target - fixed_cost)
-    allocation.cost += fixed_cost
-    allocation.target = target
-    return allocation
+    return _allocate_converted(converted, fixed_cost, target)
 
 
 def rank_floor(name: str, full: int, min_rank=None) -> int:
