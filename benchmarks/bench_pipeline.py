@@ -9,10 +9,12 @@ seconds, 1 torch thread by default):
 * ``compress(model, method="svd", ratio=R, calibration=..., include=[LINEARS])`` (whitened SVD)
 * with ``--sequential``: ``compress_sequential(model, cal, ratio=R, ...)`` and
   ``compress_sequential(model, cal, budget=dict(layer_params=R), min_rank={"*": 0.05}, ...)``
+* with ``--svdllm DIR`` (a checkout of SVD-LLM's code): its own profiling and truncation on the
+  same tokens and batches, in the same process (:mod:`_svdllm_peer`), and the ratio of the totals
 
 The ``ranks`` column is a digest of the per-layer ranks (equal digests: identical ranks).
 
-Run: ``python benchmarks/bench_pipeline.py [--sequential] [--ratio 0.8]`` (about 2 minutes, 15 with
+Run: ``python benchmarks/bench_pipeline.py [--sequential] [--ratio 0.8] [--svdllm DIR]`` (about 2 minutes, 15 with
 ``--sequential``, on an idle core).
 """
 from __future__ import annotations
@@ -39,7 +41,7 @@ def rank_digest(report) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
-def steps(model, cal_tokens, ratio, sequential):
+def steps(model, cal_tokens, ratio, sequential, svdllm=None):
     """``{label: zero-argument callable}`` of the timed steps, in order; compress reuses calibrate's result."""
     done = {}
 
@@ -57,6 +59,9 @@ def steps(model, cal_tokens, ratio, sequential):
         plan["compress_sequential budget"] = lambda: compress_sequential(
             model, cal_tokens, budget=dict(layer_params=ratio), include=LINEARS, batch_size=8, progress=False,
             min_rank=MIN_RANKS)
+    if svdllm:
+        from _svdllm_peer import load_svdllm, svdllm_steps
+        plan.update(svdllm_steps(load_svdllm(svdllm), model, cal_tokens, ratio))
     return plan
 
 
@@ -65,22 +70,32 @@ def main(argv=None):
     add_bench_args(parser, repeats=7)
     parser.add_argument("--ratio", type=float, default=0.8, help="kept fraction of the Linear parameters")
     parser.add_argument("--sequential", action="store_true", help="also time compress_sequential (ratio, budget)")
+    parser.add_argument("--svdllm", metavar="DIR", help="a checkout of SVD-LLM's code: also time its profiling "
+                        "and truncation on the same tokens (peer rows)")
     parser.add_argument("--tag", default="", help="suffix of the summary file (bench_pipeline-TAG.md)")
     args = parser.parse_args(argv)
     bench = Bench("bench_pipeline" + (f"-{args.tag}" if args.tag else ""), args)
     model = smollm2.load_smollm2()
     cal_tokens = smollm2.token_windows("calibration", count=32, length=256)
     test = smollm2.token_windows("test", count=32, length=256)
-    rows, total_wall, total_cpu = [], 0.0, 0.0
-    for label, step in steps(model, cal_tokens, args.ratio, args.sequential).items():
+    rows, total_wall, total_cpu, peer_wall, peer_cpu = [], 0.0, 0.0, 0.0, 0.0
+    for label, step in steps(model, cal_tokens, args.ratio, args.sequential, args.svdllm).items():
         (small, report), wall, cpu = bench.time_once(step)
+        if label.startswith("SVD-LLM truncation"):
+            from _svdllm_peer import dense_equivalent
+            small = dense_equivalent(small, model)
         ppl = f"{smollm2.perplexity(small, test):.4f}" if small is not None else ""
         timings = ", ".join(f"{k} {v:.1f}" for k, v in getattr(report, "timings", {}).items())
         rows.append([label, f"{wall:.1f}", f"{cpu:.1f}", ppl, rank_digest(report) if report else "", timings])
         if label in ("calibrate", "compress (whitened svd)"):
             total_wall, total_cpu = total_wall + wall, total_cpu + cpu
+        if label.startswith("SVD-LLM"):
+            peer_wall, peer_cpu = peer_wall + wall, peer_cpu + cpu
         print(" | ".join(rows[-1]), flush=True)
     rows.insert(2, ["calibrate + compress", f"{total_wall:.1f}", f"{total_cpu:.1f}", "", "", ""])
+    if args.svdllm:
+        rows.append(["SVD-LLM profiling + truncation", f"{peer_wall:.1f}", f"{peer_cpu:.1f}", "", "", ""])
+        rows.append(["ours / SVD-LLM (thread CPU)", "", f"{total_cpu / peer_cpu:.2f}", "", "", ""])
     bench.section(f"SmolLM2-135M pipeline, ratio {args.ratio} (each step once)",
                   ["step", "wall s", "thread CPU s", "perplexity (32 x 256 test)", "ranks", "report timings (s)"],
                   rows)

@@ -17,8 +17,11 @@ held-out Wikipedia test sentences for the cosine). Rows with recovery distil on 
 
 CRAFT rows: ``svd@f`` is ``compress(method="svd", budget=dict(flops=f), calibration=...)`` (BN-aware,
 whitened, the energy allocator); ``svd-seq@f`` takes that row's ranks and refits every conv in execution
-order on the inputs the compressed upstream produces (``compress_sequential`` on the BN-scaled model);
-``svd-seq@f +distill`` adds ``layers.distill`` on train pages for ``--distill-seconds`` of CPU;
+order on the inputs the compressed upstream produces (``compress_sequential(ranks=report)``, BN-aware);
+``svd-seq@f +distill`` adds ``layers.distill`` on train pages for ``--distill-seconds`` of CPU (starting from
+the ``svd-seq@f`` row's model when that row ran too); ``svd@f fisher min_rank=0.05`` allocates on the estimated
+loss (the output Fisher of one pass over the calibration pages, ``budget=dict(flops=f, min_rank=0.05)``);
+``svd-seq@f fisher ...`` refits on that row's ranks; ``svd@f fisher ... +distill`` distils that row's model;
 ``tltorch-tucker`` / ``tltorch-cp`` are tensorly-torch's ``FactorizedConv.from_conv`` on every conv at the
 conv-parameter fraction of the ``svd-seq@ablation`` row (Tucker with ``fixed_rank_modes="spatial"``).
 The markdown table goes to ``benchmarks/results/bench_quality_<model>.md`` (``--no-write``: not).
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 import time
@@ -90,45 +94,68 @@ def craft_rows(args, emit):
     timing = (craft.load_pages(1, split="calibration", size=(320, 240), seed=7)[0],)
     example = entry.example_input()
     wanted = args.rows
-    needs_calibration = not wanted or any(not r.startswith(("dense", "tltorch")) for r in wanted)
-    calibration, cal_wall, cal_cpu = (_timed(lambda: craft_calibration(dense, args.calibration_pages))
-                                      if needs_calibration else (None, 0.0, 0.0))
-    reached, allocations = {}, {}  # allocations[fraction]: (report, wall, cpu) of the plain calibrated row
+    calibration, *cal_time = (_timed(lambda: craft_calibration(dense, args.calibration_pages))
+                              if not wanted or any(not r.startswith(("dense", "tltorch")) for r in wanted)
+                              else (None, 0.0, 0.0))
+    loss_calibrations, *fisher_time = (_timed(lambda: craft_fisher(dense, calibration, args.calibration_pages))
+                                       if not wanted or any("fisher" in r for r in wanted) else ({}, 0.0, 0.0))
+    reached, allocations, fits = {}, {}, {}  # [fraction, kind]: svd@f (report, wall, cpu, model), svd-seq@f fit
 
-    def run(name, build, extra=(0.0, 0.0)):
+    def run(name, build, extra=lambda: (0.0, 0.0)):  # extra(): (wall, cpu) of reused work the row counts
         if wanted and name not in wanted:
             return
         (model, report), wall, cpu = _timed(build)
         reached[name] = _conv_params(model) / _conv_params(dense)
         metrics = entry.evaluate(model, pages)
-        wall, cpu = wall + extra[0], cpu + extra[1]
-        emit("craft", _row(name, metrics, model, dense, report, example if report else None, timing,
-                           (wall + cal_wall, cpu + cal_cpu) if report is not None else (wall, cpu)))
+        seconds = [t + e + c for t, e, c in zip((wall, cpu), extra(), cal_time if report is not None else (0, 0))]
+        emit("craft", _row(name, metrics, model, dense, report, example if report else None, timing, seconds))
 
-    def ours(fraction, **kw):
+    def ours(fraction, kind="energy", **kw):  # kind "fisher...": ranks allocated on the estimated loss
+        spent = (0.0, 0.0) if kind == "energy" else fisher_time  # the Fisher pass counts in the row's time
+
         def build():
-            (model, report), wall, cpu = _timed(lambda: compress(
-                dense, method="svd", budget=dict(flops=fraction), example_input=example, calibration=calibration,
-                progress=False, time_layers=False, **kw))
+            (model, report), wall, cpu = _timed(lambda: craft_svd(
+                dense, loss_calibrations.get(kind, calibration), fraction, example, kind != "energy", **kw))
             if not kw:
-                allocations[fraction] = (report, wall, cpu)
+                allocations[fraction, kind] = (report, wall + spent[0], cpu + spent[1], model)
             return model, report
-        return build
+        return build, lambda: spent
 
-    def sequential(fraction, seconds=None):
-        known = allocations.get(fraction, (None, 0.0, 0.0))
-        build = lambda: craft_sequential(dense, fraction, calibration, example, args,  # noqa: E731
-                                         recover_seconds=seconds, allocation=known[0])
-        return build, known[1:]  # a reused allocation's time counts in the row's compress time
+    def recovered(fraction, kind, seconds):  # the svd@f row's model (that row must run first), distilled
+        def build():
+            report, *_, model = allocations[fraction, kind]
+            return craft_distill(model, dense, args, seconds), report
+        return build, lambda: allocations[fraction, kind][1:3]
+
+    def sequential(fraction, seconds=None, kind="energy"):
+        reused = []  # (wall, cpu) of the allocation or fit this row reuses: it counts in the row's compress time
+
+        def build():
+            key = fraction, kind
+            if key in fits:  # the +distill row starts from a copy of the svd-seq row's model
+                reused.append(fits[key][2:])
+            else:
+                known = allocations.get(key, (None, 0.0, 0.0, None))
+                if known[0] is None and kind != "energy":  # its ranks come from that row's allocation
+                    raise SystemExit(f"svd-seq@{fraction:g} {kind} needs the svd@{fraction:g} {kind} row in --rows")
+                (model, report), wall, cpu = _timed(lambda: craft_sequential(dense, fraction, calibration, example,
+                                                                             args, allocation=known[0]))
+                fits[key] = (model, report, wall + known[1], cpu + known[2])
+                reused.append(known[1:3])
+            model, report = fits[key][:2]
+            return (craft_distill(model, dense, args, seconds) if seconds else model), report
+        return build, lambda: reused[0]
 
     run("dense", lambda: (dense, None))
     for fraction in args.fractions:
-        run(f"svd@{fraction:g}", ours(fraction))
+        run(f"svd@{fraction:g}", *ours(fraction))
         run(f"svd-seq@{fraction:g}", *sequential(fraction))
-    run(f"svd@{args.ablation:g} bn_aware=False", ours(args.ablation, bn_aware=False))
-    run(f"svd@{args.ablation:g} fold_bn", ours(args.ablation, fold_bn=True))
-    run(f"svd@{args.ablation:g} uncalibrated", lambda: compress(dense, method="svd", budget=dict(
-        flops=args.ablation), example_input=example, progress=False, time_layers=False))
+    run(f"svd@{args.ablation:g} bn_aware=False", *ours(args.ablation, bn_aware=False))
+    run(f"svd@{args.ablation:g} fold_bn", *ours(args.ablation, fold_bn=True))
+    run(f"svd@{args.ablation:g} uncalibrated", lambda: craft_svd(dense, None, args.ablation, example))
+    for row in ("svd", "svd-seq"):  # ranks allocated on the estimated loss
+        build = ours(args.ablation, "fisher") if row == "svd" else sequential(args.ablation, kind="fisher")
+        run(f"{row}@{args.ablation:g} fisher min_rank={FISHER_MIN_RANK:g}", *build)
     for factorization in ("tucker", "cp"):
         fraction = args.tltorch_rank or reached.get(f"svd-seq@{args.ablation:g}",
                                                     reached.get(f"svd@{args.ablation:g}", args.ablation))
@@ -136,43 +163,62 @@ def craft_rows(args, emit):
             lambda f=factorization, r=fraction: tltorch_model(dense, r, f))
     for fraction in args.recover_fractions:
         run(f"svd-seq@{fraction:g} +distill", *sequential(fraction, args.distill_seconds))
+        run(f"svd@{fraction:g} fisher min_rank={FISHER_MIN_RANK:g} +distill",
+            *recovered(fraction, "fisher", args.distill_seconds))
 
 
-def craft_sequential(dense, fraction, calibration, example, args, recover_seconds=None, allocation=None):
+def craft_svd(dense, calibration, fraction, example, loss_aware=False, **options):
+    """``compress(method="svd", budget=dict(flops=fraction), calibration=calibration)``; ``loss_aware``: with
+    ``min_rank=FISHER_MIN_RANK`` (the calibration then holds a Fisher: ranks allocated on the estimated loss)."""
+    budget = dict(flops=fraction, min_rank=FISHER_MIN_RANK) if loss_aware else dict(flops=fraction)
+    return compress(dense, method="svd", budget=budget, example_input=example, calibration=calibration,
+                    progress=False, time_layers=False, **options)
+
+
+def craft_sequential(dense, fraction, calibration, example, args, allocation=None):
     """Calibrated MAC allocation (``compress(budget=dict(flops=fraction))``, or the report ``allocation`` of that
     call), then every conv refit in execution order on the outputs of the already compressed upstream
-    (``compress_sequential`` with those ranks, on the BN-scaled model: each fit targets what the next layer
-    sees), then optionally ``distill`` on train pages.
+    (``compress_sequential(ranks=report)``, BN-aware: each fit targets what the next layer sees).
 
     Returns ``(model, report)``: the report is the allocation's (its MACs are the sequential model's: same ranks).
     """
     from decomp_toolkit.analysis.zoo import craft
-    from decomp_toolkit.layers.batchnorm import scale_for_batchnorm
     from decomp_toolkit.layers.sequential import compress_sequential
 
-    report = allocation or compress(dense, method="svd", budget=dict(flops=fraction), example_input=example,
-                                    calibration=calibration, progress=False, time_layers=False)[1]
-    ranks = {r.name: (r.rank if r.replaced else None) for r in report.layers}
-    base = copy.deepcopy(dense)
-    scale_for_batchnorm(base)
+    report = allocation or craft_svd(dense, calibration, fraction, example)[1]
     images, _ = craft.load_pages(args.sequential_pages, split="calibration", size=(320, 240))
-    model, _ = compress_sequential(base, images, ranks=ranks, batch_size=2, progress=False)
-    if recover_seconds:
-        craft_distill(model, dense, args, recover_seconds)
+    model, _ = compress_sequential(dense, images, ranks=report, batch_size=2, progress=False)
     return model, report
 
 
 def craft_distill(student, teacher, args, seconds):
-    """Recovery on rendered pages of the *train* split (320x240); the best checkpoint on held-out train pages."""
+    """A copy of ``student`` distilled on rendered pages of the *train* split (320x240), the best checkpoint on
+    held-out train pages (``student`` is left as it was)."""
     from decomp_toolkit.analysis.zoo import craft
     from decomp_toolkit.layers.distill import distill
 
     images, _ = craft.load_pages(args.distill_pages + 4, split="train", size=(320, 240), seed=3)
+    student = copy.deepcopy(student)
     log = distill(student, teacher, images[:-4], images[-4:], seconds=seconds, lr=args.distill_lr, batch_size=2,
                   eval_every=20, params="all")
     print(log.summary(), flush=True)
-    return log
+    return student
 
+
+def craft_fisher(dense, calibration, pages):
+    """``{"fisher": c}``, ``c`` a copy of ``calibration`` holding the
+    output Fisher of every calibrated conv (:func:`layers.fisher.layer_fisher`, no labels: the sensitivity of the
+    model's outputs) from one pass over ``pages`` calibration pages (320x240). The Fisher is a sum over pages and
+    positions: one set of pages for every layer keeps the layers comparable."""
+    from decomp_toolkit.analysis.zoo import craft
+    from decomp_toolkit.layers.fisher import layer_fisher
+
+    images, _ = craft.load_pages(pages, split="calibration", size=(320, 240))
+    result = dataclasses.replace(calibration, fisher=layer_fisher(dense, list(calibration.grams), images, batch_size=2))
+    return {"fisher": result}
+
+
+FISHER_MIN_RANK = 0.05  # the loss-aware rows' min_rank: no conv below 5% of its full rank
 
 # the high-resolution layers (slice1, slice2) see many patches per page and cost the most Gram work
 SHALLOW = ("basenet.slice1.*", "basenet.slice2.*", "upconv4.*", "conv_cls.*")
@@ -186,7 +232,7 @@ def craft_calibration(dense, pages):
     images, _ = craft.load_pages(pages, split="calibration", size=(320, 240))
     shallow = calibrate(dense, images[:max(1, pages // 4)], batch_size=2, progress=False, include=SHALLOW)
     deep = calibrate(dense, images, batch_size=2, progress=False, exclude=SHALLOW)
-    for store in ("grams", "sums", "samples", "weight_shapes", "_modules"):
+    for store in ("grams", "sums", "samples", "correlation", "weight_shapes", "_modules"):
         getattr(deep, store).update(getattr(shallow, store))
     return deep
 
@@ -219,7 +265,45 @@ def tltorch_model(dense, rank, factorization):
 
 # --------------------------------------------------------------------------- MiniLM
 
+class MiniLMCalibrations:
+    """MiniLM calibrations on the calibration ``batches`` ((ids, mask) tuples), each computed when a row first
+    needs it: ``get(use_mask, fisher)``; ``use_mask`` passes the batches as dicts, so calibrate sees the
+    attention mask and leaves the padding rows out of every Gram. ``spent``: the (wall, cpu) seconds of the
+    last one asked for (counted in the row's compress time)."""
+
+    def __init__(self, dense, batches, forward):
+        self.dense, self.batches, self.forward = dense, batches, forward
+        self.done, self.spent = {}, (0.0, 0.0)
+
+    def get(self, use_mask=False, fisher=False):
+        if (use_mask, fisher) not in self.done:
+            data = [dict(input_ids=ids, attention_mask=mask) for ids, mask in self.batches] if use_mask \
+                else self.batches
+            self.done[use_mask, fisher] = _timed(lambda: calibrate(
+                self.dense, data, forward=None if use_mask else self.forward, progress=False, fisher=fisher))
+        calibration, *self.spent = self.done[use_mask, fisher]
+        return calibration
+
+
+def minilm_sequential(dense, batches, forward, fraction, min_rank=0.1, allocation=None):
+    """``compress_sequential`` of MiniLM: its own loss-aware budget (``layer_params=fraction``, ``min_rank``
+    floors), or the ranks of ``allocation()`` (a ``compress`` call returning ``(model, report)``)."""
+    from decomp_toolkit.layers.sequential import compress_sequential
+
+    if allocation is None:
+        return compress_sequential(dense, batches, budget=dict(layer_params=fraction), min_rank={"*": min_rank},
+                                   forward=forward, progress=False)
+    ranks = {r.name: (r.rank if r.replaced else None) for r in allocation()[1].layers}
+    return compress_sequential(dense, batches, ranks=ranks, forward=forward, progress=False)
+
+
 def minilm_rows(args, emit):
+    """MiniLM rows: ``svd@f`` / ``svd ratio=f`` as for CRAFT, on the Linear parameters; ``fisher loss-budget``:
+    ``calibrate(..., fisher=True)`` + ``budget=dict(params=f, min_rank=0.1)``; ``masked``: the calibration
+    batches passed as dicts, so calibrate sees the attention mask and leaves the padding rows out of the Grams
+    (the other rows keep them: tuples run as ``model(*batch)``); ``shrinkage=held_out``: every layer's
+    shrinkage weight chosen by its output error on 64 calibration-split sentences the calibration does not
+    use; ``svd-seq@f layer_params``: ``compress_sequential(budget=dict(layer_params=f), min_rank={"*": 0.1})``."""
     from decomp_toolkit.analysis.zoo import tokenize
     from decomp_toolkit.analysis.zoo.wiki import wiki_sentences
 
@@ -231,9 +315,8 @@ def minilm_rows(args, emit):
     sentences = wiki_sentences("calibration", limit=args.calibration_sentences)
     batches = [tokenize(sentences[i:i + 32]) for i in range(0, len(sentences), 32)]
     forward = lambda m, b: m(*b)  # noqa: E731
-    calibration, cal_wall, cal_cpu = _timed(lambda: calibrate(dense, batches, forward=forward, progress=False))
-    with_fisher, fisher_wall, fisher_cpu = _timed(lambda: calibrate(dense, batches, forward=forward, progress=False,
-                                                                    fisher=True))
+    calibrations = MiniLMCalibrations(dense, batches, forward)
+    calibrated_with = calibrations.get
     wanted = args.rows
 
     def run(name, build, calibrated=True):
@@ -241,25 +324,31 @@ def minilm_rows(args, emit):
             return
         (model, report), wall, cpu = _timed(build)
         metrics = entry.evaluate(model, data, reference=dense)
-        extra = ((fisher_wall, fisher_cpu) if calibrated == "fisher" else (cal_wall, cal_cpu)) \
-            if calibrated and report is not None else (0, 0)
+        extra = calibrations.spent if calibrated and report is not None else (0, 0)
+        calibrations.spent = (0.0, 0.0)
         emit("minilm", _row(name, metrics, model, dense, report, example, timing, (wall + extra[0], cpu + extra[1])))
 
     def ours(fraction, calibrated=True, **kw):
         return lambda: compress(dense, method="svd", budget=dict(params=fraction), example_input=example,
-                                calibration=calibration if calibrated else None, progress=False, **kw)
+                                calibration=calibrated_with() if calibrated else None, progress=False, **kw)
 
     def uniform(fraction, calibrated=True):
         return lambda: compress(dense, method="svd", ratio=fraction, example_input=example,
-                                calibration=calibration if calibrated else None, progress=False)
+                                calibration=calibrated_with() if calibrated else None, progress=False)
 
-    def loss_budget(fraction, min_rank=0.1):
+    def loss_budget(fraction, min_rank=0.1, use_mask=False, **kw):
         return lambda: compress(dense, method="svd", budget=dict(params=fraction, min_rank=min_rank),
-                                example_input=example, calibration=with_fisher, progress=False)
+                                example_input=example, calibration=calibrated_with(use_mask, fisher=True),
+                                progress=False, **kw)
 
-    # eval_fn for the eval-driven rows: mean cosine to the dense embeddings on Wikipedia sentences of the
+    def sequential(fraction, allocation=None):
+        return lambda: minilm_sequential(dense, batches, forward, fraction, allocation=allocation)
+
+    # eval_fn for the eval-driven rows, and held_out= of the held-out shrinkage rows: Wikipedia sentences of the
     # calibration split that calibration does not use (never the evaluation texts)
     probe = tokenize(wiki_sentences("calibration", limit=args.calibration_sentences + 64)[-64:])
+    held_out = [probe]  # one batch of 64 (ids, mask): model(*batch), padding rows included like the calibration
+    held_out_masked = [dict(input_ids=probe[0], attention_mask=probe[1])]
     with torch.no_grad():
         probe_reference = dense(*probe)
 
@@ -271,7 +360,17 @@ def minilm_rows(args, emit):
     for fraction in args.linear_fractions:
         run(f"svd ratio={fraction:g} uncalibrated", uniform(fraction, calibrated=False), calibrated=False)
         run(f"svd ratio={fraction:g} calibrated", uniform(fraction))
-        run(f"svd@{fraction:g} calibrated fisher loss-budget min_rank=0.1", loss_budget(fraction), "fisher")
+        run(f"svd@{fraction:g} calibrated fisher loss-budget min_rank=0.1", loss_budget(fraction))
+        run(f"svd@{fraction:g} calibrated fisher loss-budget min_rank=0.1 shrinkage=held_out",
+            loss_budget(fraction, held_out=held_out, shrinkage="held_out"))
+        run(f"svd@{fraction:g} masked fisher loss-budget min_rank=0.1", loss_budget(fraction, use_mask=True))
+        run(f"svd@{fraction:g} masked fisher loss-budget min_rank=0.1 shrinkage=None",
+            loss_budget(fraction, use_mask=True, shrinkage=None))
+        run(f"svd@{fraction:g} masked fisher loss-budget min_rank=0.1 shrinkage=held_out",
+            loss_budget(fraction, use_mask=True, held_out=held_out_masked, shrinkage="held_out"))
+        run(f"svd-seq@{fraction:g} layer_params min_rank=0.1", sequential(fraction))
+        run(f"svd-seq@{fraction:g} on the masked fisher loss-budget ranks",
+            sequential(fraction, allocation=loss_budget(fraction, use_mask=True)))
         run(f"svd@{fraction:g} uncalibrated", ours(fraction, calibrated=False), calibrated=False)
         run(f"svd@{fraction:g} calibrated", ours(fraction))
         run(f"svd@{fraction:g} calibrated shrinkage=None", ours(fraction, shrinkage=None))

@@ -294,12 +294,14 @@ def compress(model, method="svd", *, rank=None, energy=None, tol=None, ratio=Non
     ``calibration`` (from :func:`layers.calibrate` on this model): data-aware decomposition;
     each layer's input statistics are passed to its builder (see
     :func:`layers.calibrate.calibrated_plan`) and ``rel_error_bound`` becomes the relative
-    OUTPUT error measured on the calibration data; layers calibrated on fewer rows than their
-    input dimension get a shrunk Gram (``shrinkage="auto"``; ``None``, ``"oas"`` or a weight in
-    [0, 1] per call or policy entry, see :func:`layers.calibrate.shrink_gram`) and are listed
-    in a note. ``held_out`` (data in any form
-    ``calibrate`` accepts): each replaced layer's relative output error on it is reported
-    (``held_out_error``).
+    OUTPUT error measured on the calibration data. Layers calibrated on fewer rows than inputs get a
+    shrunk Gram (``shrinkage="auto"``: OAS; ``"ess"``: OAS when the effective rows,
+    :mod:`layers.sample_size`, are fewer; ``None``, ``"oas"``, ``"held_out"`` or a weight in [0, 1] per
+    call or policy entry; :func:`layers.calibrate.layer_sampling`); the layers with fewer effective
+    rows than inputs are listed in a note. ``held_out`` (data as ``calibrate`` takes it, not the
+    calibration data): each layer's relative output error on it (``held_out_error``), which also
+    CHOOSES the shrinkage weight of the undersampled layers (of every layer with ``"held_out"``),
+    see :func:`_held_out_shrinkage` (it is then slightly optimistic: a third set is unbiased).
 
     A conv followed by a BatchNorm (:mod:`layers.batchnorm`): with ``bn_aware`` (default) it
     is decomposed in the BN's output scale, so ranks, budgets and errors reflect what the
@@ -327,16 +329,17 @@ def compress(model, method="svd", *, rank=None, energy=None, tol=None, ratio=Non
     names = [n for t in targets for n in t.names]
     shapes = record_input_shapes(target_model, example_input, names) if example_input is not None else {}
     plan = _initial_plan(targets, default, policy, include, exclude, report)
-    if calibration is not None:
-        from .calibrate import calibrated_plan
-        plan = calibrated_plan(plan, {t.name: t.dense for t in targets if t.dense is not None}, calibration, report)
-    held = _held_out_statistics(target_model, held_out, plan)
+    plan, sampling, held = _calibrated_plan(target_model, targets, plan, calibration, held_out, report)
     if budget is not None:
         plan = _budget_plan(targets, plan, shapes, budget, method, report,
                             evaluation=(target_model, eval_fn, eval_cache) if eval_fn is not None else None,
                             calibration=calibration)
     for target in _progress(targets, progress):
-        report.layers.append(_process(target_model, target, plan[target.name], shapes, held, time_layers))
+        report.layers.append(_process(target_model, target, plan[target.name], shapes, held, time_layers,
+                                      sampling.get(target.name)))
+    if sampling:
+        from .calibrate import undersampled_note
+        report.notes.extend(note for note in [undersampled_note(report.layers)] if note)
     report.model_params_after = _model_params(target_model)
     report.model_bits_after = _model_bits(target_model)
     _final_notes(report, budget, targets)
@@ -431,7 +434,9 @@ def _settings_for_kind(settings, target, dropped) -> dict:
 
 # --------------------------------------------------------------------------- one layer
 
-def _process(model, target, settings, shapes, held, time_layers=True) -> LayerRecord:
+def _process(model, target, settings, shapes, held, time_layers=True, sampling=None) -> LayerRecord:
+    """The record of one target: factorized and installed, or kept dense with the reason. ``held``: the
+    held-out Calibration (or None); ``sampling``: the layer's :class:`layers.calibrate.LayerSampling`."""
     module, dense = target.module, target.dense
     weight = getattr(module, "weight", None)
     shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) and not isinstance(
@@ -445,14 +450,25 @@ def _process(model, target, settings, shapes, held, time_layers=True) -> LayerRe
                                                                           nn.Conv3d) else None
     if input_shape is not None and counted is not None:
         record.flops_before = record.flops_after = layer_macs(counted, input_shape)[0]
+    if sampling is not None:   # kept dense or not, what the calibration saw of this layer
+        record.samples, record.effective_samples = sampling.samples, int(round(sampling.effective_samples))
+        record.input_dim = sampling.input_dim
     if isinstance(settings, str):
         record.status = settings
         return record
     record.method = settings.get("method", "svd")
+    held_gram = None
+    if held is not None and target.name in held:
+        held_gram = held.second_moment(target.name, about=settings.get("input_mean"))
+    if sampling is not None:
+        record.shrinkage = sampling.shrinkage
+        if sampling.candidates and held_gram is not None:
+            settings = _held_out_shrinkage(target, settings, sampling, held_gram, record)
     factorized = _factorize(target, settings, input_shape, record, time_layers)
     if factorized is None:
+        record.shrinkage = None   # kept dense: no Gram was used
         return record
-    _fill_record(record, dense, factorized, input_shape, held.get(target.name))
+    _fill_record(record, dense, factorized, input_shape, held_gram)
     _install(model, target, factorized)
     return record
 
@@ -507,8 +523,47 @@ def _fill_record(record, dense, factorized, input_shape, held_gram):
         record.held_out_error = _output_error(dense, factorized, held_gram)
 
 
+def _held_out_shrinkage(target, settings, sampling, held_gram, record) -> dict:
+    """``settings`` with the shrinkage weight whose fit has the smallest held-out output error.
+
+    The rank is fixed first (the given rank, else the one the spec takes on the default ``"auto"``
+    Gram already in ``settings``; a method without ``rank=``, PQ, keeps its spec); each candidate
+    of ``sampling`` is fitted at that rank and scored by :func:`_output_error` on ``held_gram``
+    (the held-out inputs about the calibration mean); ties go to the earlier candidate (less
+    shrinkage). ``record`` gets the weight and every
+    candidate's error. A fit this method refuses leaves ``settings`` as they are (``_factorize``
+    then reports why).
+    """
+    from .calibrate import shrink_gram
+    from .registry import available_methods
+    fit_settings = {k: v for k, v in settings.items() if v is not None and k not in ("optimize", "input_shape",
+                                                                                      "on_slower")}
+    spec = {k: fit_settings.pop(k) for k in SPEC_NAMES if k in fit_settings}
+    try:
+        rank = spec.get("rank")
+        if "rank" not in available_methods()[settings.get("method", "svd")].spec_kinds:
+            rank = None   # e.g. PQ (bits=, n_centroids=): every candidate gets the spec itself
+        elif not isinstance(rank, (int, tuple, list)):
+            rank = decompose(target.dense, name=target.name, **fit_settings, **spec).fit.ranks
+        fixed = dict(rank=rank) if rank is not None else spec
+        errors, weights = {}, {}
+        for label, weight in sampling.candidates:
+            module = decompose(target.dense, name=target.name,
+                               **{**fit_settings, **fixed, "gram": shrink_gram(sampling.gram, weight)})
+            errors[label], weights[label] = _output_error(target.dense, module, held_gram), weight
+    except UnsupportedLayerError:
+        return settings
+    best = min(errors, key=errors.get)
+    record.shrinkage = None if weights[best] is None else float(weights[best].mean())
+    record.shrinkage_errors = errors
+    chosen = {k: v for k, v in settings.items() if k not in SPEC_NAMES}
+    return {**chosen, **fixed, "gram": shrink_gram(sampling.gram, weights[best])}
+
+
 def _output_error(dense, factorized, gram):
-    """``||(W - W') X^T||_F / ||W X^T||_F`` from the Gram ``(g, P, P)`` of held-out inputs X."""
+    """``||(W - W') X^T||_F / ||W X^T||_F`` from the Gram ``(g, P, P)`` of held-out inputs X (compress passes
+    ``Calibration.second_moment(name, about=calibration mean)`` for a centered fit, i.e. X minus that mean:
+    the error of the installed layer, whose bias absorbs ``(W - W') mean``)."""
     groups = gram.shape[0]
     W = dense.weight.detach().double().reshape(groups, dense.weight.shape[0] // groups, -1)
     E = W - factorized.dense_weight().detach().double().reshape(W.shape)
@@ -547,16 +602,27 @@ def _speed_settings(settings, input_shape, name):
     return {"input_shape": input_shape, "on_slower": "raise", **settings}
 
 
-def _held_out_statistics(model, held_out, plan) -> dict:
-    """``{name: Gram (g, P, P)}`` of the held-out inputs of every planned layer (empty without held_out)."""
+def _calibrated_plan(model, targets, plan, calibration, held_out, report) -> tuple:
+    """``(plan, sampling, held)``: the plan with the calibration statistics (:func:`layers.calibrate.calibrated_plan`;
+    unchanged without calibration), ``{name: LayerSampling}``, and the held-out Calibration (or None)."""
+    sampling = {}
+    if calibration is not None:
+        from .calibrate import calibrated_plan
+        plan, sampling = calibrated_plan(plan, {t.name: t.dense for t in targets if t.dense is not None},
+                                         calibration, report, held_out=held_out is not None)
+    return plan, sampling, _held_out_statistics(model, held_out, plan)
+
+
+def _held_out_statistics(model, held_out, plan):
+    """The :class:`layers.calibrate.Calibration` of the held-out inputs of every planned layer (None without
+    held_out, or with no planned layer)."""
     if held_out is None:
-        return {}
+        return None
     from .calibrate import calibrate
     names = [n for n, s in plan.items() if not isinstance(s, str)]
     if not names:
-        return {}
-    statistics = calibrate(model, held_out, layers=[_escape(n) for n in names], progress=False)
-    return {n: statistics[n] for n in names if n in statistics}
+        return None
+    return calibrate(model, held_out, layers=[_escape(n) for n in names], progress=False)
 
 
 def _escape(name) -> str:
@@ -633,7 +699,8 @@ def _budget_plan(targets, plan, shapes, budget, method, report, evaluation=None,
     fisher = calibration.fisher if calibration is not None else {}
     profiles = {}
     for name in targeted:
-        extra = {"fisher": fisher_in_output_scale(calibration, name, dense[name])} if name in fisher else {}
+        extra = {"fisher": fisher_in_output_scale(calibration, name, dense[name]) / max(calibration.samples[name], 1)
+                 } if name in fisher else {}   # per Gram row: see layers.sequential.component_losses
         profiles[name] = entry.budget_profile(dense[name], **layer_options[name], **extra)
         profiles[name].dense_cost = cost_of(name, dense[name])
     targeted_cost = sum(p.dense_cost for p in profiles.values())

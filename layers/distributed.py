@@ -11,6 +11,8 @@ Without an initialised process group (or with one rank) both are plain single-pr
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from .calibrate import Calibration
@@ -25,7 +27,8 @@ def is_distributed() -> bool:
 def all_reduce_calibration(calibration: Calibration) -> Calibration:
     """Sum ``calibration`` over the ranks (in place; returned). Every rank must have calibrated the same layers.
 
-    ``Calibration.fisher`` (``calibrate(fisher=True)``) is not touched: calibrate already sums
+    The Grams, sums, row counts and row-correlation sums (hence the effective sample sizes) are
+    summed. ``Calibration.fisher`` (``calibrate(fisher=True)``) is not touched: calibrate already sums
     it over the ranks (its backward pass runs on every rank at once)."""
     if not isinstance(calibration, Calibration):
         raise TypeError(f"all_reduce_calibration: expected a Calibration, got {type(calibration).__name__}")
@@ -47,7 +50,25 @@ def all_reduce_calibration(calibration: Calibration) -> Calibration:
     for name, value in zip(names, counts[:-1].tolist()):
         calibration.samples[name] = int(value)
     calibration.batches = int(counts[-1])
+    _combine_correlations(calibration, names)
     return calibration
+
+
+def _combine_correlations(calibration: Calibration, names) -> None:
+    """Every rank's row-correlation sums of each layer (``Calibration.correlation``, the effective
+    sample size's input), added in rank order on every rank: the sums of all the shards."""
+    import torch.distributed as dist
+    mine = {name: calibration.correlation.get(name) for name in names}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    for name in names:
+        parts = [rank_sums[name] for rank_sums in gathered if rank_sums.get(name) is not None]
+        if not parts:
+            continue
+        total = copy.deepcopy(parts[0])
+        for part in parts[1:]:
+            total.add(part)
+        calibration.correlation[name] = total
 
 
 __all__ = ["all_reduce_calibration", "is_distributed"]

@@ -3,8 +3,9 @@
 ``layer_fisher(model, names, data)`` returns, for every named layer, the diagonal empirical
 Fisher of its OUTPUT channels: ``F[name][j] = sum over batches and positions of
 (d loss / d y_j)^2``, ``y`` the layer's output. Dropping a component ``s u v^T`` of the
-layer's whitened SVD then raises the loss by about ``s^2 sum_j F_j u_j^2`` (second order,
-diagonal approximation; :func:`fisher_weighted_spectrum`), a number that is
+layer's whitened SVD (of the Gram summed over ``N`` rows) then raises the loss by about
+``s^2 sum_j F_j u_j^2 / N`` (second order, diagonal approximation; :func:`fisher_weighted_spectrum`
+gives the sum; both ``F`` and ``s^2`` sum over the rows, hence the ``/ N``), a number that is
 comparable across layers of one model, unlike a layer's relative output energy.
 
 The loss (``loss=fn(model, batch) -> scalar``; default :func:`default_sensitivity_loss`):

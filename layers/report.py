@@ -24,7 +24,12 @@ class LayerRecord:
     reached by (a shared module is one record). ``bits_*``: stored bits (parameters at their
     dtype; PQ counts its codes and codebooks). ``error_on``: ``"weights"``, or
     ``"calibration outputs"`` when ``rel_error_bound`` is the relative output error measured
-    on the calibration data; ``held_out_error``: the relative output error on held-out data.
+    on the calibration data; ``held_out_error``: the relative output error on held-out data (for a fit
+    centered at the calibration mean, of the inputs minus that mean: the bias absorbs the rest).
+    Calibrated layers: ``samples`` (Gram rows), ``effective_samples`` (what the correlated rows are
+    worth as independent ones, :mod:`layers.sample_size`), ``input_dim`` (the Gram's dimension),
+    ``shrinkage`` (the weight of :func:`layers.calibrate.shrink_gram` applied; None: none) and, when
+    that weight was chosen by held-out error, ``shrinkage_errors`` ``{candidate: held-out error}``.
     """
 
     name: str
@@ -46,6 +51,11 @@ class LayerRecord:
     bits_after: int = 0
     error_on: str = ""
     held_out_error: float | None = None
+    samples: int | None = None
+    effective_samples: int | None = None
+    input_dim: int | None = None
+    shrinkage: float | None = None
+    shrinkage_errors: dict | None = None
 
     @property
     def replaced(self) -> bool:
@@ -132,7 +142,8 @@ class Report:
 
     def _repr_html_(self) -> str:
         rows = self.rows() + [self._total_row()]
-        numeric = [c.startswith(("params", "flops", "rel_error", "speedup", "held_out")) or c == "rank"
+        numeric = [c.startswith(("params", "flops", "rel_error", "speedup", "held_out", "samples", "effective",
+                                 "input_dim", "shrinkage")) or c == "rank"
                    for c in self.columns]
         title = f"compressed {len(self.replaced)} of {len(self.layers)} layers"
         return html_table(self.columns, rows, title=title, notes=self._summary(), right=numeric, bold_last=True)
@@ -180,8 +191,10 @@ class Report:
 
     @property
     def columns(self) -> tuple:
-        """COLUMNS, plus ``speedup`` / ``held_out_error`` before ``status`` when any layer has one."""
-        extra = tuple(c for c in ("held_out_error", "speedup", "theoretical_speedup")
+        """COLUMNS, plus the calibration columns (``samples``, ``effective_samples``, ``input_dim``,
+        ``shrinkage``), ``held_out_error`` and ``speedup`` before ``status`` when any layer has one."""
+        extra = tuple(c for c in ("samples", "effective_samples", "input_dim", "shrinkage", "held_out_error",
+                                  "speedup", "theoretical_speedup")
                       if any(getattr(r, c) is not None for r in self.layers))
         return COLUMNS[:-1] + extra + ("status",)
 

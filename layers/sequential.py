@@ -55,6 +55,7 @@ from decomp_toolkit.decomp.asymmetric import asymmetric_svd, centered_statistics
 from decomp_toolkit.decomp.whitened import whitened_svd
 
 from ._accounting import CONV_TYPES, count_params
+from .batchnorm import prepare_batchnorm
 from .calibrate import batch_input, gram_of, gram_signature, iter_batches, pad_input, unfold_patches
 from .errors import UnsupportedLayerError
 from .distributed import is_distributed as _distributed
@@ -546,12 +547,13 @@ def stream_blocks(model, blocks, batches, per_block, forward=None, device=None):
 
 def compress_sequential(model, data, *, ratio=None, ranks=None, budget=None, include=("*",), exclude=(),
                         blocks=None, batch_size=8, forward=None, loss=None, min_rank=None, device=None,
-                        compare=False, inplace=False, progress=True):
+                        compare=False, bn_aware=True, fold_bn=False, inplace=False, progress=True):
     """Sequential (asymmetric) low-rank compression of ``model``; returns ``(model, SequentialReport)``.
 
     ``data``: calibration batches (a tensor split into ``batch_size`` rows, or an iterable
     of batches; ``forward(model, batch)`` runs one when ``model(batch)`` does not). Exactly
-    one of ``ratio`` (kept fraction of each layer's parameters), ``ranks`` ({name: k or None})
+    one of ``ratio`` (kept fraction of each layer's parameters), ``ranks`` ({name: k or None},
+    or the report of a :func:`layers.compress.compress` call: its ranks, dense layers kept dense)
     or ``budget`` (``dict(params=f)`` for the whole model, ``dict(layer_params=f)`` for the
     targeted layers; ``loss(model, batch) -> scalar`` defaults to a causal LM's cross-entropy,
     or for other models the sensitivity of their outputs: :func:`layers.fisher.default_sensitivity_loss`,
@@ -560,7 +562,11 @@ def compress_sequential(model, data, *, ratio=None, ranks=None, budget=None, inc
     blocks (default :func:`find_blocks`). ``device``: where each block is compressed (see the
     module docstring). ``compare``: also fit each layer non-sequentially (whitened SVD of the
     same rank) and record its error on the same objective in ``report.fits`` (costs one more
-    SVD per layer). The input model is unchanged unless ``inplace``.
+    SVD per layer). ``bn_aware`` (default) fits each conv followed by a BatchNorm in that BN's
+    output scale (|gamma| / sqrt(var + eps) moved into the conv, exact in eval mode, as
+    ``compress``'s ``bn_aware``), so its error counts what the next layer sees; ``fold_bn``
+    folds the BN into the conv instead; the report's notes list the BNs. The input model is
+    unchanged unless ``inplace`` (then it also carries the BN rescaling or folding).
     """
     given = [k for k, v in dict(ratio=ratio, ranks=ranks, budget=budget).items() if v is not None]
     if len(given) != 1:
@@ -576,6 +582,9 @@ def compress_sequential(model, data, *, ratio=None, ranks=None, budget=None, inc
         except UnsupportedLayerError as err:
             skipped[name] = err.reason
     targets = [t for t in targets if t not in skipped]
+    if any(isinstance(target.get_submodule(t), CONV_TYPES) for t in targets):
+        report.notes.extend(prepare_batchnorm(target, targets, fold_bn=fold_bn, bn_aware=bn_aware))
+    ranks = planned_ranks(ranks) if ranks is not None else None
     before = {name: _dense_summary(target.get_submodule(name)) for name in targets + sorted(skipped)}
     batches = list(iter_batches(data, batch_size))
     if not batches:
@@ -604,6 +613,17 @@ def compress_sequential(model, data, *, ratio=None, ranks=None, budget=None, inc
     report.timings["compress"] = time.perf_counter() - start
     _fill_report(report, before, target, targets, plan, skipped)
     return target, report
+
+
+def planned_ranks(ranks) -> dict:
+    """``{name: k or None}`` from a ``{name: k or None}`` mapping or a ``compress`` report
+    (its replaced layers' ranks; layers it kept dense -> None)."""
+    if hasattr(ranks, "layers"):
+        return {r.name: (r.rank if r.replaced else None) for r in ranks.layers}
+    if not isinstance(ranks, dict):
+        raise TypeError(f"compress_sequential: ranks= must be a dict {{name: rank or None}} or the report of "
+                        f"compress(), got {type(ranks).__name__}")
+    return ranks
 
 
 def _rank_plan(model, targets, ratio, ranks, budget, batches, blocks, per_block, forward, loss, min_rank, device,
@@ -689,21 +709,26 @@ def _progress(total, enabled):
 
 # --------------------------------------------------------------------------- loss profiles for the allocator
 
-def component_losses(layer, gram, fisher) -> torch.Tensor:
+def component_losses(layer, gram, fisher, rows=1) -> torch.Tensor:
     """Estimated loss increase of dropping each component of the whitened SVD of ``layer`` (descending).
 
-    With ``W L = U S V^T`` (``L L^T = X^T X``), dropping component ``i`` changes the outputs by
-    ``s_i u_i v_i^T L^{-1} x_t``, whose energy on output channel ``j`` is ``s_i^2 u_ij^2`` in total
-    over the calibration rows; weighting each channel by its diagonal Fisher ``F_j`` (the mean
-    squared loss gradient) gives the second-order loss estimate ``s_i^2 sum_j F_j u_ij^2`` (up to
-    a constant common to all layers of a model). Computed by :func:`layers.fisher.fisher_weighted_spectrum`.
+    With ``W L = U S V^T`` (``L L^T = X^T X`` over ``rows`` calibration rows), dropping component
+    ``i`` changes the outputs by ``s_i u_i v_i^T L^{-1} x_t``, whose energy on output channel ``j``
+    is ``s_i^2 u_ij^2`` in total over the rows, ``s_i^2 u_ij^2 / rows`` per row; weighting each
+    channel by its diagonal Fisher ``F_j`` (:func:`output_fisher`: the squared loss gradient summed
+    over the same data's rows) gives the second-order loss estimate
+    ``s_i^2 sum_j F_j u_ij^2 / rows`` (up to a constant common to all layers of a model). Dividing
+    by ``rows`` matters when layers see different numbers of rows (a CNN's high-resolution convs
+    see many more patches per image than its deep ones): without it, both factors count the rows
+    and such layers would look ``rows`` times more sensitive. Computed by
+    :func:`layers.fisher.fisher_weighted_spectrum`.
     """
     from decomp_toolkit.decomp.whitened import whitening_factor
 
     W = weight_matrix(layer).detach().double().to(gram.device)
     L, _, _ = whitening_factor(gram.double())
     weights = fisher if fisher is not None else torch.ones(W.shape[0], dtype=torch.float64)
-    return fisher_weighted_spectrum(W @ L, weights)
+    return fisher_weighted_spectrum(W @ L, weights) / max(rows, 1)
 
 
 def layer_loss_profiles(model, layers, batches, blocks, *, forward=None, loss=None, min_rank=None, device=None):
@@ -730,8 +755,9 @@ def layer_loss_profiles(model, layers, batches, blocks, *, forward=None, loss=No
             key = (tuple(id(x) for x in inputs[short]), gram_signature(module))
             if key not in grams:
                 grams[key] = _summed_gram(module, inputs[short])
-            profiles[full] = _profile(layers[full], full, component_losses(module, grams[key], fisher.get(full)),
-                                      min_rank, LossProfile)
+            gram, rows = grams[key]
+            losses = component_losses(module, gram, fisher.get(full), rows=rows)
+            profiles[full] = _profile(layers[full], full, losses, min_rank, LossProfile)
         return following, False
 
     stream_blocks(model, blocks, batches, per_block_fn, forward, device)
@@ -739,12 +765,17 @@ def layer_loss_profiles(model, layers, batches, blocks, *, forward=None, loss=No
 
 
 def _summed_gram(module, inputs):
-    """float64 ``X^T X`` of ``module``'s rows over the microbatch ``inputs`` (summed over the ranks)."""
-    gram = sum(gram_of(input_rows(module, x)) for x in inputs)
+    """``(X^T X, rows)``: the float64 Gram of ``module``'s rows over the microbatch ``inputs`` and their
+    number (both summed over the ranks)."""
+    gram, count = 0, torch.zeros(1, dtype=torch.float64)
+    for x in inputs:   # one microbatch's rows at a time (a conv's patches are large)
+        rows = input_rows(module, x)
+        gram, count = gram + gram_of(rows), count + rows.shape[0]
     if _distributed():
         import torch.distributed as dist
         dist.all_reduce(gram)
-    return gram
+        dist.all_reduce(count)
+    return gram, float(count)
 
 
 def _profile(layer, name, losses, min_rank, profile_type):

@@ -106,3 +106,18 @@ def test_the_unused_head_of_a_causal_lm_runs_on_one_position_and_the_grams_do_no
     assert unused_logits_kwargs(model, targets, {"input_ids": ids, "labels": ids}) == {}
     assert unused_logits_kwargs(model, targets, ids) == {"logits_to_keep": 1}
     assert unused_logits_kwargs(nn.Linear(2, 2), targets, ids) == {}
+
+
+def test_copies_keep_the_module_references_and_pickles_drop_them():
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    cal = calibrate(model, torch.randn(16, 6), progress=False)
+    for clone in (copy.copy(cal), copy.deepcopy(cal)):
+        assert clone.name_of(model[2]) == "2"
+        assert torch.equal(clone.grams["0"], cal.grams["0"])
+    deep = copy.deepcopy(cal)
+    assert deep.grams["0"] is not cal.grams["0"]
+    assert pickle.loads(pickle.dumps(cal))._modules == {}

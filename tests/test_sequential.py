@@ -201,6 +201,8 @@ def _worker(rank, world, init_file, out_dir):
                                        progress=False)
         if rank == 0:
             torch.save({"grams": cal.grams, "samples": cal.samples,
+                        "ess": {n: cal.effective_samples(n) for n in cal.grams},
+                        "rho": {n: cal.autocorrelation(n) for n in cal.grams},
                         "weights": {n: m.dense_weight() for n, m in small.named_modules()
                                     if hasattr(m, "dense_weight")}}, os.path.join(out_dir, "dist.pt"))
     finally:
@@ -222,6 +224,8 @@ def test_two_gloo_processes_equal_one_process():
     for name in cal.grams:
         assert got["samples"][name] == cal.samples[name]
         assert torch.allclose(got["grams"][name], cal.grams[name], rtol=1e-12, atol=1e-9)
+        assert got["rho"][name] == pytest.approx(cal.autocorrelation(name), rel=1e-9, abs=1e-12)
+        assert got["ess"][name] == pytest.approx(cal.effective_samples(name), rel=1e-9)
     small, _ = compress_sequential(model, ids, ratio=0.5, include="model.layers.*", batch_size=2, progress=False)
     for name, m in small.named_modules():
         if hasattr(m, "dense_weight"):
