@@ -293,8 +293,7 @@ def minilm_sequential(dense, batches, forward, fraction, min_rank=0.1, allocatio
     if allocation is None:
         return compress_sequential(dense, batches, budget=dict(layer_params=fraction), min_rank={"*": min_rank},
                                    forward=forward, progress=False)
-    ranks = {r.name: (r.rank if r.replaced else None) for r in allocation()[1].layers}
-    return compress_sequential(dense, batches, ranks=ranks, forward=forward, progress=False)
+    return compress_sequential(dense, batches, ranks=allocation()[1], forward=forward, progress=False)
 
 
 def minilm_rows(args, emit):
