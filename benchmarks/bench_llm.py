@@ -11,6 +11,8 @@ of the test split (8,160 predicted tokens); "X% removed": the factorized decoder
   energy allocator)
 * whitened + budget    ``compress(calibration=calibrate(..., fisher=True), budget=dict(params=..., min_rank=0.05))``
   (loss allocator on the calibration Fisher)
+* whitened + latency budget ``budget=dict(latency=kept, min_rank=0.05)``: the same loss estimates, the decoder
+  Linears' time measured on one 256-token window (layers.latency) instead of their parameters
 * sequential uniform   ``compress_sequential(ratio=kept)``
 * sequential + alloc   ``compress_sequential(budget=dict(layer_params=kept))`` (loss allocator)
 * + recovery           ``recover(...)`` on the train split, when ``--recover-seconds`` > 0
@@ -24,8 +26,10 @@ Run: ``python benchmarks/bench_llm.py`` (about an hour on 2 shared cores; ``--re
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -34,11 +38,11 @@ from _timing import Bench, add_bench_args  # noqa: E402
 import torch  # noqa: E402
 
 from decomp_toolkit.analysis.zoo import smollm2  # noqa: E402
-from decomp_toolkit.layers import calibrate, compress  # noqa: E402
+from decomp_toolkit.layers import SlowerThanDenseWarning, calibrate, compress  # noqa: E402
 from decomp_toolkit.layers.sequential import compress_sequential  # noqa: E402
 
 ROWS = ("sequential-budget", "sequential", "whitened", "whitened-budget", "whitened-energy-budget", "plain",
-        "recovered")
+        "whitened-latency-budget", "recovered")
 LINEARS = smollm2.DECODER_LINEARS
 
 
@@ -65,8 +69,8 @@ def run_row(row, model, cal_tokens, kept, cache, args):
     start = time.perf_counter()
     if row == "plain":
         small, _ = compress(model, method="svd", ratio=kept, include=[LINEARS], progress=False)
-    elif row in ("whitened", "whitened-budget", "whitened-energy-budget"):
-        fisher = row == "whitened-budget"
+    elif row in ("whitened", "whitened-budget", "whitened-energy-budget", "whitened-latency-budget"):
+        fisher = row in ("whitened-budget", "whitened-latency-budget")
         key = ("calibration", fisher)
         if key not in cache:
             t0 = time.perf_counter()
@@ -79,10 +83,13 @@ def run_row(row, model, cal_tokens, kept, cache, args):
         if row == "whitened":
             small, _ = compress(model, method="svd", ratio=kept, calibration=cal, include=[LINEARS], progress=False)
             note = ""
-        else:
-            budget = dict(params=kept, **(dict(min_rank=MIN_RANKS) if fisher else {}))
-            small, report = compress(model, method="svd", budget=budget, calibration=cal, include=[LINEARS],
-                                     progress=False)
+        else:  # the latency row: the decoder Linears' time measured on one window (layers.latency)
+            timed = dict(example_input=cal_tokens[:1]) if row == "whitened-latency-budget" else {}
+            budget = {"latency" if timed else "params": kept, **(dict(min_rank=MIN_RANKS) if fisher else {})}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", SlowerThanDenseWarning)
+                small, report = compress(model, method="svd", budget=budget, calibration=cal, include=[LINEARS],
+                                         progress=False, **timed)
             note = rank_summary(report)
         calibrate_s = cache[("calibrate_s", fisher)] if first else 0.0
         return small, time.perf_counter() - start + calibrate_s, note + (
@@ -130,20 +137,26 @@ def linear_macs_per_token(model):
 def speed_section(bench, model, tokens, kept_values):
     """Whole-model forward speedup vs the Linear-MAC ratio (eager, 1 thread) for uniform SVD ratios."""
     rows = []
-    for kept in kept_values:
-        small, _ = compress(model, method="svd", ratio=kept, include=[LINEARS], progress=False)
+    for kept, label in itertools.product(kept_values, ("uniform ratio", "budget latency")):
+        options = dict(ratio=kept) if label == "uniform ratio" else dict(budget=dict(latency=kept),
+                                                                         example_input=tokens[:1])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SlowerThanDenseWarning)
+            small, _ = compress(model, method="svd", include=[LINEARS], progress=False, **options)
         ratio = linear_macs_per_token(model) / linear_macs_per_token(small)
         for batch in (tokens[:1], tokens[:8]):
             realized = speedup(bench, model, small, batch)
-            rows.append([f"{kept:.0%}", f"{len(batch)} x {batch.shape[1]}", f"{ratio:.2f}x",
+            rows.append([f"{kept:.0%}", label, f"{len(batch)} x {batch.shape[1]}", f"{ratio:.2f}x",
                          f"{realized.median:.2f}x", f"{realized.median / ratio:.2f}"])
             print(" | ".join(rows[-1]), flush=True)
         del small
     bench.section("Whole-model speedup vs MAC ratio (torch eager, 1 thread)",
-                  ["decoder Linear MACs kept", "input", "MAC ratio (all Linears, lm_head included)",
+                  ["decoder Linear MACs (or time) kept", "ranks", "input",
+                   "MAC ratio (all Linears, lm_head included)",
                    "realized (thread CPU)", "realized / MAC ratio"], rows,
-                  note="uniform plain-SVD ranks (speed does not depend on the values); attention, norms and the "
-                       "embedding lookup do not shrink")
+                  note="plain-SVD ranks (speed does not depend on the values): uniform ratio, or "
+                       "budget=dict(latency=f) (the decoder Linears' time measured on one 256-token window, "
+                       "layers.latency); attention, norms and the embedding lookup do not shrink")
 
 
 def speedup(bench, model, small, tokens):
@@ -155,7 +168,8 @@ def speedup(bench, model, small, tokens):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_bench_args(parser, repeats=7)
-    parser.add_argument("--removed", type=float, nargs="+", default=[0.2, 0.4, 0.6])
+    parser.add_argument("--removed", type=float, nargs="*", default=[0.2, 0.4, 0.6],
+                        help="fractions of the decoder Linear parameters removed (none: the speed section only)")
     parser.add_argument("--rows", nargs="+", default=list(ROWS[:-1]), choices=ROWS)
     parser.add_argument("--recover-seconds", type=float, default=0.0,
                         help="time budget of the recovery row per ratio (0: no recovery row)")
@@ -203,6 +217,8 @@ def main(argv=None):
             print(" | ".join(rows[-1]), flush=True)
             write_table(bench, dense_ppl, rows, kept_sections)
         cache.pop(("budget", kept), None)
+    if not rows:  # the speed section alone
+        bench.write()
 
 
 def write_table(bench, dense_ppl, rows, kept_sections):

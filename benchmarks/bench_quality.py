@@ -22,6 +22,8 @@ order on the inputs the compressed upstream produces (``compress_sequential(rank
 the ``svd-seq@f`` row's model when that row ran too); ``svd@f fisher min_rank=0.05`` allocates on the estimated
 loss (the output Fisher of one pass over the calibration pages, ``budget=dict(flops=f, min_rank=0.05)``);
 ``svd-seq@f fisher ...`` refits on that row's ranks; ``svd@f fisher ... +distill`` distils that row's model;
+``svd@latency=f fisher ...`` allocates on the estimated loss under ``budget=dict(latency=f)`` (the convs' time
+measured on the example page, layers.latency);
 ``tltorch-tucker`` / ``tltorch-cp`` are tensorly-torch's ``FactorizedConv.from_conv`` on every conv at the
 conv-parameter fraction of the ``svd-seq@ablation`` row (Tucker with ``fixed_rank_modes="spatial"``).
 The markdown table goes to ``benchmarks/results/bench_quality_<model>.md`` (``--no-write``: not).
@@ -156,6 +158,9 @@ def craft_rows(args, emit):
     for row in ("svd", "svd-seq"):  # ranks allocated on the estimated loss
         build = ours(args.ablation, "fisher") if row == "svd" else sequential(args.ablation, kind="fisher")
         run(f"{row}@{args.ablation:g} fisher min_rank={FISHER_MIN_RANK:g}", *build)
+    for fraction in args.latency_fractions:  # ranks allocated on measured conv times and the estimated loss
+        run(f"svd@latency={fraction:g} fisher min_rank={FISHER_MIN_RANK:g}",
+            *ours(fraction, "fisher", budget_kind="latency"))
     for factorization in ("tucker", "cp"):
         fraction = args.tltorch_rank or reached.get(f"svd-seq@{args.ablation:g}",
                                                     reached.get(f"svd@{args.ablation:g}", args.ablation))
@@ -167,12 +172,14 @@ def craft_rows(args, emit):
             *recovered(fraction, "fisher", args.distill_seconds))
 
 
-def craft_svd(dense, calibration, fraction, example, loss_aware=False, **options):
+def craft_svd(dense, calibration, fraction, example, loss_aware=False, budget_kind="flops", **options):
     """``compress(method="svd", budget=dict(flops=fraction), calibration=calibration)``; ``loss_aware``: with
-    ``min_rank=FISHER_MIN_RANK`` (the calibration then holds a Fisher: ranks allocated on the estimated loss)."""
-    budget = dict(flops=fraction, min_rank=FISHER_MIN_RANK) if loss_aware else dict(flops=fraction)
+    ``min_rank=FISHER_MIN_RANK`` (the calibration then holds a Fisher: ranks allocated on the estimated loss).
+    ``budget_kind="latency"``: the fraction is of the convs' time measured on ``example`` (layers.latency), and
+    every built conv is timed again (one slower than dense is kept dense)."""
+    budget = {budget_kind: fraction, **(dict(min_rank=FISHER_MIN_RANK) if loss_aware else {})}
     return compress(dense, method="svd", budget=budget, example_input=example, calibration=calibration,
-                    progress=False, time_layers=False, **options)
+                    **{"progress": False, "time_layers": budget_kind == "latency", **options})
 
 
 def craft_sequential(dense, fraction, calibration, example, args, allocation=None):
@@ -400,6 +407,8 @@ def main(argv=None):
     parser.add_argument("--distill-seconds", type=float, default=900.0, help="CRAFT distill CPU seconds")
     parser.add_argument("--distill-lr", type=float, default=1e-4, help="CRAFT distill learning rate")
     parser.add_argument("--ablation", type=float, default=0.125, help="CRAFT MAC fraction of the ablation rows")
+    parser.add_argument("--latency-fractions", type=float, nargs="*", default=(0.5,),
+                        help="CRAFT fractions of the convs' measured time (budget=dict(latency=f) rows)")
     parser.add_argument("--linear-fractions", type=float, nargs="+", default=(0.5,),
                         help="MiniLM fractions of the Linear parameters")
     parser.add_argument("--tltorch-rank", type=float, default=None,

@@ -1,10 +1,11 @@
 """Whole-model speedup of compressed zoo CNNs against their MAC ratio: torch eager, torch.compile, onnxruntime.
 
 Run: .venv/bin/python benchmarks/bench_realized_e2e.py [--models mnist-cnn craft] [--batch 64]
-     [--craft-size 240 320] [--channels-last] [--no-compile] [--no-onnx] [--threads 1]
+     [--craft-size 240 320] [--channels-last] [--no-compile] [--no-onnx] [--threads 1] [--variants ...]
 
 For each model: ``compress(model, method, budget=dict(flops=0.5), example_input=x)`` (the
-Linear/Conv MACs halved by the global allocation) with and without ``optimize="speed"``,
+Linear/Conv MACs halved by the global allocation) with and without ``optimize="speed"``, and
+``budget=dict(latency=0.5)`` (the targeted layers' measured time halved, layers.latency),
 then dense vs compressed timed in interleaved rounds (harness: benchmarks/_timing.py, 1
 thread) in torch eager, ``torch.compile`` (inductor) and onnxruntime (1 intra-op thread, no
 spinning, exported with ``torch.onnx.export``); each runtime's objects exist only while it is
@@ -43,14 +44,19 @@ def example(name, batch, craft_size):
     return x.expand(batch, *x.shape[1:]).contiguous() if x.shape[0] != batch else x
 
 
-def variants(model, x, method):
-    """``{label: (module, report)}``: compress at 50% of the MACs, as built and with optimize='speed'."""
+VARIANTS = {"budget flops=0.5": dict(budget=dict(flops=0.5)),
+            "budget flops=0.5, optimize='speed'": dict(budget=dict(flops=0.5), optimize="speed"),
+            "budget latency=0.5": dict(budget=dict(latency=0.5))}
+
+
+def variants(model, x, method, labels):
+    """``{label: (module, report)}``: compress at 50% of the MACs (as built, with optimize='speed') or of the
+    targeted layers' measured time (``budget=dict(latency=0.5)``, layers.latency)."""
     out = {}
-    for label, extra in (("budget flops=0.5", {}), ("budget flops=0.5, optimize='speed'", dict(optimize="speed"))):
+    for label in labels:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SlowerThanDenseWarning)
-            small, report = compress(model, method=method, budget=dict(flops=0.5), example_input=x, progress=False,
-                                     **extra)
+            small, report = compress(model, method=method, example_input=x, progress=False, **VARIANTS[label])
         out[label] = (small.eval(), report)
     return out
 
@@ -100,7 +106,7 @@ def run_model(bench, name, args, rows):
     if args.channels_last:
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     shape = "x".join(map(str, x.shape)) + (" channels-last" if args.channels_last else "")
-    for label, (small, report) in variants(model, x, args.method).items():
+    for label, (small, report) in variants(model, x, args.method, args.variants).items():
         totals = report.totals()
         mac_ratio = totals["flops_before"] / totals["flops_after"]
         slower = [f"{r.name} {r.speedup:.2f}x" for r in report.layers
@@ -130,6 +136,7 @@ def main():
     parser.add_argument("--channels-last", action="store_true", help="models and inputs in channels-last")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--no-onnx", action="store_true")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args()
     bench = Bench("bench_realized_e2e" + ("_channels_last" if args.channels_last else ""), args)
     bench.note(bench.environment())

@@ -153,14 +153,19 @@ def _lagrangian_energy_allocation(profiles, costs, fixed_cost, target):
         if affine is None or affine[0] <= 0:
             return None
         step, first = affine
-        energies = np.asarray(profile.energies[0], dtype=float)
-        lost = np.concatenate([np.cumsum(energies[::-1])[::-1], [0.0]]) / max(float(energies.sum()), 1e-300)
-        curve = -np.log(np.maximum(1.0 - lost, 1e-300))  # -log E(k), k = 0 .. full (as kept_fraction)
-        converted[name] = LossProfile(losses=np.maximum(-np.diff(curve), 0.0), step=int(step),
+        converted[name] = LossProfile(losses=energy_losses(profile), step=int(step),
                                       dense_cost=int(profile.dense_cost), fixed_cost=int(first - step))
     result = _allocate_converted(converted, fixed_cost, target)
     result.objective = energy_objective(profiles, result.ranks)
     return result
+
+
+def energy_losses(profile) -> np.ndarray:
+    """Per-component losses of a single-axis energy profile: ``-log E(k) + log E(k + 1)`` (E: kept fraction)."""
+    energies = np.asarray(profile.energies[0], dtype=float)
+    lost = np.concatenate([np.cumsum(energies[::-1])[::-1], [0.0]]) / max(float(energies.sum()), 1e-300)
+    curve = -np.log(np.maximum(1.0 - lost, 1e-300))  # -log E(k), k = 0 .. full (as kept_fraction)
+    return np.maximum(-np.diff(curve), 0.0)
 
 
 def _affine_rank_cost(cost, full):
@@ -263,22 +268,36 @@ class LossProfile:
     they are kept); the layer at rank ``k`` costs ``k * step + fixed_cost`` and loses
     ``sum(losses[k:])``; dense costs ``dense_cost`` and loses nothing. Ranks below
     ``min_rank`` are never chosen (the layer stays dense rather than go below it).
+    ``rank_costs`` (optional, ``len(losses) + 1`` non-decreasing values, ``inf`` = rank not
+    available) replaces the affine cost by measured ones (e.g. seconds, :mod:`layers.latency`).
     """
 
     losses: np.ndarray
     step: int
-    dense_cost: int
+    dense_cost: float
     fixed_cost: int = 0
     min_rank: int = 1
+    rank_costs: np.ndarray | None = None
 
     @property
     def max_rank(self) -> int:
         """Largest rank cheaper than dense (0 when none is)."""
+        if self.rank_costs is not None:
+            cheaper = np.flatnonzero(np.asarray(self.rank_costs[:len(self.losses) + 1]) < self.dense_cost)
+            return int(cheaper[-1]) if len(cheaper) else 0
         cheaper = (self.dense_cost - self.fixed_cost - 1) // self.step
         return int(max(0, min(cheaper, len(self.losses))))
 
-    def cost(self, rank) -> int:
-        return self.dense_cost if rank is None else rank * self.step + self.fixed_cost
+    def cost(self, rank) -> float:
+        if rank is None:
+            return self.dense_cost
+        return float(self.rank_costs[rank]) if self.rank_costs is not None else rank * self.step + self.fixed_cost
+
+    def costs(self, low: int, high: int) -> np.ndarray:
+        """Costs of ranks ``low .. high`` (inclusive)."""
+        if self.rank_costs is not None:
+            return np.asarray(self.rank_costs[low:high + 1], dtype=float)
+        return np.arange(low, high + 1) * self.step + self.fixed_cost
 
     def tail(self) -> np.ndarray:
         """``tail[k] = sum(losses[k:])`` for k = 0 .. len(losses)."""
@@ -295,7 +314,7 @@ def _choice(profile, tail, price):
     if high < low:
         return None
     ranks = np.arange(low, high + 1)
-    values = tail[low:high + 1] + price * (ranks * profile.step + profile.fixed_cost)
+    values = tail[low:high + 1] + price * profile.costs(low, high)
     best = int(np.argmin(values))
     return None if price * profile.dense_cost <= values[best] else int(ranks[best])
 
@@ -390,7 +409,7 @@ def _fill_by_loss(profiles, tails, state, target):
         up = r + 1 if r + 1 <= p.max_rank else None
         extra = p.cost(up) - p.cost(r)
         saved = float(tails[name][r]) - (float(tails[name][up]) if up is not None else 0.0)
-        heapq.heappush(heap, (-saved / max(extra, 1), name, r, up, extra))
+        heapq.heappush(heap, (-saved / max(extra, 1e-300), name, r, up, extra))  # a free step first
 
     for name in state:
         push(name)

@@ -284,11 +284,12 @@ def compress(model, method="svd", *, rank=None, energy=None, tol=None, ratio=Non
     the *targeted* layers keep at most the fraction ``f`` of their parameters (or MACs,
     which needs ``example_input``); ``dict(params=f, of="model")`` counts the whole model
     instead. The report prints both fractions, computed on the final model after every skip.
-    A layer whose factorized form would not be smaller (parameters; stored bits for PQ)
-    is left dense, with the reason in the report. ``example_input`` (a tensor, tuple or
-    dict) lets the report count FLOPs and, with ``time_layers=True`` (default), times every replaced
-    layer against its dense one on the shape it sees (a warning and a report note for each slower
-    one; ``time_layers=False`` skips that timing, e.g. for large inputs). ``model`` is deep-copied
+    ``dict(latency=f)``: ranks on the targeted layers' *measured* times (:mod:`layers.latency`).
+    A layer whose factorized form would not be smaller (parameters; stored bits for PQ) is left
+    dense, with the reason in the report. ``example_input`` (a tensor, tuple or dict) lets the
+    report count FLOPs and, with ``time_layers=True`` (default), times every replaced layer
+    against its dense one on the shape it sees (a warning and a report note for each slower one;
+    ``time_layers=False`` skips that timing, e.g. for large inputs). ``model`` is deep-copied
     unless ``inplace=True``.
 
     ``calibration`` (from :func:`layers.calibrate` on this model): data-aware decomposition;
@@ -492,7 +493,12 @@ def _factorize(target, settings, input_shape, record, time_layers=True):
                          f"not fewer than the dense {record.params_before:,}")
         return None
     if time_layers and input_shape is not None and factorized.fit.speedup is None:  # no silent slow-down
-        check_speed(factorized, target.dense, input_shape, context=target.name)
+        try:
+            check_speed(factorized, target.dense, input_shape, context=target.name,
+                        on_slower=settings.get("on_slower", "warn"))
+        except UnsupportedLayerError as err:  # on_slower='raise' (a latency budget): kept dense, say why
+            record.status = "skipped: timed again after the allocation: " + err.reason
+            return None
     return factorized
 
 
@@ -638,9 +644,9 @@ def _check_budget_request(default, policy, budget, example_input):
         raise ValueError(f"budget={budget!r} chooses the ranks itself; do not also pass "
                          f"{', '.join(f'{k}=' for k in given) or 'policy='}")
     what = [k for k in (budget if isinstance(budget, dict) else {}) if k not in BUDGET_KEYWORDS]
-    if not isinstance(budget, dict) or len(what) != 1 or what[0] not in ("params", "flops"):
-        raise ValueError(f"budget={budget!r}: pass dict(params=fraction) or dict(flops=fraction), optionally with "
-                         f"of='targeted' (default) or of='model' and min_rank=")
+    if not isinstance(budget, dict) or len(what) != 1 or what[0] not in BUDGET_KINDS:
+        raise ValueError(f"budget={budget!r}: pass dict(params=fraction), dict(flops=fraction) or "
+                         f"dict(latency=fraction), optionally with of='targeted' (default) or of='model' and min_rank=")
     _check_min_rank(budget.get("min_rank"), budget)
     if budget.get("of", "targeted") not in BUDGET_SCOPES:
         raise ValueError(f"budget={budget!r}: of= must be one of {BUDGET_SCOPES}")
@@ -649,9 +655,13 @@ def _check_budget_request(default, policy, budget, example_input):
         raise ValueError(f"budget={budget!r}: the fraction must be in (0, 1]")
     if "flops" in budget and example_input is None:
         raise ValueError("budget=dict(flops=...) needs example_input= to count the layers' FLOPs")
+    if "latency" in budget and (example_input is None or budget.get("of", "targeted") != "targeted"):
+        raise ValueError(f"budget={budget!r}: a latency budget times each targeted layer on the input it sees: "
+                         f"pass example_input=, and of='targeted' (the fraction of the targeted layers' time)")
 
 
 BUDGET_KEYWORDS = ("of", "min_rank")
+BUDGET_KINDS = ("params", "flops", "latency")
 
 
 def _check_min_rank(min_rank, budget):
@@ -706,21 +716,40 @@ def _budget_plan(targets, plan, shapes, budget, method, report, evaluation=None,
     targeted_cost = sum(p.dense_cost for p in profiles.values())
     total = targeted_cost if scope == "targeted" else _budget_total(kind, targets, shapes, report)
     report.budget_request = dict(kind=kind, fraction=fraction, scope=scope, names=set(targeted))
-    if evaluation is not None:  # eval_fn=: ranks from measured metric drops (layers/evalalloc.py)
+    if kind == "latency":
+        report.budget = _latency_allocation(profiles, dense, shapes, fraction, budget, cost_of, report)
+    elif evaluation is not None:  # eval_fn=: ranks from measured metric drops (layers/evalalloc.py)
         from .evalalloc import eval_driven_plan
         new_plan, report.budget = eval_driven_plan(evaluation[0], dense, plan, total, fraction, cost_of, method,
                                                    evaluation[1], cache=evaluation[2], report=report)
         return new_plan
-    report.budget = _allocate(profiles, cost_of, total - targeted_cost, fraction * total, budget, fisher, report,
-                              calibrated=calibration is not None)
+    else:
+        report.budget = _allocate(profiles, cost_of, total - targeted_cost, fraction * total, budget, fisher, report,
+                                  calibrated=calibration is not None)
     new_plan = dict(plan)
     for name in targeted:
         ranks = report.budget.ranks[name]
         if ranks is None:
             new_plan[name] = "skipped: kept dense by the budget allocation"
         else:
-            new_plan[name] = dict(method=method, rank=ranks[0] if len(ranks) == 1 else ranks, **layer_options[name])
+            slower = dict(on_slower="raise") if kind == "latency" else {}  # a time budget keeps no slower layer
+            new_plan[name] = dict(method=method, rank=ranks[0] if len(ranks) == 1 else ranks,
+                                  **{**slower, **layer_options[name]})
     return new_plan
+
+
+def _latency_allocation(profiles, dense, shapes, fraction, budget, cost_of, report):
+    """:func:`layers.latency.allocate_latency` (ranks on measured layer times), said in the report."""
+    from .latency import allocate_latency
+
+    allocation = allocate_latency(profiles, dense, shapes, fraction, min_rank=_min_rank_patterns(budget),
+                                  macs_of=cost_of, report=report)
+    on = "the estimated loss increase" if all(p.objective == "loss" for p in profiles.values()) else \
+        "relative energy (calibrate(..., fisher=True) allocates on the estimated loss)"
+    report.notes.append(f"budget allocated on measured layer times (layers.latency: each layer timed dense and at "
+                        f"kernel-friendly ranks on its example_input shape, {torch.get_num_threads()} torch "
+                        f"thread(s)) and on {on}")
+    return allocation
 
 
 def fisher_in_output_scale(calibration, name, layer) -> torch.Tensor:
@@ -796,6 +825,8 @@ def _final_notes(report, budget, targets):
         return
     request = report.budget_request
     kind, fraction, scope = request["kind"], request["fraction"], request["scope"]
+    if kind == "latency":
+        return _latency_verdict(report, fraction)
     totals = report.totals()
     if kind == "params":
         layers_before, layers_after = report.targeted_totals("params")
@@ -819,6 +850,23 @@ def _final_notes(report, budget, targets):
                         + f". Targeted layers: {layers_before:,} -> {layers_after:,} "
                           f"({layers_after / max(layers_before, 1):.2%}); whole model: {model_before:,} -> "
                           f"{model_after:,} ({model_after / max(model_before, 1):.2%})")
+
+
+def _latency_verdict(report, fraction):
+    """The latency budget's verdict: the allocation's predicted time, and the built layers timed again."""
+    timed = report.latency
+    before, predicted = timed["dense_seconds"], timed["predicted_seconds"]
+    speedups = [(timed["layers"][r.name]["dense_seconds"], r.speedup if r.replaced else 1.0)
+                for r in report.layers if r.name in timed["layers"]]
+    report.budget_met = report.budget.met
+    text = (f"budget: time of the targeted layers <= {fraction:.2%} of {before * 1e3:.4g} ms = "
+            f"{fraction * before * 1e3:.4g} ms; {'met' if report.budget_met else 'NOT met'}: predicted "
+            f"{predicted * 1e3:.4g} ms ({predicted / before:.2%}) from the times measured for the allocation")
+    if all(speedup for _, speedup in speedups):
+        retimed = sum(seconds / speedup for seconds, speedup in speedups)
+        text += (f"; the built layers timed again: {retimed * 1e3:.4g} ms ({retimed / before:.2%}, speedup "
+                 f"{before / retimed:.2f}x)")
+    report.notes.insert(0, text)
 
 
 def _progress(items, enabled):

@@ -4,7 +4,8 @@
 
     decomp analyze MODEL [--thresholds 0.8 0.9 0.95 0.99] [--scheme channel|spatial] [--plots DIR]
     decomp compress MODEL --method svd [--energy E | --tol T | --ratio R | --rank K |
-                    --budget-params F | --budget-flops F] [--include PAT ...] [--exclude PAT ...]
+                    --budget-params F | --budget-flops F | --budget-latency F] [--include PAT ...]
+                    [--exclude PAT ...]
                     [--set KEY=VALUE ...] -o OUT [--format pt2|onnx|dir|ts] [--static-shapes] [--eval]
                     [--report-json FILE]
     decomp demo [--limit N] [--plots DIR | --no-plots]
@@ -33,7 +34,7 @@ from pathlib import Path
 
 from ..zoo import ZOO, MissingZooPackage
 
-SPEC_FLAGS = ("energy", "tol", "ratio", "rank", "budget_params", "budget_flops")
+SPEC_FLAGS = ("energy", "tol", "ratio", "rank", "budget_params", "budget_flops", "budget_latency")
 
 
 class CLIError(Exception):
@@ -74,6 +75,8 @@ def _spec_kwargs(args) -> dict:
         return dict(budget=dict(params=args.budget_params))
     if args.budget_flops is not None:
         return dict(budget=dict(flops=args.budget_flops))
+    if args.budget_latency is not None:
+        return dict(budget=dict(latency=args.budget_latency))
     return {k: getattr(args, k) for k in ("energy", "tol", "ratio", "rank") if getattr(args, k) is not None}
 
 
@@ -137,15 +140,16 @@ def _compress(args) -> int:
         raise CLIError(f"--method {args.method!r} is not a method; available: {', '.join(methods)}")
     if not spec and _needs_spec(args.method):
         raise CLIError(f"method {args.method!r} needs a rank specification: pass one of the arguments --energy --tol "
-                       f"--ratio --rank --budget-params --budget-flops")
+                       f"--ratio --rank --budget-params --budget-flops --budget-latency")
     if "budget" not in spec and spec:
         from decomp_toolkit.decomp.rank import parse_rank_spec
 
         parse_rank_spec(**spec, allow_tuple=True, context="compress")   # one clear error before any loading
     loaded = _load(args)
-    if loaded.example_input is None and (args.budget_flops is not None or out_format not in ("pickle", "dir")):
-        raise CLIError("this model needs example inputs (for FLOPs or to export it): pass --input-shape, "
-                       "e.g. --input-shape 1,3,224,224")
+    timed = args.budget_flops is not None or args.budget_latency is not None
+    if loaded.example_input is None and (timed or out_format not in ("pickle", "dir")):
+        raise CLIError("this model needs example inputs (for FLOPs, layer times or to export it): pass "
+                       "--input-shape, e.g. --input-shape 1,3,224,224")
     if not Path(args.output.rstrip("/") or ".").parent.exists():
         raise CLIError(f"-o {args.output!r}: the directory {str(Path(args.output).parent)!r} does not exist")
     data = None
@@ -290,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="global budget: keep at most this fraction of the parameters (ranks allocated globally)")
     spec.add_argument("--budget-flops", type=_fraction, metavar="F",
                       help="global budget: keep at most this fraction of the Linear/Conv MACs")
+    spec.add_argument("--budget-latency", type=_fraction, metavar="F",
+                      help="global budget: keep at most this fraction of the layers' time measured on the example "
+                           "input (this machine, 1 torch thread by default)")
     comp.add_argument("--include", nargs="+", metavar="PATTERN", help="only layers matching these fnmatch patterns")
     comp.add_argument("--exclude", nargs="+", metavar="PATTERN", help="keep layers matching these patterns dense")
     comp.add_argument("--set", nargs="+", metavar="KEY=VALUE",
