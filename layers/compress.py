@@ -861,7 +861,9 @@ def _latency_verdict(report, fraction):
     report.budget_met = report.budget.met
     text = (f"budget: time of the targeted layers <= {fraction:.2%} of {before * 1e3:.4g} ms = "
             f"{fraction * before * 1e3:.4g} ms; {'met' if report.budget_met else 'NOT met'}: predicted "
-            f"{predicted * 1e3:.4g} ms ({predicted / before:.2%}) from the times measured for the allocation")
+            f"{predicted * 1e3:.4g} ms ({predicted / before:.2%}) from the times measured for the allocation"
+            + ("" if report.budget_met else " (the least these layers reach on this input, every one at its "
+                                             "fastest measured form: ask for a larger fraction)"))
     if all(speedup for _, speedup in speedups):
         retimed = sum(seconds / speedup for seconds, speedup in speedups)
         text += (f"; the built layers timed again: {retimed * 1e3:.4g} ms ({retimed / before:.2%}, speedup "

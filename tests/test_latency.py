@@ -114,3 +114,13 @@ def test_latency_budget_bad_requests_say_what_to_pass():
     with pytest.raises(ValueError, match="one rank axis"):
         compress(net, method="tucker", budget=dict(latency=0.5), example_input=x, include=["2", "4"],
                  progress=False)
+
+
+def test_unreachable_latency_budget_is_reported_not_met(monkeypatch):
+    monkeypatch.setattr(latency, "time_modules", _synthetic_times)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, report = compress(_net(), method="svd", budget=dict(latency=0.001), example_input=torch.randn(2, 3, 8, 8),
+                             progress=False)
+    assert report.budget_met is False and not report.budget.met
+    assert "NOT met" in report.notes[0] and "ask for a larger fraction" in report.notes[0]
