@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import decomp_toolkit.layers.latency as latency
+import decomp_toolkit.layers.speed as speed
 from decomp_toolkit.layers import compress
 from decomp_toolkit.layers.budget import LossProfile, allocate_by_loss
 from decomp_toolkit.layers.latency import rank_costs, rank_grid, timed_rank
@@ -80,8 +81,14 @@ def _synthetic_times(modules, x, **_):
     return {k: seconds(m) for k, m in modules.items()}
 
 
-def test_compress_latency_budget_keeps_slow_layers_dense_and_meets_the_predicted_time(monkeypatch):
+def _synthetic_clock(monkeypatch):
+    """The allocation's timings and compress's re-timing of every built layer both on the synthetic cost model."""
     monkeypatch.setattr(latency, "time_modules", _synthetic_times)
+    monkeypatch.setattr(speed, "time_modules", _synthetic_times)
+
+
+def test_compress_latency_budget_keeps_slow_layers_dense_and_meets_the_predicted_time(monkeypatch):
+    _synthetic_clock(monkeypatch)
     net, x = _net(), torch.randn(2, 3, 8, 8)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     with warnings.catch_warnings():
@@ -117,7 +124,7 @@ def test_latency_budget_bad_requests_say_what_to_pass():
 
 
 def test_unreachable_latency_budget_is_reported_not_met(monkeypatch):
-    monkeypatch.setattr(latency, "time_modules", _synthetic_times)
+    _synthetic_clock(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _, report = compress(_net(), method="svd", budget=dict(latency=0.001), example_input=torch.randn(2, 3, 8, 8),
