@@ -717,6 +717,9 @@ def _budget_plan(targets, plan, shapes, budget, method, report, evaluation=None,
     total = targeted_cost if scope == "targeted" else _budget_total(kind, targets, shapes, report)
     report.budget_request = dict(kind=kind, fraction=fraction, scope=scope, names=set(targeted))
     if kind == "latency":
+        if evaluation is not None:
+            raise ValueError(f"budget={budget!r} allocates on measured layer times; eval_fn= allocates on metric "
+                             f"drops: pass one of them")
         report.budget = _latency_allocation(profiles, dense, shapes, fraction, budget, cost_of, report)
     elif evaluation is not None:  # eval_fn=: ranks from measured metric drops (layers/evalalloc.py)
         from .evalalloc import eval_driven_plan
@@ -855,7 +858,7 @@ def _final_notes(report, budget, targets):
 def _latency_verdict(report, fraction):
     """The latency budget's verdict: the allocation's predicted time, and the built layers timed again."""
     timed = report.latency
-    before, predicted = timed["dense_seconds"], timed["predicted_seconds"]
+    before, predicted = timed["dense_seconds"], report.budget.cost
     speedups = [(timed["layers"][r.name]["dense_seconds"], r.speedup if r.replaced else 1.0)
                 for r in report.layers if r.name in timed["layers"]]
     report.budget_met = report.budget.met

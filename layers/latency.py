@@ -49,9 +49,9 @@ def rank_grid(full: int) -> list:
     return ranks + [full]
 
 
-def _timed_twin(profile, ranks):
-    """The profile's layer at ``ranks``, on the CPU with random weights (the builder makes it on ``meta``)."""
-    module = profile.build(ranks).to_empty(device="cpu")
+def _timed_twin(meta_module):
+    """The profile builder's ``meta`` module on the CPU with random weights (the time does not depend on them)."""
+    module = meta_module.to_empty(device="cpu")
     with torch.no_grad():
         for p in module.parameters():
             p.normal_(0.0, 0.02)
@@ -68,7 +68,7 @@ def layer_rank_times(layer, profile, input_shape, max_macs=None, macs_of=None) -
         module = profile.build((rank,))
         if max_macs is not None and macs_of(module) >= max_macs:
             break
-        twins[rank] = _timed_twin(profile, (rank,))
+        twins[rank] = _timed_twin(module)
     x = _random_input(layer, input_shape)
     with torch.inference_mode():
         times = time_modules({"dense": layer, **twins}, x)
@@ -90,12 +90,15 @@ def timed_rank(costs: np.ndarray, times: dict, rank: int) -> int:
     return max(r for r, t in times.items() if r >= rank and t == costs[rank])
 
 
-def allocate_latency(profiles: dict, dense: dict, shapes: dict, fraction: float, *, min_rank=None,
-                     macs_of=None, report=None) -> Allocation:
+def allocate_latency(profiles: dict, dense: dict, shapes: dict, fraction: float, *, macs_of, min_rank=None,
+                     report=None) -> Allocation:
     """Ranks ``{name: (rank,) or None}`` whose summed measured time is <= ``fraction`` x the dense time of
     the targeted layers, at the least summed loss estimate (module docstring). ``profiles``: the
     single-axis :class:`layers.budget.BudgetProfile` of each layer; ``dense[name]``: the layer;
-    ``shapes[name]``: the input shape it sees; ``macs_of(name, module)``: its MACs there."""
+    ``shapes[name]``: the input shape it sees; ``macs_of(name, module)``: its MACs there. The losses are
+    the profiles' estimated losses when every profile has them, else ``-log`` kept energy for all (the two
+    are not comparable across layers)."""
+    on_loss = all(p.objective == "loss" for p in profiles.values())
     converted, measured, cache = {}, {}, {}
     for name, profile in profiles.items():
         if len(profile.full_ranks) != 1:
@@ -107,8 +110,7 @@ def allocate_latency(profiles: dict, dense: dict, shapes: dict, fraction: float,
             cache[key] = layer_rank_times(layer, profile, shapes[name], profile.dense_cost,
                                           lambda m, n=name: macs_of(n, m))
         dense_time, times = cache[key]
-        losses = np.asarray(profile.energies[0], dtype=float) if profile.objective == "loss" else energy_losses(
-            profile)
+        losses = np.asarray(profile.energies[0], dtype=float) if on_loss else energy_losses(profile)
         converted[name] = LossProfile(losses=losses, step=1, dense_cost=dense_time, min_rank=rank_floor(
             name, full, min_rank), rank_costs=rank_costs(times, full, dense_time))
         measured[name] = (dense_time, times)
@@ -117,8 +119,7 @@ def allocate_latency(profiles: dict, dense: dict, shapes: dict, fraction: float,
     allocation.ranks = {n: None if r is None else (timed_rank(converted[n].rank_costs, measured[n][1], r[0]),)
                         for n, r in allocation.ranks.items()}
     if report is not None:
-        report.latency = dict(dense_seconds=dense_total, predicted_seconds=allocation.cost,
-                              layers={n: dict(dense_seconds=d, rank_seconds=t) for n, (d, t) in measured.items()})
+        report.latency = dict(dense_seconds=dense_total, layers={n: dict(dense_seconds=d, rank_seconds=t) for n, (d, t) in measured.items()})
     return allocation
 
 

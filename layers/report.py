@@ -91,8 +91,8 @@ class Report:
     model_bits_after: int = 0
     budget_request: dict = field(default_factory=dict)  # kind, fraction, scope, names of the targeted layers
     budget_met: bool | None = None
-    # budget=dict(latency=...): dense_seconds, predicted_seconds, per layer dense_seconds and rank_seconds
-    # (layers.latency)
+    # budget=dict(latency=...): dense_seconds and, per layer, dense_seconds and rank_seconds (layers.latency;
+    # the predicted time is budget.cost)
     latency: dict = field(default_factory=dict)
 
     @property

@@ -1,6 +1,7 @@
 """Latency budgets (layers.latency): the timed rank grid, the measured cost curves, the allocation under a
 time budget, and compress(budget=dict(latency=...)). Times are synthetic (a cost model patched in for
 layers.speed.time_modules): no wall-clock figure is asserted."""
+import copy
 import itertools
 import warnings
 
@@ -98,7 +99,7 @@ def test_compress_latency_budget_keeps_slow_layers_dense_and_meets_the_predicted
     records = {r.name: r for r in report.layers}
     assert not records["0"].replaced  # every factorized form of it is slower than dense
     timed = report.latency
-    assert report.budget.met and timed["predicted_seconds"] <= 0.5 * timed["dense_seconds"] + 1e-15
+    assert report.budget.met and report.budget.cost <= 0.5 * timed["dense_seconds"] + 1e-15
     predicted = 0.0
     for name, record in records.items():
         layer = timed["layers"][name]
@@ -107,7 +108,7 @@ def test_compress_latency_budget_keeps_slow_layers_dense_and_meets_the_predicted
             predicted += layer["rank_seconds"][record.rank]
         else:
             predicted += layer["dense_seconds"]
-    assert predicted == pytest.approx(timed["predicted_seconds"])
+    assert predicted == pytest.approx(report.budget.cost)
     assert "budget: time of the targeted layers" in report.notes[0] and "met" in report.notes[0]
     assert sum(p.numel() for p in small.parameters()) == report.model_params_after
 
@@ -118,6 +119,9 @@ def test_latency_budget_bad_requests_say_what_to_pass():
         compress(net, method="svd", budget=dict(latency=0.5), progress=False)
     with pytest.raises(ValueError, match="of='targeted'"):
         compress(net, method="svd", budget=dict(latency=0.5, of="model"), example_input=x, progress=False)
+    with pytest.raises(ValueError, match="eval_fn"):
+        compress(net, method="svd", budget=dict(latency=0.5), example_input=x, eval_fn=lambda m: 0.0,
+                 progress=False)
     with pytest.raises(ValueError, match="one rank axis"):
         compress(net, method="tucker", budget=dict(latency=0.5), example_input=x, include=["2", "4"],
                  progress=False)
@@ -131,3 +135,29 @@ def test_unreachable_latency_budget_is_reported_not_met(monkeypatch):
                              progress=False)
     assert report.budget_met is False and not report.budget.met
     assert "NOT met" in report.notes[0] and "ask for a larger fraction" in report.notes[0]
+
+
+def test_mixed_loss_and_energy_profiles_are_all_allocated_on_energy(monkeypatch):
+    """Estimated losses and -log kept energy are not comparable across layers: with one layer lacking a
+    loss estimate every layer is allocated on energy, as the MAC / parameter allocator does."""
+    from decomp_toolkit.layers.latency import allocate_latency
+    from decomp_toolkit.layers.lowrank import svd_budget_profile
+
+    monkeypatch.setattr(latency, "time_modules", _synthetic_times)
+    torch.manual_seed(0)
+    layers = {"a": torch.nn.Linear(48, 64), "b": torch.nn.Linear(64, 48)}
+    gram = torch.eye(48, dtype=torch.float64) + 0.1
+    mixed = {"a": svd_budget_profile(layers["a"], gram=gram, fisher=torch.rand(64, dtype=torch.float64) * 1e3),
+             "b": svd_budget_profile(layers["b"])}
+    assert [p.objective for p in mixed.values()] == ["loss", "energy"]
+    shapes = {"a": (16, 48), "b": (16, 64)}
+
+    def macs_of(name, module):
+        return sum(p.numel() for p in module.parameters())
+    for p, layer in zip(mixed.values(), layers.values()):
+        p.dense_cost = macs_of(None, layer)
+    as_energy = {n: copy.copy(p) for n, p in mixed.items()}
+    as_energy["a"].objective = "energy"
+    got = allocate_latency(mixed, layers, shapes, 0.5, macs_of=macs_of)
+    expected = allocate_latency(as_energy, layers, shapes, 0.5, macs_of=macs_of)
+    assert got.ranks == expected.ranks and got.objective == pytest.approx(expected.objective)
