@@ -7,6 +7,8 @@ seconds, 1 torch thread by default):
 
 * ``calibrate(model, cal, include=LINEARS, batch_size=8)``
 * ``compress(model, method="svd", ratio=R, calibration=..., include=[LINEARS])`` (whitened SVD)
+* the same two with ``calibrate(..., gram_precision="float32")`` (float32 products, float64 sums;
+  SVD-LLM's own profiling is all float32)
 * with ``--sequential``: ``compress_sequential(model, cal, ratio=R, ...)`` and
   ``compress_sequential(model, cal, budget=dict(layer_params=R), min_rank={"*": 0.05}, ...)``
 * with ``--svdllm DIR`` (a checkout of SVD-LLM's code): its own profiling and truncation on the
@@ -45,14 +47,19 @@ def steps(model, cal_tokens, ratio, sequential, svdllm=None):
     """``{label: zero-argument callable}`` of the timed steps, in order; compress reuses calibrate's result."""
     done = {}
 
-    def run_calibrate():
-        done["calibration"] = calibrate(model, cal_tokens, include=LINEARS, batch_size=8, progress=False)
+    def run_calibrate(precision):
+        done[precision] = calibrate(model, cal_tokens, include=LINEARS, batch_size=8, progress=False,
+                                    gram_precision=precision)
         return None, None
 
-    plan = {"calibrate": run_calibrate,
-            "compress (whitened svd)": lambda: compress(model, method="svd", ratio=ratio,
-                                                        calibration=done["calibration"], include=[LINEARS],
-                                                        progress=False)}
+    def run_compress(precision):
+        return compress(model, method="svd", ratio=ratio, calibration=done[precision], include=[LINEARS],
+                        progress=False)
+
+    plan = {}
+    for precision, label in (("float64", ""), ("float32", " gram_precision=float32")):
+        plan["calibrate" + label] = lambda p=precision: run_calibrate(p)
+        plan["compress (whitened svd)" + label] = lambda p=precision: run_compress(p)
     if sequential:
         plan["compress_sequential ratio"] = lambda: compress_sequential(
             model, cal_tokens, ratio=ratio, include=LINEARS, batch_size=8, progress=False)
@@ -78,7 +85,7 @@ def main(argv=None):
     model = smollm2.load_smollm2()
     cal_tokens = smollm2.token_windows("calibration", count=32, length=256)
     test = smollm2.token_windows("test", count=32, length=256)
-    rows, total_wall, total_cpu, peer_wall, peer_cpu = [], 0.0, 0.0, 0.0, 0.0
+    rows, totals, peer_wall, peer_cpu = [], {}, 0.0, 0.0
     for label, step in steps(model, cal_tokens, args.ratio, args.sequential, args.svdllm).items():
         (small, report), wall, cpu = bench.time_once(step)
         if label.startswith("SVD-LLM truncation"):
@@ -87,15 +94,19 @@ def main(argv=None):
         ppl = f"{smollm2.perplexity(small, test):.4f}" if small is not None else ""
         timings = ", ".join(f"{k} {v:.1f}" for k, v in getattr(report, "timings", {}).items())
         rows.append([label, f"{wall:.1f}", f"{cpu:.1f}", ppl, rank_digest(report) if report else "", timings])
-        if label in ("calibrate", "compress (whitened svd)"):
-            total_wall, total_cpu = total_wall + wall, total_cpu + cpu
+        if label.startswith(("calibrate", "compress (whitened svd)")):
+            key = label.partition(" gram_precision")[1:]
+            previous = totals.get(key, (0.0, 0.0))
+            totals[key] = (previous[0] + wall, previous[1] + cpu)
         if label.startswith("SVD-LLM"):
             peer_wall, peer_cpu = peer_wall + wall, peer_cpu + cpu
         print(" | ".join(rows[-1]), flush=True)
-    rows.insert(2, ["calibrate + compress", f"{total_wall:.1f}", f"{total_cpu:.1f}", "", "", ""])
+    for at, (key, (wall, cpu)) in zip((2, 5), totals.items()):
+        rows.insert(at, ["calibrate + compress" + "".join(key), f"{wall:.1f}", f"{cpu:.1f}", "", "", ""])
     if args.svdllm:
         rows.append(["SVD-LLM profiling + truncation", f"{peer_wall:.1f}", f"{peer_cpu:.1f}", "", "", ""])
-        rows.append(["ours / SVD-LLM (thread CPU)", "", f"{total_cpu / peer_cpu:.2f}", "", "", ""])
+        for key, (_, cpu) in totals.items():
+            rows.append(["ours" + "".join(key) + " / SVD-LLM (thread CPU)", "", f"{cpu / peer_cpu:.2f}", "", "", ""])
     bench.section(f"SmolLM2-135M pipeline, ratio {args.ratio} (each step once)",
                   ["step", "wall s", "thread CPU s", "perplexity (32 x 256 test)", "ranks", "report timings (s)"],
                   rows)

@@ -292,11 +292,15 @@ class MiniLMCalibrations:
         return calibration
 
 
-def minilm_sequential(dense, batches, forward, fraction, min_rank=0.1, allocation=None):
+def minilm_sequential(dense, batches, forward, fraction, min_rank=0.1, allocation=None, use_mask=False):
     """``compress_sequential`` of MiniLM: its own loss-aware budget (``layer_params=fraction``, ``min_rank``
-    floors), or the ranks of ``allocation()`` (a ``compress`` call returning ``(model, report)``)."""
+    floors), or the ranks of ``allocation()`` (a ``compress`` call returning ``(model, report)``). ``use_mask``:
+    the ``(ids, mask)`` batches go as dicts (``model(**batch)``), so the fit sees the attention mask and leaves
+    the padding rows out of its statistics."""
     from decomp_toolkit.layers.sequential import compress_sequential
 
+    if use_mask:
+        batches, forward = [dict(input_ids=ids, attention_mask=mask) for ids, mask in batches], None
     if allocation is None:
         return compress_sequential(dense, batches, budget=dict(layer_params=fraction), min_rank={"*": min_rank},
                                    forward=forward, progress=False)
@@ -305,19 +309,18 @@ def minilm_sequential(dense, batches, forward, fraction, min_rank=0.1, allocatio
 
 def minilm_rows(args, emit):
     """MiniLM rows: ``svd@f`` / ``svd ratio=f`` as for CRAFT, on the Linear parameters; ``fisher loss-budget``:
-    ``calibrate(..., fisher=True)`` + ``budget=dict(params=f, min_rank=0.1)``; ``masked``: the calibration
-    batches passed as dicts, so calibrate sees the attention mask and leaves the padding rows out of the Grams
-    (the other rows keep them: tuples run as ``model(*batch)``); ``shrinkage=held_out``: every layer's
-    shrinkage weight chosen by its output error on 64 calibration-split sentences the calibration does not
-    use; ``svd-seq@f layer_params``: ``compress_sequential(budget=dict(layer_params=f), min_rank={"*": 0.1})``."""
+    ``calibrate(..., fisher=True)`` + ``budget=dict(params=f, min_rank=0.1)``; ``masked``: the calibration batches
+    passed as dicts, so calibrate (or compress_sequential) sees the attention mask and leaves the padding rows out
+    of the Grams (the other rows keep them: tuples run as ``model(*batch)``); ``shrinkage=held_out``: each layer's
+    shrinkage weight chosen by its output error on 64 calibration-split sentences the calibration does not use;
+    ``svd-seq@f layer_params``: ``compress_sequential(budget=dict(layer_params=f), min_rank={"*": 0.1})``."""
     from decomp_toolkit.analysis.zoo import tokenize
     from decomp_toolkit.analysis.zoo.wiki import wiki_sentences
 
     entry = ZOO["minilm-text"]
     dense = entry.load_model()
     data = entry.load_eval_data()
-    example = entry.example_input()
-    timing = example
+    example = timing = entry.example_input()
     sentences = wiki_sentences("calibration", limit=args.calibration_sentences)
     batches = [tokenize(sentences[i:i + 32]) for i in range(0, len(sentences), 32)]
     forward = lambda m, b: m(*b)  # noqa: E731
@@ -347,8 +350,8 @@ def minilm_rows(args, emit):
                                 example_input=example, calibration=calibrated_with(use_mask, fisher=True),
                                 progress=False, **kw)
 
-    def sequential(fraction, allocation=None):
-        return lambda: minilm_sequential(dense, batches, forward, fraction, allocation=allocation)
+    def sequential(fraction, allocation=None, use_mask=False):
+        return lambda: minilm_sequential(dense, batches, forward, fraction, allocation=allocation, use_mask=use_mask)
 
     # eval_fn for the eval-driven rows, and held_out= of the held-out shrinkage rows: Wikipedia sentences of the
     # calibration split that calibration does not use (never the evaluation texts)
@@ -375,6 +378,7 @@ def minilm_rows(args, emit):
         run(f"svd@{fraction:g} masked fisher loss-budget min_rank=0.1 shrinkage=held_out",
             loss_budget(fraction, use_mask=True, held_out=held_out_masked, shrinkage="held_out"))
         run(f"svd-seq@{fraction:g} layer_params min_rank=0.1", sequential(fraction))
+        run(f"svd-seq@{fraction:g} layer_params min_rank=0.1 masked", sequential(fraction, use_mask=True))
         run(f"svd-seq@{fraction:g} on the masked fisher loss-budget ranks",
             sequential(fraction, allocation=loss_budget(fraction, use_mask=True)))
         run(f"svd@{fraction:g} uncalibrated", ours(fraction, calibrated=False), calibrated=False)

@@ -24,6 +24,11 @@ output error (it exceeds it by ``d ||W - W'||_F^2`` under the square root). When
 ``jitter = trace(G)/n`` fails, or on request (``whitening="eigh"``), ``L = Q diag(sqrt(max(l, 0)))``
 from the eigendecomposition ``G = Q diag(l) Q^T`` is used instead (no jitter).
 The output error measured a posteriori with the un-jittered ``G`` is reported as well.
+
+Cost: the spectrum of ``W L`` and the SVD of ``U_k^T W`` come from eigendecompositions of the
+smaller Grams (:func:`output_subspace`, :func:`short_svd`), 2-3x cheaper than SVDs; when a kept
+singular value is below ``sqrt(GRAM_ROUTE_FLOOR)`` of the largest, where squaring would cost
+accuracy, the SVD itself is used.
 """
 from __future__ import annotations
 
@@ -129,15 +134,15 @@ def whitened_svd(W, gram, rank=None, *, energy=None, tol=None, ratio=None, white
         L, used, shift = whitening_factor(Gb, whitening=whitening, jitter=jitter, context=context)
     shift = shift * math.ldexp(1.0, eg)
     WL = Tb @ L
-    U, S = left_singular_vectors(WL)
-    spectrum = S.cpu().numpy()
-    max_rank = min(m, n)
-    shape_text = f"shape {tuple(T.shape)}"
-    k = select_rank(spec, spectrum, max_rank=max_rank, params_of_rank=lambda r: svd_num_params(m, n, r, g),
-                    dense_params=g * m * n, matrix_shape=(m, n), context=f"{context} ({shape_text})")
+
+    def rank_of(spectrum):
+        return select_rank(spec, spectrum, max_rank=min(m, n), params_of_rank=lambda r: svd_num_params(m, n, r, g),
+                           dense_params=g * m * n, matrix_shape=(m, n), context=f"{context} (shape {tuple(T.shape)})")
+
+    spectrum, Uk = output_subspace(WL, rank_of)
+    k = Uk.shape[-1]
     bound = float(tail_errors(spectrum)[k]) * output_scale
-    Uk = U[..., :k]
-    P, Sk, Vh = torch.linalg.svd(Uk.transpose(-2, -1) @ Tb, full_matrices=False)  # U_k^T W = P S Vh
+    P, Sk, Vh = short_svd(Uk.transpose(-2, -1) @ Tb)  # U_k^T W = P S Vh
     Uw = Uk @ P
     E = Tb - (Uw * Sk[..., None, :]) @ Vh
     output_error = math.sqrt(max(float(((E @ Gb) * E).sum()), 0.0)) * output_scale
@@ -153,6 +158,62 @@ def whitened_svd(W, gram, rank=None, *, energy=None, tol=None, ratio=None, white
                               algorithm="whitened", output_error=output_error,
                               weight_error=float(torch.linalg.norm(E)) * weight_scale,
                               weight_norm=float(torch.linalg.norm(Tb)) * weight_scale, whitening=used, jitter=shift)
+
+
+# the Gram route resolves a kept direction when its eigenvalue is at least this fraction of the largest:
+# eigh's absolute eigenvalue error is ~ n eps lambda_max, so s_k keeps >= ~6 correct digits above it
+GRAM_ROUTE_FLOOR = 1e-7
+
+
+def output_subspace(WL, rank_of):
+    """``(spectrum, U_k)``: the singular values ``(g, min(m, n))`` of ``WL (g, m, n)`` (numpy, descending)
+    and an orthonormal basis ``U_k (g, m, k)`` of its leading ``k = rank_of(spectrum)`` left singular vectors.
+
+    Fast route: the eigendecomposition of the smaller Gram (``WL WL^T`` when ``m <= n``, else
+    ``WL^T WL`` whose top eigenvectors ``V_k`` give the basis as the QR factor of ``WL V_k``:
+    ``span(WL V_k) = span(U_k)``), 2-3x cheaper than an SVD. Its eigenvalue errors are
+    ~ ``n eps s_1^2`` in float64, so when a kept ``s_k^2`` is below ``GRAM_ROUTE_FLOOR * s_1^2`` (or
+    the input is below float64) the exact, backward-stable SVD route (:func:`left_singular_vectors`)
+    decides the spectrum and the rank instead. Only ``span(U_k)`` matters to ``W' = U_k U_k^T W``.
+    """
+    if WL.dtype == torch.float64 and min(WL.shape[-2:]) > 0:
+        spectrum, basis = _gram_route(WL)
+        k = rank_of(spectrum)
+        top = spectrum[:, :1] ** 2
+        if k == 0 or bool((spectrum[:, k - 1] ** 2 >= GRAM_ROUTE_FLOOR * top).all()):
+            return spectrum, basis(k)
+    U, S = left_singular_vectors(WL)
+    spectrum = S.cpu().numpy()
+    return spectrum, U[..., :rank_of(spectrum)]
+
+
+def short_svd(B):
+    """Thin SVD ``(P, S, Vh)`` of a short ``B (g, k, n)``, ``k <= n``, from the eigendecomposition of
+    ``B B^T (k, k)`` (``Vh = S^{-1} P^T B``: 2-3x cheaper than an SVD); the SVD itself when ``B`` is
+    not float64, is tall, or some ``s_i^2 < GRAM_ROUTE_FLOOR * s_1^2`` (where ``Vh``'s rows would
+    lose orthogonality: their error is ~ ``eps s_1^2 / s_i^2``). ``P S Vh = B`` up to rounding either way."""
+    k, n = B.shape[-2:]
+    if B.dtype == torch.float64 and 0 < k <= n:
+        values, P = torch.linalg.eigh(B @ B.transpose(-2, -1))
+        values, P = values.flip(-1), P.flip(-1)
+        if bool((values[..., -1:] >= GRAM_ROUTE_FLOOR * values[..., :1]).all()) and bool((values[..., :1] > 0).all()):
+            S = values.sqrt()
+            return P, S, (P.transpose(-2, -1) @ B) / S[..., :, None]
+    return torch.linalg.svd(B, full_matrices=False)
+
+
+def _gram_route(WL):
+    """``(spectrum, basis)`` of ``WL (g, m, n)`` from the eigendecomposition of its smaller Gram;
+    ``basis(k)`` is an orthonormal ``(g, m, k)`` basis of the leading ``k`` left singular vectors."""
+    wide = WL.shape[-2] <= WL.shape[-1]
+    H = WL @ WL.transpose(-2, -1) if wide else WL.transpose(-2, -1) @ WL
+    values, vectors = torch.linalg.eigh(0.5 * (H + H.transpose(-2, -1)))
+    values, vectors = values.flip(-1), vectors.flip(-1)
+    spectrum = values.clamp_min(0.0).sqrt().cpu().numpy()
+
+    def basis(k):
+        return vectors[..., :k] if wide else torch.linalg.qr(WL @ vectors[..., :k]).Q
+    return spectrum, basis
 
 
 def left_singular_vectors(M):

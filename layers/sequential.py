@@ -46,6 +46,7 @@ import copy
 import fnmatch
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -56,7 +57,8 @@ from decomp_toolkit.decomp.whitened import whitened_svd
 
 from ._accounting import CONV_TYPES, count_params
 from .batchnorm import prepare_batchnorm
-from .calibrate import batch_input, gram_of, gram_signature, iter_batches, pad_input, unfold_patches
+from .calibrate import (attention_mask, batch_input, drop_padding, gram_of, gram_signature, iter_batches, model_call,
+                        pad_input, unfold_patches)
 from .errors import UnsupportedLayerError
 from .distributed import is_distributed as _distributed
 from .fisher import fisher_weighted_spectrum, output_fisher
@@ -80,10 +82,13 @@ class SequentialReport(Report):
     the module's ``fit``: output errors, ``diagnostics`` with ``nonsequential``, ``refit_floor``,
     ``jitter``) and wall-clock ``timings`` (s): ``allocate`` (the budget's loss profiles),
     ``compress`` (the whole sequential pass), of which ``stage passes`` (forwards collecting the
-    statistics) and ``fits`` (the decompositions)."""
+    statistics) and ``fits`` (the decompositions). ``masked[name]``: the padding rows (attention
+    mask 0) left out of the layer's fit statistics, for the layers the mask applied to (as
+    :attr:`layers.calibrate.Calibration.masked`)."""
 
     fits: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    masked: dict = field(default_factory=dict)
 
     def rank_table(self) -> str:
         """``name  shape  rank  kept params`` of every targeted layer, one per line."""
@@ -109,6 +114,14 @@ def input_rows(layer, x) -> torch.Tensor:
     return patches.permute(perm).reshape(-1, weight_matrix(layer).shape[1])
 
 
+def masked_input_rows(layer, x, mask=None) -> tuple:
+    """``(rows, masked)``: :func:`input_rows` of ``x`` without the padding tokens of the attention ``mask``
+    ``(B, T)`` (the rule of :func:`layers.calibrate.drop_padding`: a Linear whose input starts with the
+    mask's dims), and how many rows were left out (None when the rule does not apply)."""
+    x, masked = drop_padding(layer, x, mask)
+    return input_rows(layer, x), masked
+
+
 def weight_matrix(layer) -> torch.Tensor:
     """The ``(out, P)`` matrix of a Linear or (ungrouped) conv."""
     return layer.weight.reshape(layer.weight.shape[0], -1)
@@ -117,7 +130,8 @@ def weight_matrix(layer) -> torch.Tensor:
 @dataclass
 class FitStatistics:
     """Sums over the calibration rows of one input: ``gram = X^T X``, ``gram_in = X'^T X'``,
-    ``cross = X'^T X``, ``mean``/``mean_in`` sums and ``count`` (float64). ``same``: X' == X so far."""
+    ``cross = X'^T X``, ``mean``/``mean_in`` sums and ``count`` (float64). ``same``: X' == X so far.
+    ``masked``: padding rows left out before :meth:`add` (None when no attention mask applied)."""
 
     gram: torch.Tensor
     gram_in: torch.Tensor
@@ -126,6 +140,7 @@ class FitStatistics:
     total_in: torch.Tensor
     count: int = 0
     same: bool = True
+    masked: int | None = None
 
     @classmethod
     def empty(cls, n, device=None):
@@ -179,9 +194,11 @@ class FitStatistics:
         tensors = [self.gram, self.total] + ([] if self.same else [self.gram_in, self.cross, self.total_in])
         for t in tensors:
             dist.all_reduce(t)
-        count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.gram.device)
-        dist.all_reduce(count)
-        self.count = int(count.item())
+        counts = torch.tensor([float(self.count), float(self.masked or 0), float(self.masked is not None)],
+                              dtype=torch.float64, device=self.gram.device)
+        dist.all_reduce(counts)
+        self.count = int(counts[0].item())
+        self.masked = int(counts[1].item()) if counts[2].item() > 0 else None
 
 
 def _world():
@@ -353,6 +370,9 @@ def _run_until_stop(model, batch, forward, device):
     try:
         if forward is not None:
             forward(model, batch)
+        elif isinstance(batch, Mapping):   # a dict / BatchEncoding runs as model(**batch), as in calibrate
+            args, kwargs = model_call(model, batch)
+            model(*args, **kwargs)
         else:
             x = batch_input(batch)
             model(x.to(device) if device is not None and isinstance(x, torch.Tensor) else x)
@@ -423,10 +443,14 @@ def _reference_pass(original, stream, names):
     return inputs, following
 
 
-def _collect_stage(block, unfitted, stream, reference, device):
-    """``(members, stats, key_of)``: the next group of unfitted layers reading the same tensor, and its statistics."""
+def _collect_stage(block, unfitted, stream, reference, device, masks=None):
+    """``(members, stats, key_of)``: the next group of unfitted layers reading the same tensor, and its statistics.
+
+    ``masks``: the attention mask ``(B, T)`` (or None) of each microbatch; its padding rows are left
+    out (:func:`masked_input_rows`)."""
     stats, key_of, members = {}, {}, None
     for j, (args, kwargs) in enumerate(stream):
+        mask = masks[j] if masks else None
         state = {"input": None, "names": [], "added": set()}
 
         def pre(module, inputs, name):
@@ -442,8 +466,12 @@ def _collect_stage(block, unfitted, stream, reference, device):
             key = (first, weight_matrix(module).shape[1], gram_signature(module))
             key_of[name] = key
             if key not in state["added"]:
-                rows, rows_in = input_rows(module, ref), input_rows(module, x.detach())
-                stats.setdefault(key, FitStatistics.empty(rows.shape[1], device=rows.device)).add(rows, rows_in)
+                rows, masked = masked_input_rows(module, ref, mask)
+                rows_in, _ = masked_input_rows(module, x.detach(), mask)
+                entry = stats.setdefault(key, FitStatistics.empty(rows.shape[1], device=rows.device))
+                entry.add(rows, rows_in)
+                if masked is not None:
+                    entry.masked = (entry.masked or 0) + masked
                 state["added"].add(key)
 
         hooks = [block.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: pre(m, a, n)) for n in unfitted]
@@ -483,13 +511,14 @@ def _fit_owned(layer, stats, rank, index, name, compare):
     return module, record
 
 
-def _compress_block(block, block_name, ranks, stream, reference, device, report, counter, compare=False):
-    """Fit every layer of ``block`` with a rank, stage by stage (see module docstring)."""
+def _compress_block(block, block_name, ranks, stream, reference, device, report, counter, compare=False, masks=None):
+    """Fit every layer of ``block`` with a rank, stage by stage (see module docstring); ``masks``: the
+    attention mask ``(B, T)`` (or None) of each microbatch of ``stream``."""
     local = [n for n in reference if ranks.get(_full(block_name, n)) is not None]
     unfitted = list(local)
     while unfitted:
         started = time.perf_counter()
-        members, stats, key_of = _collect_stage(block, unfitted, stream, reference, device)
+        members, stats, key_of = _collect_stage(block, unfitted, stream, reference, device, masks)
         report.timings["stage passes"] = report.timings.get("stage passes", 0.0) + time.perf_counter() - started
         if not members:
             raise RuntimeError(f"compress_sequential: block {block_name!r} never reached {unfitted}")
@@ -504,6 +533,8 @@ def _compress_block(block, block_name, ranks, stream, reference, device, report,
             counter[0] += 1
             _set_submodule(block, name, module)
             report.fits[full] = fit
+            if stats[key_of[name]].masked is not None:
+                report.masked[full] = stats[key_of[name]].masked
         unfitted = [n for n in unfitted if n not in members]
 
 
@@ -551,7 +582,16 @@ def compress_sequential(model, data, *, ratio=None, ranks=None, budget=None, inc
     """Sequential (asymmetric) low-rank compression of ``model``; returns ``(model, SequentialReport)``.
 
     ``data``: calibration batches (a tensor split into ``batch_size`` rows, or an iterable
-    of batches; ``forward(model, batch)`` runs one when ``model(batch)`` does not). Exactly
+    of batches; a dict / ``BatchEncoding`` batch runs as ``model(**batch)``, as in
+    :func:`layers.calibrate.calibrate`; ``forward(model, batch)`` runs one when that or
+    ``model(batch)`` does not). Padding: when a dict batch holds an ``attention_mask`` (B, T),
+    the rows of its padding tokens (mask 0) are left out of every statistic of a Linear whose
+    input starts with those (B, T) dims (the rule of :func:`layers.calibrate.drop_padding`, as
+    in ``calibrate``): the Grams ``X^T X`` / ``X'^T X'``, the cross-Gram ``X'^T X``, the means
+    and row counts of its fit (so ``rel_error_bound`` is over the real tokens) and the input
+    Gram of its loss profile (``budget=``; the output Fisher is not masked: padding rows of a
+    model that masks them get no gradient). ``report.masked[name]`` counts the rows left out,
+    as ``Calibration.masked``; the mask is read from the batch, with or without ``forward``. Exactly
     one of ``ratio`` (kept fraction of each layer's parameters), ``ranks`` ({name: k or None},
     or the report of a :func:`layers.compress.compress` call: its ranks, dense layers kept dense)
     or ``budget`` (``dict(params=f)`` for the whole model, ``dict(layer_params=f)`` for the
@@ -589,6 +629,7 @@ def compress_sequential(model, data, *, ratio=None, ranks=None, budget=None, inc
     batches = list(iter_batches(data, batch_size))
     if not batches:
         raise ValueError("compress_sequential: data yielded no batches")
+    masks = [attention_mask(b) for b in batches]
     blocks = list(blocks) if blocks is not None else find_blocks(target, targets)
     per_block = _assign_blocks(targets, blocks)
     start = time.perf_counter()
@@ -603,7 +644,7 @@ def compress_sequential(model, data, *, ratio=None, ranks=None, budget=None, inc
         local = [t[len(name) + 1:] if name else t for t in per_block[name] if plan.get(t) is not None]
         inputs, following = _reference_pass(reference, original, local)
         if local:
-            _compress_block(block, name, plan, compressed, inputs, device, report, counter, compare)
+            _compress_block(block, name, plan, compressed, inputs, device, report, counter, compare, masks)
         del inputs
         bar.update(1)
         return following, bool(local)
@@ -743,6 +784,7 @@ def layer_loss_profiles(model, layers, batches, blocks, *, forward=None, loss=No
     names = list(layers)
     fisher = output_fisher(model, names, batches, loss)
     per_block = _assign_blocks(names, blocks)
+    masks = [attention_mask(b) for b in batches]
     profiles = {}
 
     def per_block_fn(name, block, reference, original, compressed):
@@ -754,7 +796,7 @@ def layer_loss_profiles(model, layers, batches, blocks, *, forward=None, loss=No
             module = reference.get_submodule(short)
             key = (tuple(id(x) for x in inputs[short]), gram_signature(module))
             if key not in grams:
-                grams[key] = _summed_gram(module, inputs[short])
+                grams[key] = _summed_gram(module, inputs[short], masks)
             gram, rows = grams[key]
             losses = component_losses(module, gram, fisher.get(full), rows=rows)
             profiles[full] = _profile(layers[full], full, losses, min_rank, LossProfile)
@@ -764,12 +806,13 @@ def layer_loss_profiles(model, layers, batches, blocks, *, forward=None, loss=No
     return profiles
 
 
-def _summed_gram(module, inputs):
+def _summed_gram(module, inputs, masks=None):
     """``(X^T X, rows)``: the float64 Gram of ``module``'s rows over the microbatch ``inputs`` and their
-    number (both summed over the ranks)."""
+    number (both summed over the ranks); ``masks``: each microbatch's attention mask ``(B, T)`` or None,
+    whose padding rows are left out (:func:`masked_input_rows`)."""
     gram, count = 0, torch.zeros(1, dtype=torch.float64)
-    for x in inputs:   # one microbatch's rows at a time (a conv's patches are large)
-        rows = input_rows(module, x)
+    for j, x in enumerate(inputs):   # one microbatch's rows at a time (a conv's patches are large)
+        rows, _ = masked_input_rows(module, x, masks[j] if masks else None)
         gram, count = gram + gram_of(rows), count + rows.shape[0]
     if _distributed():
         import torch.distributed as dist

@@ -1,9 +1,12 @@
 """calibrate(): layers reading the same tensor share one Gram computation, with results identical to
 per-layer Grams; the float64 symmetric Gram kernel; a causal LM's unused logits are skipped."""
+import pytest
 import torch
 import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from decomp_toolkit.layers.calibrate import calibrate, gram_of, input_gram, unused_logits_kwargs
+from decomp_toolkit.layers.calibrate import GRAM_BLOCK_ROWS, calibrate, gram_of, input_gram, unused_logits_kwargs
 
 
 class Attention(nn.Module):
@@ -73,6 +76,33 @@ def test_gram_of_is_the_exactly_symmetric_float64_product():
         assert G.dtype == torch.float64 and G.shape == (shape[1], shape[1])
         assert torch.equal(G, G.T)
         assert torch.allclose(G, R.T @ R, rtol=1e-13, atol=1e-13 * max(1.0, float((R * R).sum())))
+
+
+@settings(max_examples=25)
+@given(rows=st.integers(0, 1300), cols=st.integers(1, 24), offset=st.floats(-50, 50), seed=st.integers(0, 2 ** 16))
+def test_gram_of_float32_products_are_within_their_rounding_bound(rows, cols, offset, seed):
+    """float32 products in blocks of GRAM_BLOCK_ROWS rows, blocks summed in float64: each entry within the
+    worst-case bound gamma_B sum_r |x_ri x_rj| (B = block rows, gamma_B = B u / (1 - B u)), exactly symmetric."""
+    R = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) + offset
+    G = gram_of(R, torch.float32)
+    exact = R.double().T @ R.double()
+    u = 2.0 ** -24
+    gamma = GRAM_BLOCK_ROWS * u / (1 - GRAM_BLOCK_ROWS * u)
+    bound = gamma * (R.double().abs().T @ R.double().abs()) + 1e-300
+    assert G.dtype == torch.float64 and torch.equal(G, G.T)
+    assert bool(((G - exact).abs() <= bound).all())
+
+
+def test_calibrate_gram_precision_float32_is_close_and_a_bad_value_raises():
+    torch.manual_seed(0)
+    model, data = Attention(), torch.randn(12, 3, 6)
+    exact = calibrate(model, data, batch_size=4, progress=False)
+    fast = calibrate(model, data, batch_size=4, progress=False, gram_precision="float32")
+    for name in exact.names():
+        assert torch.allclose(fast[name], exact[name], rtol=1e-5, atol=1e-5 * float(exact[name].abs().max()))
+    assert not all(torch.equal(fast[n], exact[n]) for n in exact.names())   # really float32 products
+    with pytest.raises(ValueError, match="gram_precision='float16' is not one of"):
+        calibrate(model, data, progress=False, gram_precision="float16")
 
 
 class TinyLM(nn.Module):

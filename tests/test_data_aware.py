@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from decomp_toolkit.decomp import svd, whitened_svd
@@ -432,3 +432,50 @@ def test_finetune_restores_modes_and_removes_hooks_on_error():
         finetune(student, teacher, data(), layer_match=["0"], progress=False)
     assert teacher.training and not student.training
     assert all(not m._forward_hooks for m in list(student.modules()) + list(teacher.modules()))
+
+
+# --------------------------------------------------------------------------- the Gram route of the whitened SVD
+
+def _with_spectrum(m, n, spectrum, seed):
+    """A float64 (m, n) matrix with the given singular values (random orthonormal vectors)."""
+    gen = torch.Generator().manual_seed(seed)
+    r = len(spectrum)
+    U = torch.linalg.qr(torch.randn(m, r, generator=gen, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(n, r, generator=gen, dtype=torch.float64))[0]
+    return (U * torch.tensor(spectrum, dtype=torch.float64)) @ V.T
+
+
+@settings(max_examples=30)
+@given(m=st.integers(2, 40), n=st.integers(2, 40), decades=st.floats(0, 12), k=st.integers(1, 40),
+       seed=st.integers(0, 2 ** 16))
+def test_output_subspace_matches_the_svd_route_or_falls_back_to_it(m, n, decades, k, seed):
+    from decomp_toolkit.decomp.whitened import GRAM_ROUTE_FLOOR, left_singular_vectors, output_subspace
+    r = min(m, n)
+    k = min(k, r)
+    spectrum = [10.0 ** (-decades * i / max(r - 1, 1)) for i in range(r)]
+    M = _with_spectrum(m, n, spectrum, seed)[None]
+    got, Uk = output_subspace(M, lambda s: k)
+    U, S = left_singular_vectors(M)
+    assert Uk.shape == (1, m, k)
+    assert torch.allclose(Uk.transpose(-2, -1) @ Uk, torch.eye(k, dtype=torch.float64), atol=1e-10)
+    if spectrum[k - 1] ** 2 < GRAM_ROUTE_FLOOR * spectrum[0] ** 2:   # not resolved: the exact route decided
+        assert np.array_equal(got, S.numpy())
+    else:   # singular values to ~ n eps s_1^2 / s_i, the kept subspace to ~ eps s_1^2 / gap
+        assert np.allclose(got[0, :k], S[0, :k].numpy(), rtol=1e-6, atol=1e-12)
+        projector, exact = Uk @ Uk.transpose(-2, -1), U[..., :k] @ U[..., :k].transpose(-2, -1)
+        gap = (spectrum[k - 1] ** 2 - (spectrum[k] ** 2 if k < r else 0.0)) / spectrum[0] ** 2
+        if gap > 1e-6:   # equal singular values at k: no unique subspace to compare
+            assert float((projector - exact).norm()) <= 1e-12 / gap + 1e-9
+
+
+@settings(max_examples=30)
+@given(k=st.integers(1, 12), extra=st.integers(0, 20), decades=st.floats(0, 12), seed=st.integers(0, 2 ** 16))
+def test_short_svd_reconstructs_and_is_orthonormal(k, extra, decades, seed):
+    from decomp_toolkit.decomp.whitened import short_svd
+    spectrum = [10.0 ** (-decades * i / max(k - 1, 1)) for i in range(k)]
+    B = _with_spectrum(k, k + extra, spectrum, seed)[None]
+    P, S, Vh = short_svd(B)
+    assert torch.allclose((P * S[..., None, :]) @ Vh, B, atol=1e-12)
+    assert torch.allclose(P.transpose(-2, -1) @ P, torch.eye(k, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(Vh @ Vh.transpose(-2, -1), torch.eye(k, dtype=torch.float64), atol=1e-6)
+    assert np.allclose(S[0].numpy(), torch.linalg.svdvals(B[0]).numpy(), rtol=1e-6, atol=1e-14)

@@ -132,6 +132,93 @@ def test_rank_requests_are_validated():
         compress_sequential(model, ids, ratio=0.5, include="nothing*", progress=False)
 
 
+# ----------------------------------------------------------------------------- attention masks (padding rows)
+
+class _TokenBlock(nn.Module):
+    """``x + down(tanh(up(x)))`` on ``x (B, T, D)``, token by token; the mask ``(B, T)`` passes through."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.up, self.down = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x, attention_mask):
+        return x + self.down(torch.tanh(self.up(x)))
+
+
+class _PaddedEncoder(nn.Module):
+    """``forward(input_ids (B, T), attention_mask (B, T)) -> (B, D)``: embedding, two token-wise blocks and
+    the masked mean over the real tokens, so padding positions change no real token's output; the padding
+    token (id 0) embeds far from the others."""
+
+    def __init__(self, vocab=64, dim=8, hidden=12):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(vocab, dim)
+        with torch.no_grad():
+            self.emb.weight[0] = 20 * torch.randn(dim)
+        self.blocks = nn.ModuleList(_TokenBlock(dim, hidden) for _ in range(2))
+
+    def forward(self, input_ids, attention_mask):
+        x = self.emb(input_ids)
+        for block in self.blocks:
+            x = block(x, attention_mask)
+        keep = attention_mask[..., None].to(x.dtype)
+        return (x * keep).sum(1) / keep.sum(1)
+
+
+def _padded_and_unpadded(lengths=((9, 9, 6, 6), (8, 4, 8, 4))):
+    """The same sequences as padded dict batches (one per entry of ``lengths``, padded with id 0 to the
+    longest) and as unpadded dict batches of equal-length sequences (all-ones masks)."""
+    gen = torch.Generator().manual_seed(3)
+    padded, unpadded = [], []
+    for batch in lengths:
+        seqs = [torch.randint(1, 64, (n,), generator=gen) for n in batch]
+        T = max(batch)
+        ids = torch.stack([torch.cat([s, s.new_zeros(T - len(s))]) for s in seqs])
+        mask = (torch.arange(T)[None] < torch.tensor(batch)[:, None]).long()
+        padded.append(dict(input_ids=ids, attention_mask=mask))
+        for n in sorted(set(batch), reverse=True):
+            same = torch.stack([s for s in seqs if len(s) == n])
+            unpadded.append(dict(input_ids=same, attention_mask=torch.ones_like(same)))
+    return padded, unpadded
+
+
+def _factors(model):
+    return {n: m.dense_weight().detach() for n, m in model.named_modules() if hasattr(m, "dense_weight")}
+
+
+def test_attention_mask_leaves_the_padding_rows_out_of_the_sequential_fit():
+    from decomp_toolkit.layers.sequential import layer_loss_profiles
+
+    model = _PaddedEncoder().double().eval()
+    padded, unpadded = _padded_and_unpadded()
+    pads = sum(int((b["attention_mask"] == 0).sum()) for b in padded)
+    masked, report = compress_sequential(model, padded, ratio=0.5, progress=False)
+    plain, plain_report = compress_sequential(model, unpadded, ratio=0.5, progress=False)
+    names = ["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down"]
+    assert report.masked == {n: pads for n in names} and pads == 14
+    assert plain_report.masked == {n: 0 for n in names}
+    got, want = _factors(masked), _factors(plain)
+    assert sorted(got) == sorted(names)
+    for name in names:   # the fit sees exactly the real tokens' rows
+        assert torch.allclose(got[name], want[name], rtol=1e-7, atol=1e-7), name
+        assert math.isclose(report.fits[name].error_bound, plain_report.fits[name].error_bound, rel_tol=1e-7)
+    # the same padded batches run as tuples (the mask unseen) fit the padding rows too
+    tuples = [(b["input_ids"], b["attention_mask"]) for b in padded]
+    unmasked, unmasked_report = compress_sequential(model, tuples, ratio=0.5, forward=lambda m, b: m(*b),
+                                                    progress=False)
+    assert unmasked_report.masked == {}
+    assert max(float((_factors(unmasked)[n] - want[n]).abs().max()) for n in names) > 1e-2
+    # the budget's loss profiles (input Grams and row counts) leave them out as well
+    layers, blocks = {n: model.get_submodule(n) for n in names}, ["blocks.0", "blocks.1"]
+    loss = lambda m, b: m(**b).pow(2).sum()  # noqa: E731  (the same per sequence, padded or not)
+    with_pads = layer_loss_profiles(model, layers, padded, blocks, loss=loss)
+    without = layer_loss_profiles(model, layers, unpadded, blocks, loss=loss)
+    for name in names:
+        assert torch.allclose(torch.as_tensor(with_pads[name].losses), torch.as_tensor(without[name].losses),
+                              rtol=1e-7, atol=1e-12), name
+
+
 # ----------------------------------------------------------------------------- the allocator
 
 def test_loss_allocator_meets_the_budget_within_one_rank_step():
