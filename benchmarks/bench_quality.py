@@ -164,8 +164,9 @@ def craft_rows(args, emit):
     for factorization in ("tucker", "cp"):
         fraction = args.tltorch_rank or reached.get(f"svd-seq@{args.ablation:g}",
                                                     reached.get(f"svd@{args.ablation:g}", args.ablation))
-        run(f"tltorch-{factorization} (conv params as svd-seq@{args.ablation:g})",
-            lambda f=factorization, r=fraction: tltorch_model(dense, r, f))
+        sweeps = f" n_iter_max={args.tltorch_cp_iters}" if factorization == "cp" and args.tltorch_cp_iters else ""
+        run(f"tltorch-{factorization} (conv params as svd-seq@{args.ablation:g}){sweeps}",
+            lambda f=factorization, r=fraction: tltorch_model(dense, r, f, args.tltorch_cp_iters))
     for fraction in args.recover_fractions:
         run(f"svd-seq@{fraction:g} +distill", *sequential(fraction, args.distill_seconds))
         run(f"svd@{fraction:g} fisher min_rank={FISHER_MIN_RANK:g} +distill",
@@ -250,9 +251,10 @@ def _conv_params(model) -> int:
     return sum(p.numel() for m in model.modules() if not isinstance(m, norms) for p in m.parameters(recurse=False))
 
 
-def tltorch_model(dense, rank, factorization):
+def tltorch_model(dense, rank, factorization, cp_iters=None):
     """tensorly-torch's FactorizedConv.from_conv on every conv with ``rank`` = the fraction of conv parameters
-    our row kept (tensorly-torch reads a float rank as that fraction of each layer's parameters)."""
+    our row kept (tensorly-torch reads a float rank as that fraction of each layer's parameters); ``cp_iters``:
+    the CP sweep budget (tensorly's ``parafac(n_iter_max=)``, its default 100 when None)."""
     try:
         import tltorch
     except ImportError as err:
@@ -264,9 +266,10 @@ def tltorch_model(dense, rank, factorization):
         # Tucker: the spatial modes keep their full size (fixed_rank_modes="spatial", the usual Tucker-2 of a
         # conv); with the default, a float rank also shrinks the 3x3 modes to 1 and every conv collapses
         fixed = "spatial" if factorization == "tucker" else None
+        sweeps = dict(n_iter_max=cp_iters) if factorization == "cp" and cp_iters else {}
         setattr(model.get_submodule(parent), child,
                 tltorch.FactorizedConv.from_conv(conv, rank=rank, factorization=factorization, decompose_weights=True,
-                                                 fixed_rank_modes=fixed))
+                                                 fixed_rank_modes=fixed, decomposition_kwargs=sweeps))
     return model.eval(), None
 
 
@@ -417,6 +420,8 @@ def main(argv=None):
                         help="MiniLM fractions of the Linear parameters")
     parser.add_argument("--tltorch-rank", type=float, default=None,
                         help="tensorly-torch rank (fraction of conv params) when the svd@ablation row is not run")
+    parser.add_argument("--tltorch-cp-iters", type=int, default=None,
+                        help="tensorly-torch CP sweep budget (parafac n_iter_max; default: tensorly's 100)")
     parser.add_argument("--rows", type=lambda s: set(s.split(",")), default=None,
                         help="comma-separated row names to run (default: all)")
     parser.add_argument("--out", default=None, help="append every row as one JSON line to this file")

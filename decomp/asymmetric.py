@@ -40,7 +40,7 @@ import torch
 from .formats.base import Factorization
 from .rank import check_rank
 from .formats.svd import svd_num_params
-from .whitened import whitening_factor
+from .whitened import leading_svd, whitening_factor
 
 
 @dataclass(repr=False)
@@ -114,10 +114,10 @@ def asymmetric_svd(W, gram, gram_in, cross, rank: int, *, whitening="cholesky", 
     L, used, jitter = whitening_factor(Gi, whitening=whitening, context=context)
     target = C @ Wd.T                                  # X'^T X W^T  (n, m)
     M = _solve_left(L, used, target).T                 # W C^T L^{-T}  (m, n)
-    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    U, S, Vh = leading_svd(M, rank)                    # U_k, all of M's singular values, V_k^T
     root = S[:rank].sqrt()
-    A = U[:, :rank] * root
-    B = _solve_left(L, used, (root[:, None] * Vh[:rank]).T, transpose=True).T   # S^{1/2} V^T L^{-1}
+    A = U * root
+    B = _solve_left(L, used, (root[:, None] * Vh).T, transpose=True).T   # S^{1/2} V^T L^{-1}
     total = float(((Wd @ G) * Wd).sum())
     floor_sq = max(total - float((S ** 2).sum()), 0.0)
     bound = math.sqrt(floor_sq + float((S[rank:] ** 2).sum()))

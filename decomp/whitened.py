@@ -169,51 +169,73 @@ def output_subspace(WL, rank_of):
     """``(spectrum, U_k)``: the singular values ``(g, min(m, n))`` of ``WL (g, m, n)`` (numpy, descending)
     and an orthonormal basis ``U_k (g, m, k)`` of its leading ``k = rank_of(spectrum)`` left singular vectors.
 
-    Fast route: the eigendecomposition of the smaller Gram (``WL WL^T`` when ``m <= n``, else
-    ``WL^T WL`` whose top eigenvectors ``V_k`` give the basis as the QR factor of ``WL V_k``:
-    ``span(WL V_k) = span(U_k)``), 2-3x cheaper than an SVD. Its eigenvalue errors are
-    ~ ``n eps s_1^2`` in float64, so when a kept ``s_k^2`` is below ``GRAM_ROUTE_FLOOR * s_1^2`` (or
-    the input is below float64) the exact, backward-stable SVD route (:func:`left_singular_vectors`)
-    decides the spectrum and the rank instead. Only ``span(U_k)`` matters to ``W' = U_k U_k^T W``.
+    Fast route (:func:`gram_route`): the eigendecomposition of the smaller Gram, 2-3x cheaper than
+    an SVD. When a kept ``s_k`` is not resolved by it (:func:`resolved`), the exact, backward-stable
+    SVD route (:func:`left_singular_vectors`) decides the spectrum and the rank instead.
+    Only ``span(U_k)`` matters to ``W' = U_k U_k^T W``.
     """
-    if WL.dtype == torch.float64 and min(WL.shape[-2:]) > 0:
-        spectrum, basis = _gram_route(WL)
+    route = gram_route(WL)
+    if route is not None:
+        spectrum = route[0].sqrt().cpu().numpy()
         k = rank_of(spectrum)
-        top = spectrum[:, :1] ** 2
-        if k == 0 or bool((spectrum[:, k - 1] ** 2 >= GRAM_ROUTE_FLOOR * top).all()):
-            return spectrum, basis(k)
+        if resolved(route[0], k):
+            return spectrum, leading_pairs(WL, route, k)[0]
     U, S = left_singular_vectors(WL)
     spectrum = S.cpu().numpy()
     return spectrum, U[..., :rank_of(spectrum)]
 
 
 def short_svd(B):
-    """Thin SVD ``(P, S, Vh)`` of a short ``B (g, k, n)``, ``k <= n``, from the eigendecomposition of
-    ``B B^T (k, k)`` (``Vh = S^{-1} P^T B``: 2-3x cheaper than an SVD); the SVD itself when ``B`` is
-    not float64, is tall, or some ``s_i^2 < GRAM_ROUTE_FLOOR * s_1^2`` (where ``Vh``'s rows would
-    lose orthogonality: their error is ~ ``eps s_1^2 / s_i^2``). ``P S Vh = B`` up to rounding either way."""
-    k, n = B.shape[-2:]
-    if B.dtype == torch.float64 and 0 < k <= n:
-        values, P = torch.linalg.eigh(B @ B.transpose(-2, -1))
-        values, P = values.flip(-1), P.flip(-1)
-        if bool((values[..., -1:] >= GRAM_ROUTE_FLOOR * values[..., :1]).all()) and bool((values[..., :1] > 0).all()):
-            S = values.sqrt()
-            return P, S, (P.transpose(-2, -1) @ B) / S[..., :, None]
-    return torch.linalg.svd(B, full_matrices=False)
+    """Thin SVD ``(P, S, Vh)`` of a short ``B (g, k, n)``, ``k <= n`` (:func:`leading_svd` at rank ``k``)."""
+    return leading_svd(B, B.shape[-2])
 
 
-def _gram_route(WL):
-    """``(spectrum, basis)`` of ``WL (g, m, n)`` from the eigendecomposition of its smaller Gram;
-    ``basis(k)`` is an orthonormal ``(g, m, k)`` basis of the leading ``k`` left singular vectors."""
-    wide = WL.shape[-2] <= WL.shape[-1]
-    H = WL @ WL.transpose(-2, -1) if wide else WL.transpose(-2, -1) @ WL
+def leading_svd(M, k):
+    """``(U_k, S, Vh_k)``: the leading ``k`` singular vectors of ``M (.., m, n)`` and ALL its singular
+    values ``S (.., min(m, n))``, descending. From :func:`gram_route` when it resolves rank ``k``
+    (:func:`resolved`), else from the SVD itself. ``U_k S_k Vh_k`` is ``M``'s best rank-``k``
+    approximation up to rounding either way."""
+    route = gram_route(M)
+    if route is not None and resolved(route[0], k):
+        U, _, Vh = leading_pairs(M, route, k)
+        return U, route[0].sqrt(), Vh
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    return U[..., :k], S, Vh[..., :k, :]
+
+
+def gram_route(M):
+    """``(values, vectors, wide)``: the eigendecomposition, eigenvalues descending (``s_i^2``, clamped at
+    0), of the smaller Gram of ``M (.., m, n)`` (``M M^T`` when ``wide = m <= n``, else ``M^T M``);
+    None when ``M`` is not float64 or empty (the SVD is then used). Its eigenvalue errors are
+    ~ ``n eps s_1^2``: see :func:`resolved`."""
+    if M.dtype != torch.float64 or min(M.shape[-2:]) == 0:
+        return None
+    wide = M.shape[-2] <= M.shape[-1]
+    H = M @ M.transpose(-2, -1) if wide else M.transpose(-2, -1) @ M
     values, vectors = torch.linalg.eigh(0.5 * (H + H.transpose(-2, -1)))
-    values, vectors = values.flip(-1), vectors.flip(-1)
-    spectrum = values.clamp_min(0.0).sqrt().cpu().numpy()
+    return values.flip(-1).clamp_min(0.0), vectors.flip(-1), wide
 
-    def basis(k):
-        return vectors[..., :k] if wide else torch.linalg.qr(WL @ vectors[..., :k]).Q
-    return spectrum, basis
+
+def resolved(values, k) -> bool:
+    """Whether the Gram route resolves the leading ``k`` singular pairs of every block: ``s_k^2 >=
+    GRAM_ROUTE_FLOOR * s_1^2`` (``s_k`` then has ~6 correct digits and the singular vectors computed
+    from it lose at most ~ ``eps / GRAM_ROUTE_FLOOR`` of orthogonality)."""
+    if k == 0:
+        return True
+    top = values[..., :1]
+    return bool((top > 0).all()) and bool((values[..., k - 1:k] >= GRAM_ROUTE_FLOOR * top).all())
+
+
+def leading_pairs(M, route, k):
+    """``(U_k (.., m, k), S_k (.., k), Vh_k (.., k, n))``, the leading singular triplets of ``M`` from its
+    :func:`gram_route` ``route`` (resolved at ``k``): the Gram's eigenvectors give one side, ``M``
+    times them over ``S_k`` the other."""
+    values, vectors, wide = route
+    S = values[..., :k].sqrt()
+    Q = vectors[..., :k]
+    if wide:
+        return Q, S, (Q.transpose(-2, -1) @ M) / S[..., :, None]
+    return (M @ Q) / S[..., None, :], S, Q.transpose(-2, -1)
 
 
 def left_singular_vectors(M):
@@ -260,4 +282,4 @@ def output_error(W, W_approx, gram) -> float:
     return math.sqrt(max(float(((E @ G) * E).sum()), 0.0))
 
 
-__all__ = ["whitened_svd", "whitening_factor", "output_error", "WHITENINGS"]
+__all__ = ["whitened_svd", "whitening_factor", "output_error", "leading_svd", "WHITENINGS"]
