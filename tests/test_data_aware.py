@@ -479,3 +479,20 @@ def test_short_svd_reconstructs_and_is_orthonormal(k, extra, decades, seed):
     assert torch.allclose(P.transpose(-2, -1) @ P, torch.eye(k, dtype=torch.float64), atol=1e-10)
     assert torch.allclose(Vh @ Vh.transpose(-2, -1), torch.eye(k, dtype=torch.float64), atol=1e-6)
     assert np.allclose(S[0].numpy(), torch.linalg.svdvals(B[0]).numpy(), rtol=1e-6, atol=1e-14)
+
+
+@settings(max_examples=30)
+@given(m=st.integers(1, 30), n=st.integers(1, 30), decades=st.floats(0, 12), k=st.integers(1, 30),
+       seed=st.integers(0, 2 ** 16))
+def test_leading_svd_is_the_best_rank_k_approximation(m, n, decades, k, seed):
+    from decomp_toolkit.decomp.whitened import leading_svd
+    r = min(m, n)
+    k = min(k, r)
+    spectrum = [10.0 ** (-decades * i / max(r - 1, 1)) for i in range(r)]
+    M = _with_spectrum(m, n, spectrum, seed)
+    U, S, Vh = leading_svd(M, k)
+    assert U.shape == (m, k) and S.shape == (r,) and Vh.shape == (k, n)
+    assert np.allclose(S.numpy(), spectrum, rtol=1e-6, atol=1e-7)
+    error = float((M - (U * S[:k]) @ Vh).norm())
+    optimum = math.sqrt(sum(s * s for s in spectrum[k:]))
+    assert error <= optimum * (1 + 1e-6) + 1e-9   # Eckart-Young: nothing of rank k does better
