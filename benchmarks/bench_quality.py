@@ -90,12 +90,10 @@ def _row(name, metrics, model, dense, report, example, timing, seconds=None):
 def craft_rows(args, emit):
     from decomp_toolkit.analysis.zoo import craft
 
-    entry = ZOO["craft"]
-    dense = entry.load_model()
+    entry, wanted = ZOO["craft"], args.rows
+    dense, example = entry.load_model(), entry.example_input()
     pages = craft.load_pages(args.pages, split="test")
     timing = (craft.load_pages(1, split="calibration", size=(320, 240), seed=7)[0],)
-    example = entry.example_input()
-    wanted = args.rows
     calibration, *cal_time = (_timed(lambda: craft_calibration(dense, args.calibration_pages))
                               if not wanted or any(not r.startswith(("dense", "tltorch")) for r in wanted)
                               else (None, 0.0, 0.0))
@@ -161,12 +159,7 @@ def craft_rows(args, emit):
     for fraction in args.latency_fractions:  # ranks allocated on measured conv times and the estimated loss
         run(f"svd@latency={fraction:g} fisher min_rank={FISHER_MIN_RANK:g}",
             *ours(fraction, "fisher", budget_kind="latency"))
-    for factorization in ("tucker", "cp"):
-        fraction = args.tltorch_rank or reached.get(f"svd-seq@{args.ablation:g}",
-                                                    reached.get(f"svd@{args.ablation:g}", args.ablation))
-        sweeps = f" n_iter_max={args.tltorch_cp_iters}" if factorization == "cp" and args.tltorch_cp_iters else ""
-        run(f"tltorch-{factorization} (conv params as svd-seq@{args.ablation:g}){sweeps}",
-            lambda f=factorization, r=fraction: tltorch_model(dense, r, f, args.tltorch_cp_iters))
+    tltorch_rows(args, run, reached, dense)
     for fraction in args.recover_fractions:
         run(f"svd-seq@{fraction:g} +distill", *sequential(fraction, args.distill_seconds))
         run(f"svd@{fraction:g} fisher min_rank={FISHER_MIN_RANK:g} +distill",
@@ -251,6 +244,16 @@ def _conv_params(model) -> int:
     return sum(p.numel() for m in model.modules() if not isinstance(m, norms) for p in m.parameters(recurse=False))
 
 
+def tltorch_rows(args, run, reached, dense):
+    """The tensorly-torch rows (tucker, cp) at the conv parameter fraction of the svd-seq@ablation row."""
+    for factorization in ("tucker", "cp"):
+        fraction = args.tltorch_rank or reached.get(f"svd-seq@{args.ablation:g}",
+                                                    reached.get(f"svd@{args.ablation:g}", args.ablation))
+        sweeps = f" n_iter_max={args.tltorch_cp_iters}" if factorization == "cp" and args.tltorch_cp_iters else ""
+        run(f"tltorch-{factorization} (conv params as svd-seq@{args.ablation:g}){sweeps}",
+            lambda f=factorization, r=fraction: tltorch_model(dense, r, f, args.tltorch_cp_iters))
+
+
 def tltorch_model(dense, rank, factorization, cp_iters=None):
     """tensorly-torch's FactorizedConv.from_conv on every conv with ``rank`` = the fraction of conv parameters
     our row kept (tensorly-torch reads a float rank as that fraction of each layer's parameters); ``cp_iters``:
@@ -321,9 +324,7 @@ def minilm_rows(args, emit):
     from decomp_toolkit.analysis.zoo.wiki import wiki_sentences
 
     entry = ZOO["minilm-text"]
-    dense = entry.load_model()
-    data = entry.load_eval_data()
-    example = timing = entry.example_input()
+    dense, data, example = entry.load_model(), entry.load_eval_data(), entry.example_input()
     sentences = wiki_sentences("calibration", limit=args.calibration_sentences)
     batches = [tokenize(sentences[i:i + 32]) for i in range(0, len(sentences), 32)]
     forward = lambda m, b: m(*b)  # noqa: E731
@@ -338,7 +339,7 @@ def minilm_rows(args, emit):
         metrics = entry.evaluate(model, data, reference=dense)
         extra = calibrations.spent if calibrated and report is not None else (0, 0)
         calibrations.spent = (0.0, 0.0)
-        emit("minilm", _row(name, metrics, model, dense, report, example, timing, (wall + extra[0], cpu + extra[1])))
+        emit("minilm", _row(name, metrics, model, dense, report, example, example, (wall + extra[0], cpu + extra[1])))
 
     def ours(fraction, calibrated=True, **kw):
         return lambda: compress(dense, method="svd", budget=dict(params=fraction), example_input=example,
@@ -384,6 +385,8 @@ def minilm_rows(args, emit):
         run(f"svd-seq@{fraction:g} layer_params min_rank=0.1 masked", sequential(fraction, use_mask=True))
         run(f"svd-seq@{fraction:g} on the masked fisher loss-budget ranks",
             sequential(fraction, allocation=loss_budget(fraction, use_mask=True)))
+        run(f"svd-seq@{fraction:g} masked on the masked fisher loss-budget ranks",
+            sequential(fraction, allocation=loss_budget(fraction, use_mask=True), use_mask=True))
         run(f"svd@{fraction:g} uncalibrated", ours(fraction, calibrated=False), calibrated=False)
         run(f"svd@{fraction:g} calibrated", ours(fraction))
         run(f"svd@{fraction:g} calibrated shrinkage=None", ours(fraction, shrinkage=None))
