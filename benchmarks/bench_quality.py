@@ -121,10 +121,10 @@ def craft_rows(args, emit):
             return model, report
         return build, lambda: spent
 
-    def recovered(fraction, kind, seconds):  # the svd@f row's model (that row must run first), distilled
+    def recovered(fraction, kind, seconds, loss=None, lr=None):  # the svd@f row's model (run first), distilled
         def build():
             report, *_, model = allocations[fraction, kind]
-            return craft_distill(model, dense, args, seconds), report
+            return craft_distill(model, dense, args, seconds, loss, lr), report
         return build, lambda: allocations[fraction, kind][1:3]
 
     def sequential(fraction, seconds=None, kind="energy"):
@@ -164,6 +164,8 @@ def craft_rows(args, emit):
         run(f"svd-seq@{fraction:g} +distill", *sequential(fraction, args.distill_seconds))
         run(f"svd@{fraction:g} fisher min_rank={FISHER_MIN_RANK:g} +distill",
             *recovered(fraction, "fisher", args.distill_seconds))
+        run(f"svd@{fraction:g} fisher min_rank={FISHER_MIN_RANK:g} +distill score-map lr=3e-4",
+            *recovered(fraction, "fisher", args.distill_seconds, "score-map", 3e-4))
 
 
 def craft_svd(dense, calibration, fraction, example, loss_aware=False, budget_kind="flops", **options):
@@ -192,16 +194,17 @@ def craft_sequential(dense, fraction, calibration, example, args, allocation=Non
     return model, report
 
 
-def craft_distill(student, teacher, args, seconds):
+def craft_distill(student, teacher, args, seconds, loss=None, lr=None):
     """A copy of ``student`` distilled on rendered pages of the *train* split (320x240), the best checkpoint on
     held-out train pages (``student`` is left as it was)."""
     from decomp_toolkit.analysis.zoo import craft
-    from decomp_toolkit.layers.distill import distill
+    from decomp_toolkit.layers.distill import distill, relative_mse, score_map_mse
 
     images, _ = craft.load_pages(args.distill_pages + 4, split="train", size=(320, 240), seed=3)
     student = copy.deepcopy(student)
-    log = distill(student, teacher, images[:-4], images[-4:], seconds=seconds, lr=args.distill_lr, batch_size=2,
-                  eval_every=20, params="all")
+    losses = {"score-map": score_map_mse, "relative": relative_mse}
+    log = distill(student, teacher, images[:-4], images[-4:], seconds=seconds, lr=lr or args.distill_lr, batch_size=2,
+                  eval_every=20, params="all", loss=losses[loss or args.distill_loss])
     print(log.summary(), flush=True)
     return student
 
@@ -416,6 +419,9 @@ def main(argv=None):
     parser.add_argument("--distill-pages", type=int, default=32, help="CRAFT train pages (320x240) for distill")
     parser.add_argument("--distill-seconds", type=float, default=900.0, help="CRAFT distill CPU seconds")
     parser.add_argument("--distill-lr", type=float, default=1e-4, help="CRAFT distill learning rate")
+    parser.add_argument("--distill-loss", choices=("score-map", "relative"), default="relative",
+                        help="CRAFT distill loss of the +distill rows: layers.distill.relative_mse or score_map_mse "
+                             "(the '+distill score-map' row always uses score_map_mse at lr 3e-4)")
     parser.add_argument("--ablation", type=float, default=0.125, help="CRAFT MAC fraction of the ablation rows")
     parser.add_argument("--latency-fractions", type=float, nargs="*", default=(0.5,),
                         help="CRAFT fractions of the convs' measured time (budget=dict(latency=f) rows)")

@@ -2,7 +2,9 @@
 
 For models whose outputs are not class logits (score maps, embeddings) the loss is the
 mean squared error to the teacher's outputs, normalised by the teacher's output energy
-(``||s - t||^2 / ||t||^2`` per batch), or any ``loss(student_out, teacher_out)``. Adam on
+(``||s - t||^2 / ||t||^2`` per batch), or any ``loss(student_out, teacher_out)``; for score
+maps whose few high scores decide the result (a detector's text / object heat maps, in
+``[0, 1]``), ``loss=score_map_mse`` weights each position by its teacher score. Adam on
 the student's trainable parameters (``params="factorized"``: only the factorized layers'
 parameters, the rest frozen). The teacher's output on each training batch is computed once
 and kept (``cache_teacher=True``, default: the batches are fixed, so every later pass over
@@ -47,6 +49,22 @@ class DistillLog:
 def relative_mse(student_out, teacher_out):
     """``||s - t||^2 / ||t||^2`` over the batch."""
     return (student_out - teacher_out).pow(2).sum() / teacher_out.pow(2).sum().clamp_min(1e-12)
+
+
+def score_map_mse(student_out, teacher_out, foreground: float = 20.0):
+    """``sum w (s - t)^2 / sum w t^2`` with ``w = 1 + foreground * clamp(t, 0, 1)``, over the batch.
+
+    For outputs that are scores in ``[0, 1]`` (heat maps, segmentation probabilities), any shape:
+    a position the teacher scores 1 weighs ``1 + foreground`` times a background one, so the rare
+    high-score positions a thresholded decoder reads are not drowned by the background
+    (``foreground=0`` is :func:`relative_mse`). Pass ``loss=score_map_mse`` to :func:`distill`, or
+    ``functools.partial(score_map_mse, foreground=f)``; ``foreground``: a number >= 0.
+    """
+    if isinstance(foreground, bool) or not isinstance(foreground, (int, float)) or not foreground >= 0:
+        raise ValueError(f"score_map_mse: foreground={foreground!r} must be a number >= 0 (the extra weight of a "
+                         f"position the teacher scores 1; 0 gives relative_mse)")
+    weight = 1 + foreground * teacher_out.clamp(0, 1)
+    return (weight * (student_out - teacher_out).pow(2)).sum() / (weight * teacher_out.pow(2)).sum().clamp_min(1e-12)
 
 
 def _trainable(student, params):
@@ -129,4 +147,4 @@ def distill(student, teacher, data, held_out, *, seconds=900.0, max_steps=None, 
             module.training = training
 
 
-__all__ = ["distill", "DistillLog", "relative_mse"]
+__all__ = ["distill", "DistillLog", "relative_mse", "score_map_mse"]

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 from decomp_toolkit.layers import compress
-from decomp_toolkit.layers.distill import distill
+from decomp_toolkit.layers.distill import distill, relative_mse, score_map_mse
 
 
 def _pair():
@@ -63,3 +63,21 @@ def test_distill_runs_the_teacher_once_per_training_batch_when_cached():
     assert len(calls) == 2 + 12     # held-out targets + one teacher forward per step
     with torch.no_grad():           # same targets either way: the two students followed the same steps
         assert torch.allclose(student(held), fresh(held), atol=1e-6)
+
+
+def test_score_map_mse_weights_positions_by_the_teacher_score():
+    gen = torch.Generator().manual_seed(0)
+    teacher = torch.rand(2, 8, 8, 2, generator=gen)
+    student = teacher + 0.1 * torch.randn(2, 8, 8, 2, generator=gen)
+    assert torch.allclose(score_map_mse(student, teacher, foreground=0), relative_mse(student, teacher))
+    weight = 1 + 5 * teacher.clamp(0, 1)
+    expected = (weight * (student - teacher) ** 2).sum() / (weight * teacher ** 2).sum()
+    assert torch.allclose(score_map_mse(student, teacher, foreground=5), expected)
+    # the same squared error costs 1 + foreground times more at a position the teacher scores 1
+    target = torch.tensor([[1.0, 0.0, 0.5, 0.5]])
+    on_text, on_background = target + torch.tensor([[0.1, 0, 0, 0]]), target + torch.tensor([[0, 0.1, 0, 0]])
+    ratio = score_map_mse(on_text, target, foreground=20) / score_map_mse(on_background, target, foreground=20)
+    assert torch.isclose(ratio, torch.tensor(21.0))
+    for bad in (-1, float("nan"), True, "20"):
+        with pytest.raises(ValueError, match="foreground="):
+            score_map_mse(student, teacher, foreground=bad)
