@@ -26,7 +26,7 @@ from the eigendecomposition ``G = Q diag(l) Q^T`` is used instead (no jitter).
 The output error measured a posteriori with the un-jittered ``G`` is reported as well.
 
 Cost: the spectrum of ``W L`` and the SVD of ``U_k^T W`` come from eigendecompositions of the
-smaller Grams (:func:`output_subspace`, :func:`short_svd`), 2-3x cheaper than SVDs; when a kept
+smaller Grams (:func:`output_subspace`, :func:`leading_svd`), 2-3x cheaper than SVDs; when a kept
 singular value is below ``sqrt(GRAM_ROUTE_FLOOR)`` of the largest, where squaring would cost
 accuracy, the SVD itself is used.
 """
@@ -142,7 +142,7 @@ def whitened_svd(W, gram, rank=None, *, energy=None, tol=None, ratio=None, white
     spectrum, Uk = output_subspace(WL, rank_of)
     k = Uk.shape[-1]
     bound = float(tail_errors(spectrum)[k]) * output_scale
-    P, Sk, Vh = short_svd(Uk.transpose(-2, -1) @ Tb)  # U_k^T W = P S Vh
+    P, Sk, Vh = leading_svd(Uk.transpose(-2, -1) @ Tb, k)  # U_k^T W = P S Vh (k x n: all k triplets)
     Uw = Uk @ P
     E = Tb - (Uw * Sk[..., None, :]) @ Vh
     output_error = math.sqrt(max(float(((E @ Gb) * E).sum()), 0.0)) * output_scale
@@ -183,11 +183,6 @@ def output_subspace(WL, rank_of):
     U, S = left_singular_vectors(WL)
     spectrum = S.cpu().numpy()
     return spectrum, U[..., :rank_of(spectrum)]
-
-
-def short_svd(B):
-    """Thin SVD ``(P, S, Vh)`` of a short ``B (g, k, n)``, ``k <= n`` (:func:`leading_svd` at rank ``k``)."""
-    return leading_svd(B, B.shape[-2])
 
 
 def leading_svd(M, k):

@@ -235,7 +235,7 @@ def calibrate(model, data, max_batches=None, include=None, progress=True, *, exc
     targets, skipped = _select_layers(model, include, exclude)
     check_memory(targets, memory_limit)
     result = Calibration(skipped=skipped)
-    state = {"mask": None, "batch": 0, "last": {}, "gram_precision": gram_precision}
+    state = {"mask": None, "batch": 0, "last": {}, "products": product_dtype(gram_precision)}
     hooks, modes = [], {m: m.training for m in model.modules()}
     try:
         for name, module in targets:
@@ -331,7 +331,7 @@ def _input_statistics(gram_module, x, state, chunk_elements, name, module):
                          f"the layers before it (or the data) produce non-finite values")
     x, masked = drop_padding(gram_module, x, state["mask"])
     G, rows, S = input_gram(gram_module, x, chunk_elements=chunk_elements, with_sum=True,
-                            products=product_dtype(state["gram_precision"]))
+                            products=state["products"])
     return G, rows, S, masked
 
 

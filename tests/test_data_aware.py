@@ -436,6 +436,11 @@ def test_finetune_restores_modes_and_removes_hooks_on_error():
 
 # --------------------------------------------------------------------------- the Gram route of the whitened SVD
 
+def _geometric_spectrum(r, decades):
+    """``r`` singular values falling geometrically from 1 to ``10**-decades``."""
+    return [10.0 ** (-decades * i / max(r - 1, 1)) for i in range(r)]
+
+
 def _with_spectrum(m, n, spectrum, seed):
     """A float64 (m, n) matrix with the given singular values (random orthonormal vectors)."""
     gen = torch.Generator().manual_seed(seed)
@@ -452,7 +457,7 @@ def test_output_subspace_matches_the_svd_route_or_falls_back_to_it(m, n, decades
     from decomp_toolkit.decomp.whitened import GRAM_ROUTE_FLOOR, left_singular_vectors, output_subspace
     r = min(m, n)
     k = min(k, r)
-    spectrum = [10.0 ** (-decades * i / max(r - 1, 1)) for i in range(r)]
+    spectrum = _geometric_spectrum(r, decades)
     M = _with_spectrum(m, n, spectrum, seed)[None]
     got, Uk = output_subspace(M, lambda s: k)
     U, S = left_singular_vectors(M)
@@ -470,11 +475,10 @@ def test_output_subspace_matches_the_svd_route_or_falls_back_to_it(m, n, decades
 
 @settings(max_examples=30)
 @given(k=st.integers(1, 12), extra=st.integers(0, 20), decades=st.floats(0, 12), seed=st.integers(0, 2 ** 16))
-def test_short_svd_reconstructs_and_is_orthonormal(k, extra, decades, seed):
-    from decomp_toolkit.decomp.whitened import short_svd
-    spectrum = [10.0 ** (-decades * i / max(k - 1, 1)) for i in range(k)]
-    B = _with_spectrum(k, k + extra, spectrum, seed)[None]
-    P, S, Vh = short_svd(B)
+def test_leading_svd_of_a_short_matrix_reconstructs_it_and_is_orthonormal(k, extra, decades, seed):
+    from decomp_toolkit.decomp.whitened import leading_svd
+    B = _with_spectrum(k, k + extra, _geometric_spectrum(k, decades), seed)[None]
+    P, S, Vh = leading_svd(B, k)
     assert torch.allclose((P * S[..., None, :]) @ Vh, B, atol=1e-12)
     assert torch.allclose(P.transpose(-2, -1) @ P, torch.eye(k, dtype=torch.float64), atol=1e-10)
     assert torch.allclose(Vh @ Vh.transpose(-2, -1), torch.eye(k, dtype=torch.float64), atol=1e-6)
@@ -488,7 +492,7 @@ def test_leading_svd_is_the_best_rank_k_approximation(m, n, decades, k, seed):
     from decomp_toolkit.decomp.whitened import leading_svd
     r = min(m, n)
     k = min(k, r)
-    spectrum = [10.0 ** (-decades * i / max(r - 1, 1)) for i in range(r)]
+    spectrum = _geometric_spectrum(r, decades)
     M = _with_spectrum(m, n, spectrum, seed)
     U, S, Vh = leading_svd(M, k)
     assert U.shape == (m, k) and S.shape == (r,) and Vh.shape == (k, n)
