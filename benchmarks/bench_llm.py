@@ -15,6 +15,8 @@ of the test split (8,160 predicted tokens); "X% removed": the factorized decoder
   Linears' time measured on one 256-token window (layers.latency) instead of their parameters
 * sequential uniform   ``compress_sequential(ratio=kept)``
 * sequential + alloc   ``compress_sequential(budget=dict(layer_params=kept))`` (loss allocator)
+* sequential + pairs   the same with ``pairs="auto"``: each MLP keeps ``kept`` of its hidden units (gate/up rows,
+  down columns refitted; ``layers.interpolative``), the attention projections share the rest on the loss
 * + recovery           ``recover(...)`` on the train split, when ``--recover-seconds`` > 0
 
 Columns: kept / removed fraction, perplexity, compress time (calibration included, 1 thread),
@@ -41,7 +43,7 @@ from decomp_toolkit.analysis.zoo import smollm2  # noqa: E402
 from decomp_toolkit.layers import SlowerThanDenseWarning, calibrate, compress  # noqa: E402
 from decomp_toolkit.layers.sequential import compress_sequential  # noqa: E402
 
-ROWS = ("sequential-budget", "sequential", "whitened", "whitened-budget", "whitened-energy-budget", "plain",
+ROWS = ("sequential-budget", "sequential-budget-pairs", "sequential", "whitened", "whitened-budget", "whitened-energy-budget", "plain",
         "whitened-latency-budget", "recovered")
 LINEARS = smollm2.DECODER_LINEARS
 
@@ -96,10 +98,12 @@ def run_row(row, model, cal_tokens, kept, cache, args):
             f" (includes calibrate {calibrate_s:.0f} s)" if first else "")
     elif row == "sequential":
         small, _ = compress_sequential(model, cal_tokens, ratio=kept, include=LINEARS, batch_size=8, progress=False)
-    elif row == "sequential-budget":
+    elif row in ("sequential-budget", "sequential-budget-pairs"):
+        pairs = "auto" if row.endswith("pairs") else None   # the MLPs keep `kept` of their hidden units
         small, report = compress_sequential(model, cal_tokens, budget=dict(layer_params=kept), include=LINEARS,
-                                            batch_size=8, progress=False, min_rank=MIN_RANKS)
-        cache[("budget", kept)] = (small, report)
+                                            batch_size=8, progress=False, min_rank=MIN_RANKS, pairs=pairs)
+        if pairs is None:
+            cache[("budget", kept)] = (small, report)
         return small, time.perf_counter() - start, rank_summary(report)
     elif row == "recovered":
         from decomp_toolkit.layers.recover import recover

@@ -94,20 +94,17 @@ def craft_rows(args, emit):
     dense, example = entry.load_model(), entry.example_input()
     pages = craft.load_pages(args.pages, split="test")
     timing = (craft.load_pages(1, split="calibration", size=(320, 240), seed=7)[0],)
-    calibration, *cal_time = (_timed(lambda: craft_calibration(dense, args.calibration_pages))
-                              if not wanted or any(not r.startswith(("dense", "tltorch")) for r in wanted)
-                              else (None, 0.0, 0.0))
-    loss_calibrations, *fisher_time = (_timed(lambda: craft_fisher(dense, calibration, args.calibration_pages))
-                                       if not wanted or any("fisher" in r for r in wanted) else ({}, 0.0, 0.0))
+    calibration, cal_time, loss_calibrations, fisher_time = craft_calibrations(dense, args)
     reached, allocations, fits = {}, {}, {}  # [fraction, kind]: svd@f (report, wall, cpu, model), svd-seq@f fit
 
-    def run(name, build, extra=lambda: (0.0, 0.0)):  # extra(): (wall, cpu) of reused work the row counts
+    def run(name, build, extra=lambda: (0.0, 0.0), calibrated=True):  # extra(): (wall, cpu) of reused work
         if wanted and name not in wanted:
             return
         (model, report), wall, cpu = _timed(build)
         reached[name] = _conv_params(model) / _conv_params(dense)
         metrics = entry.evaluate(model, pages)
-        seconds = [t + e + c for t, e, c in zip((wall, cpu), extra(), cal_time if report is not None else (0, 0))]
+        counted = cal_time if report is not None and calibrated else (0, 0)
+        seconds = [t + e + c for t, e, c in zip((wall, cpu), extra(), counted)]
         emit("craft", _row(name, metrics, model, dense, report, example if report else None, timing, seconds))
 
     def ours(fraction, kind="energy", **kw):  # kind "fisher...": ranks allocated on the estimated loss
@@ -160,12 +157,27 @@ def craft_rows(args, emit):
         run(f"svd@latency={fraction:g} fisher min_rank={FISHER_MIN_RANK:g}",
             *ours(fraction, "fisher", budget_kind="latency"))
     tltorch_rows(args, run, reached, dense)
+    for ratio in args.prune_ratios:
+        run(f"prune-seq ratio={ratio:g} pairs=auto", lambda ratio=ratio: craft_pruned(dense, ratio, example, args),
+            calibrated=False)
     for fraction in args.recover_fractions:
         run(f"svd-seq@{fraction:g} +distill", *sequential(fraction, args.distill_seconds))
         run(f"svd@{fraction:g} fisher min_rank={FISHER_MIN_RANK:g} +distill",
             *recovered(fraction, "fisher", args.distill_seconds))
         run(f"svd@{fraction:g} fisher min_rank={FISHER_MIN_RANK:g} +distill score-map lr=3e-4",
             *recovered(fraction, "fisher", args.distill_seconds, "score-map", 3e-4))
+
+
+def craft_calibrations(dense, args) -> tuple:
+    """``(calibration, (wall, cpu), {kind: Fisher calibration}, (wall, cpu))``, each computed only when a
+    wanted row needs it."""
+    wanted = args.rows
+    calibration, *cal_time = (_timed(lambda: craft_calibration(dense, args.calibration_pages))
+                              if not wanted or any(not r.startswith(("dense", "tltorch", "prune")) for r in wanted)
+                              else (None, 0.0, 0.0))
+    loss_calibrations, *fisher_time = (_timed(lambda: craft_fisher(dense, calibration, args.calibration_pages))
+                                       if not wanted or any("fisher" in r for r in wanted) else ({}, 0.0, 0.0))
+    return calibration, cal_time, loss_calibrations, fisher_time
 
 
 def craft_svd(dense, calibration, fraction, example, loss_aware=False, budget_kind="flops", **options):
@@ -192,6 +204,18 @@ def craft_sequential(dense, fraction, calibration, example, args, allocation=Non
     images, _ = craft.load_pages(args.sequential_pages, split="calibration", size=(320, 240))
     model, _ = compress_sequential(dense, images, ranks=report, batch_size=2, progress=False)
     return model, report
+
+
+def craft_pruned(dense, ratio, example, args):
+    """Hidden-channel selection of every conv chain (``compress_sequential(ratio=ratio, pairs="auto")``): each
+    conv -> BN -> ReLU -> conv pair keeps ``ratio`` of its hidden channels, the consumer refitted in execution
+    order on the pages of the sequential fit; ``(model, report)`` with the report's MACs on ``example``."""
+    from decomp_toolkit.analysis.zoo import craft
+    from decomp_toolkit.layers.sequential import compress_sequential
+
+    images, _ = craft.load_pages(args.sequential_pages, split="calibration", size=(320, 240))
+    return compress_sequential(dense, images, ratio=ratio, pairs="auto", batch_size=2, progress=False,
+                               example_input=example)
 
 
 def craft_distill(student, teacher, args, seconds, loss=None, lr=None):
@@ -301,19 +325,39 @@ class MiniLMCalibrations:
         return calibration
 
 
-def minilm_sequential(dense, batches, forward, fraction, min_rank=0.1, allocation=None, use_mask=False):
+def minilm_sequential(dense, batches, forward, fraction, min_rank=0.1, allocation=None, use_mask=False, pairs=None,
+                      pair_units="fraction"):
     """``compress_sequential`` of MiniLM: its own loss-aware budget (``layer_params=fraction``, ``min_rank``
     floors), or the ranks of ``allocation()`` (a ``compress`` call returning ``(model, report)``). ``use_mask``:
     the ``(ids, mask)`` batches go as dicts (``model(**batch)``), so the fit sees the attention mask and leaves
-    the padding rows out of its statistics."""
+    the padding rows out of its statistics. ``pairs``, ``pair_units``: passed on (``"auto"``: the MLPs are
+    compressed by keeping hidden units, :mod:`layers.interpolative`; ``"fraction"``: each keeps ``fraction``
+    of them, ``"loss"``: their units are allocated with the other ranks)."""
     from decomp_toolkit.layers.sequential import compress_sequential
 
     if use_mask:
         batches, forward = [dict(input_ids=ids, attention_mask=mask) for ids, mask in batches], None
     if allocation is None:
         return compress_sequential(dense, batches, budget=dict(layer_params=fraction), min_rank={"*": min_rank},
-                                   forward=forward, progress=False)
+                                   forward=forward, progress=False, pairs=pairs, pair_units=pair_units)
     return compress_sequential(dense, batches, ranks=allocation()[1], forward=forward, progress=False)
+
+
+def minilm_probe(dense, args) -> tuple:
+    """``(held_out, held_out_masked, probe_cosine)``: held_out= of the held-out shrinkage rows (as tuples and as
+    dicts) and the eval_fn of the eval-driven rows, on 64 Wikipedia sentences of the calibration split that
+    calibration does not use (never the evaluation texts)."""
+    from decomp_toolkit.analysis.zoo import tokenize
+    from decomp_toolkit.analysis.zoo.wiki import wiki_sentences
+
+    probe = tokenize(wiki_sentences("calibration", limit=args.calibration_sentences + 64)[-64:])
+    with torch.no_grad():
+        probe_reference = dense(*probe)
+
+    def probe_cosine(model):
+        return float(torch.nn.functional.cosine_similarity(model(*probe), probe_reference, dim=1).mean())
+    # one batch of 64 (ids, mask): model(*batch), padding rows included like the calibration
+    return [probe], [dict(input_ids=probe[0], attention_mask=probe[1])], probe_cosine
 
 
 def minilm_rows(args, emit):
@@ -357,19 +401,11 @@ def minilm_rows(args, emit):
                                 example_input=example, calibration=calibrated_with(use_mask, fisher=True),
                                 progress=False, **kw)
 
-    def sequential(fraction, allocation=None, use_mask=False):
-        return lambda: minilm_sequential(dense, batches, forward, fraction, allocation=allocation, use_mask=use_mask)
+    def sequential(fraction, allocation=None, use_mask=False, pairs=None, pair_units="fraction"):
+        return lambda: minilm_sequential(dense, batches, forward, fraction, allocation=allocation, use_mask=use_mask,
+                                         pairs=pairs, pair_units=pair_units)
 
-    # eval_fn for the eval-driven rows, and held_out= of the held-out shrinkage rows: Wikipedia sentences of the
-    # calibration split that calibration does not use (never the evaluation texts)
-    probe = tokenize(wiki_sentences("calibration", limit=args.calibration_sentences + 64)[-64:])
-    held_out = [probe]  # one batch of 64 (ids, mask): model(*batch), padding rows included like the calibration
-    held_out_masked = [dict(input_ids=probe[0], attention_mask=probe[1])]
-    with torch.no_grad():
-        probe_reference = dense(*probe)
-
-    def probe_cosine(model):
-        return float(torch.nn.functional.cosine_similarity(model(*probe), probe_reference, dim=1).mean())
+    held_out, held_out_masked, probe_cosine = minilm_probe(dense, args)
 
     cache = {}
     run("dense", lambda: (dense, None), calibrated=False)
@@ -386,6 +422,10 @@ def minilm_rows(args, emit):
             loss_budget(fraction, use_mask=True, held_out=held_out_masked, shrinkage="held_out"))
         run(f"svd-seq@{fraction:g} layer_params min_rank=0.1", sequential(fraction))
         run(f"svd-seq@{fraction:g} layer_params min_rank=0.1 masked", sequential(fraction, use_mask=True))
+        run(f"svd-seq@{fraction:g} layer_params min_rank=0.1 masked pairs=auto",
+            sequential(fraction, use_mask=True, pairs="auto"))
+        run(f"svd-seq@{fraction:g} layer_params min_rank=0.1 masked pairs=auto pair_units=loss",
+            sequential(fraction, use_mask=True, pairs="auto", pair_units="loss"))
         run(f"svd-seq@{fraction:g} on the masked fisher loss-budget ranks",
             sequential(fraction, allocation=loss_budget(fraction, use_mask=True)))
         run(f"svd-seq@{fraction:g} masked on the masked fisher loss-budget ranks",
@@ -422,6 +462,8 @@ def main(argv=None):
     parser.add_argument("--distill-loss", choices=("score-map", "relative"), default="relative",
                         help="CRAFT distill loss of the +distill rows: layers.distill.relative_mse or score_map_mse "
                              "(the '+distill score-map' row always uses score_map_mse at lr 3e-4)")
+    parser.add_argument("--prune-ratios", type=float, nargs="*", default=(0.7, 0.5),
+                        help="CRAFT rows keeping this fraction of each conv chain's hidden channels")
     parser.add_argument("--ablation", type=float, default=0.125, help="CRAFT MAC fraction of the ablation rows")
     parser.add_argument("--latency-fractions", type=float, nargs="*", default=(0.5,),
                         help="CRAFT fractions of the convs' measured time (budget=dict(latency=f) rows)")

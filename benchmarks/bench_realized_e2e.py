@@ -4,9 +4,10 @@ Run: .venv/bin/python benchmarks/bench_realized_e2e.py [--models mnist-cnn craft
      [--craft-size 240 320] [--channels-last] [--no-compile] [--no-onnx] [--threads 1] [--variants ...]
 
 For each model: ``compress(model, method, budget=dict(flops=0.5), example_input=x)`` (the
-Linear/Conv MACs halved by the global allocation) with and without ``optimize="speed"``, and
-``budget=dict(latency=0.5)`` (the targeted layers' measured time halved, layers.latency),
-then dense vs compressed timed in interleaved rounds (harness: benchmarks/_timing.py, 1
+Linear/Conv MACs halved by the global allocation) with and without ``optimize="speed"``,
+``budget=dict(latency=0.5)`` (the targeted layers' measured time halved, layers.latency), and
+``compress_sequential(ratio=0.6, pairs="auto")`` (60% of the hidden units of every conv chain kept,
+layers.interpolative: plain narrower convs), then dense vs compressed timed in interleaved rounds (harness: benchmarks/_timing.py, 1
 thread) in torch eager, ``torch.compile`` (inductor) and onnxruntime (1 intra-op thread, no
 spinning, exported with ``torch.onnx.export``); each runtime's objects exist only while it is
 timed. ``MAC ratio`` = dense / compressed MACs of the Linear/Conv layers (the report's
@@ -35,6 +36,7 @@ from _timing import Bench, add_bench_args  # noqa: E402
 
 from decomp_toolkit.analysis.zoo import ZOO  # noqa: E402
 from decomp_toolkit.layers import SlowerThanDenseWarning, compress  # noqa: E402
+from decomp_toolkit.layers.sequential import compress_sequential  # noqa: E402
 
 
 def example(name, batch, craft_size):
@@ -46,19 +48,33 @@ def example(name, batch, craft_size):
 
 VARIANTS = {"budget flops=0.5": dict(budget=dict(flops=0.5)),
             "budget flops=0.5, optimize='speed'": dict(budget=dict(flops=0.5), optimize="speed"),
-            "budget latency=0.5": dict(budget=dict(latency=0.5))}
+            "budget latency=0.5": dict(budget=dict(latency=0.5)),
+            "pairs ratio=0.6": dict(ratio=0.6, pairs="auto")}   # compress_sequential: hidden-unit selection
 
 
-def variants(model, x, method, labels):
+def variants(model, name, x, method, labels):
     """``{label: (module, report)}``: compress at 50% of the MACs (as built, with optimize='speed') or of the
-    targeted layers' measured time (``budget=dict(latency=0.5)``, layers.latency)."""
+    targeted layers' measured time (``budget=dict(latency=0.5)``, layers.latency), or keep 60% of the hidden
+    units of every conv chain / MLP (``compress_sequential(pairs="auto")``, fitted on calibration pages for
+    CRAFT, on the example input otherwise)."""
     out = {}
     for label in labels:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SlowerThanDenseWarning)
-            small, report = compress(model, method=method, example_input=x, progress=False, **VARIANTS[label])
+            if "pairs" in VARIANTS[label]:
+                small, report = compress_sequential(model, calibration_data(name, x), batch_size=2, progress=False,
+                                                    example_input=x, **VARIANTS[label])
+            else:
+                small, report = compress(model, method=method, example_input=x, progress=False, **VARIANTS[label])
         out[label] = (small.eval(), report)
     return out
+
+
+def calibration_data(name, x):
+    if name == "craft":
+        from decomp_toolkit.analysis.zoo import craft
+        return craft.load_pages(8, split="calibration", size=(320, 240))[0]
+    return x
 
 
 def onnx_session(model, x, threads):
@@ -106,7 +122,7 @@ def run_model(bench, name, args, rows):
     if args.channels_last:
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     shape = "x".join(map(str, x.shape)) + (" channels-last" if args.channels_last else "")
-    for label, (small, report) in variants(model, x, args.method, args.variants).items():
+    for label, (small, report) in variants(model, name, x, args.method, args.variants).items():
         totals = report.totals()
         mac_ratio = totals["flops_before"] / totals["flops_after"]
         slower = [f"{r.name} {r.speedup:.2f}x" for r in report.layers

@@ -5,7 +5,9 @@ One function per method, ``f(A, rank, *, ...)``; every result follows the protoc
 ``error_bound``, ``norm``) and every method takes the rank specification of :mod:`decomp.rank`.
 Layout: :mod:`decomp.formats` holds one module per format (the factor object, its
 reconstruction and its parameter counting); one module per method beside it
-(``svd``, ``whitened``, ``tucker``, ``cp``, ``tt``, ``btd``, ``pq``, ``structured``, ``data_aware``);
+(``svd``, ``whitened``, ``tucker``, ``cp``, ``tt``, ``btd``, ``pq``, ``structured``, ``data_aware``,
+``interpolative``: column selection with a least-squares refit, whose result is a column subset and
+an ``InterpolativeFit``, not a factor format);
 ``_kernels`` the shared tensor kernels; :mod:`decomp.interop` the tensorly conversions.
 Vocabulary: ``algorithm=`` the variant of a method, ``convergence_tol=`` the stopping
 tolerance of an iteration (``tol=`` is always the rank spec's error target), ``n_iter_max=``
@@ -28,11 +30,12 @@ from .tt import balanced_factorization, tt, tt_matrix, tt_round
 from .tucker import tucker
 from .whitened import whitened_svd
 from .asymmetric import AsymmetricFit, asymmetric_svd
+from .interpolative import InterpolativeFit, greedy_columns, interpolative_fit
 
 __all__ = [
     # methods
     "svd", "randomized_svd", "whitened_svd", "asymmetric_svd", "AsymmetricFit", "tucker", "cp", "tt", "tt_matrix",
-    "tt_round", "btd", "pq", "kmeans",
+    "tt_round", "btd", "pq", "kmeans", "interpolative_fit", "InterpolativeFit", "greedy_columns",
     "toeplitz", "circulant", "ldr", "whitened_tucker2", "weighted_pq", "output_sq_error",
     # factor objects
     "Factorization", "SVDFactors", "WhitenedSVDFactors", "TuckerFactors", "WhitenedTucker2Factors", "CPFactors",

@@ -13,14 +13,18 @@ Algorithm (``cp_als``):
   random, drawn from ``random_state``. ``init="random"``: Gaussian factors.
 * ALS sweeps with normalized columns (weights kept apart). MTTKRPs use a two-level
   dimension tree: the modes are split into two groups of balanced size; one contraction
-  of the full tensor with the other group's factors serves every mode of a group, so a
-  sweep costs two passes over the data whatever N is, and no full Khatri-Rao product is
-  formed (the first contraction is a tensordot with one factor, the next ones shrink the
-  intermediate).
+  of the full tensor with the other group's factors (a GEMM of the group's unfolding with
+  their Khatri-Rao product, about ``sqrt(prod I) * R`` entries) serves every mode of the
+  group, whose MTTKRPs then contract only that small intermediate; so a sweep costs two
+  passes over the data whatever N is, and no full Khatri-Rao product is formed.
+* The error after each sweep is not measured from a reconstruction: ``||A - Â||^2 =
+  ||A||^2 - 2 <A, Â> + ||Â||^2`` with ``<A, Â>`` from the last mode's MTTKRP and
+  ``||Â||^2 = w^T (∘_n G_n) w`` from the Gram matrices (measured exactly below 1e-6,
+  where that difference loses its digits).
 * Acceleration: extrapolation along the last sweep's step, à la Bro (1998) / tensorly's
   ``linesearch=True`` (jump ``k^(1/p)``, ``p`` grows after repeated failures), accepted only
-  if it lowers the error; the accepted point's contraction is reused by the next sweep,
-  so a successful extrapolation costs nothing extra.
+  if it lowers the error; the accepted point's contraction (and its first MTTKRP) is reused
+  by the next sweep, so a successful extrapolation costs nothing extra.
 * Degeneracy guard: with unit-norm columns, ``||w||_2 <= ||A||_F`` for well-behaved fits
   (equality for orthogonal components); two or more components that cancel with huge
   norms make ``||w||_2 / ||A||_F`` explode. Above ``degeneracy_threshold`` a Tikhonov
@@ -36,17 +40,15 @@ and best rank-R CP approximations need not exist.
 from __future__ import annotations
 
 import math
-import string
 
 import torch
 
 from ._backend import as_compute_tensor, check_iteration_options, make_generator, times_power_of_two, unit_scale
-from ._kernels import balanced_mode_split, khatri_rao, leading_left_vectors
+from ._kernels import balanced_mode_split, leading_left_vectors
 from .formats.cp import CPFactors, cp_num_params, cp_reconstruct
 from .rank import check_rank, largest_rank_within, parse_rank_spec
 
 INITS = ("svd", "random")
-_LETTERS = string.ascii_lowercase.replace("z", "")  # 'z' is the rank index
 
 
 def cp(A, rank=None, *, energy=None, tol=None, ratio=None, n_iter_max=100, convergence_tol=1e-8, init="svd",
@@ -167,64 +169,96 @@ def _bisect_rank(T, tol, max_rank, norm, options, where):
 
 
 # ----------------------------------------------------------------------------- ALS core
+#
+# Inside the ALS loop every factor is held transposed, as ``rows[n] (R, I_n)`` (row r is
+# the column a^(n)_r): the normal equations ``F^T = (H + mu I)^{-1} M^T`` take the MTTKRP
+# as ``M^T (R, I_n)``, and the big contraction is the GEMM ``KR^T (R, K) @ U^T (K, J)``,
+# which MKL runs up to twice as fast in float64 as ``U @ KR`` at the sizes of conv kernels.
+# On tensors of a few 10^4 entries the fixed cost of each torch call (a few µs) is most of
+# the bill, so the loop issues as few calls as it can: it runs under inference_mode (no
+# autograd bookkeeping), uses no einsum, never clones the iterate (sweeps and
+# extrapolations build new tensors and leave the old ones alone), extrapolates all modes
+# at once in one zero-padded stack, tests finiteness once per evaluation (a non-finite
+# entry anywhere reaches the model norm, see :func:`_model_norm2`), and skips no-op casts.
 
 class _Unfoldings:
     """The two-group dimension tree: ``T`` unfolded once per group, contracted by one GEMM.
 
-    ``partial(g, factors)`` returns ``X (dims of group g..., R)`` with
-    ``X[..., r] = T ×_{m not in g} factors[m][:, r]``: one matmul of the stored unfolding
-    ``(prod I_g, prod I_other)`` with the Khatri-Rao product of the other group's
-    factors, ``(prod I_other, R)``; the groups have balanced products, so that
-    Khatri-Rao product has about ``sqrt(prod I) * R`` entries, never ``prod(I) * R``.
+    ``partial(g, rows)`` takes the factors transposed, ``rows[m] (R, I_m)``, and returns
+    ``X (R, dims of layout[g]...)`` with ``X[r, ...] = T ×_{m not in g} a^(m)_r``; ``layout[g]``
+    lists the group's modes smallest first, so the longest one is contiguous. ``X`` is the
+    transposed Khatri-Rao product of the other group's factors, ``(R, prod I_other)``,
+    times the transpose of the stored unfolding ``(prod I_g, prod I_other)``. The groups
+    have balanced products, so that Khatri-Rao product has about ``sqrt(prod I) * R``
+    entries, never ``prod(I) * R``.
     """
 
     def __init__(self, T, groups, dtype):
-        self.groups = groups
-        self.others = [[m for m in range(T.ndim) if m not in g] for g in groups]
-        self.dims = [[T.shape[m] for m in g] for g in groups]
+        def by_size(modes):  # stable: ties keep the mode order
+            return sorted(modes, key=lambda m: T.shape[m])
+
+        # smallest modes first, the longest innermost (contiguous): the Khatri-Rao product of the other
+        # modes is built along it, and the MTTKRP reductions over X run along or across it, never along
+        # a 3-long inner axis (several times slower in torch)
+        self.layout = [by_size(g) for g in groups]
+        self.others = [by_size(m for m in range(T.ndim) if m not in g) for g in groups]
+        self.dims = [[T.shape[m] for m in g] for g in self.layout]
         self.dtype = dtype
-        self.mats = [T.permute(g + o).reshape(math.prod(d), -1).to(dtype).contiguous()
-                     for g, o, d in zip(groups, self.others, self.dims)]
+        mats = [T.permute(g + o).reshape(math.prod(d), -1).to(dtype).contiguous()
+                for g, o, d in zip(self.layout, self.others, self.dims)]
+        self.mats_t = [U.T for U in mats]  # (prod I_other, prod I_g) views, made once
 
-    def partial(self, g, factors):
-        R = factors[0].shape[1]
-        other = [factors[m] for m in self.others[g]]
-        # no other modes (every dim of the tensor is 1): the empty Khatri-Rao product is a row of ones
-        kr = khatri_rao(other) if other else torch.ones(1, R, dtype=factors[0].dtype, device=factors[0].device)
-        X = self.mats[g] @ kr.to(self.dtype)
-        return X.to(factors[0].dtype).reshape(self.dims[g] + [R])
-
-
-def _mttkrp_from(X, modes, factors, n):
-    """MTTKRP of mode ``n`` from a partial contraction ``X (dims of modes..., R)``."""
-    if len(modes) == 1:
-        return X
-    letters = _LETTERS[:len(modes)]
-    operands, terms = [X], [letters + "z"]
-    for i, m in enumerate(modes):
-        if m != n:
-            operands.append(factors[m])
-            terms.append(letters[i] + "z")
-    return torch.einsum(",".join(terms) + f"->{letters[modes.index(n)]}z", *operands)
+    def partial(self, g, rows):
+        """``X (R, dims of layout[g]...)`` for the factors ``rows[m] (R, I_m)``, in their dtype (see the class)."""
+        R, dtype = rows[0].shape[0], rows[0].dtype
+        other = [rows[m] for m in self.others[g]]
+        # no other modes (every dim of the tensor is 1): the empty Khatri-Rao product is a column of ones
+        krt = _khatri_rao_rows(other) if other else torch.ones(R, 1, dtype=dtype, device=rows[0].device)
+        if self.dtype == dtype:  # (skipping no-op casts: on small tensors every torch call counts)
+            X = krt @ self.mats_t[g]
+        else:
+            X = (krt.to(self.dtype) @ self.mats_t[g]).to(dtype)
+        return X if len(self.dims[g]) == 1 else X.reshape([R] + self.dims[g])
 
 
-def _inner_from(X, modes, factors, weights):
-    """``<T, Â>`` from a partial contraction ``X`` over the other group."""
-    letters = _LETTERS[:len(modes)]
-    terms = [letters + "z"] + [letters[i] + "z" for i in range(len(modes))] + ["z"]
-    return float(torch.einsum(",".join(terms) + "->", X, *[factors[m] for m in modes], weights))
-
-
-def _hadamard(grams, skip=None):
-    out = None
-    for m, G in enumerate(grams):
-        if m != skip:
-            out = G.clone() if out is None else out * G
+def _khatri_rao_rows(rows):
+    """Transposed Khatri-Rao product of ``rows[k] (R, I_k)``: ``(R, prod I_k)``, first most significant."""
+    out = rows[0]
+    for M in rows[1:]:
+        out = (out.unsqueeze(2) * M.unsqueeze(1)).reshape(out.shape[0], -1)
     return out
 
 
-def _model_norm2(grams, weights):
-    return float(weights @ _hadamard(grams) @ weights)
+def _mttkrp_from(X, modes, rows, n):
+    """Transposed MTTKRP of mode ``n``, ``(R, I_n)``, from ``X (R, dims of modes...)`` (see ``partial``).
+
+    The group's other modes are contracted one at a time (last axis first, so the axes
+    before keep their index), each by a broadcast product and a sum over its axis.
+    """
+    for axis in range(len(modes) - 1, -1, -1):
+        if modes[axis] != n:
+            shape = [X.shape[0]] + [1] * (X.ndim - 1)
+            shape[axis + 1] = X.shape[axis + 1]
+            X = (X * rows[modes[axis]].reshape(shape)).sum(axis + 1)
+    return X
+
+
+def _product(mats):
+    """Hadamard product of a non-empty list of equal-shape matrices (the first one itself if alone)."""
+    out = mats[0]
+    for G in mats[1:]:
+        out = out * G
+    return out
+
+
+def _model_norm2(hadamard, weights):
+    """``||Â||_F^2 = w^T (∘_n G_n) w`` from the Hadamard product of all the Grams ``(R, R)``.
+
+    A NaN or Inf in any factor makes this non-finite: its column's Gram diagonal is
+    NaN/Inf (a unit-norm column cannot hold an Inf), which enters ``w_r^2 H_rr``; so
+    does one in ``weights``. Testing this float is the loop's only finiteness check.
+    """
+    return float(weights @ hadamard @ weights)
 
 
 def _min_congruence(grams):
@@ -232,18 +266,34 @@ def _min_congruence(grams):
 
     Close to -1 for pairs of components that cancel each other (a CP degeneracy).
     """
-    congruence = _hadamard(grams)
+    congruence = _product(grams).clone()
     congruence.fill_diagonal_(float("inf"))
     return float(congruence.min())
 
 
 def _normalize(factor):
+    """Unit-norm columns of ``factor (I, R)`` and the norms ``(R,)``; zero columns stay zero."""
     norms = torch.linalg.vector_norm(factor, dim=0)
     safe = torch.where(norms > 0, norms, torch.ones_like(norms))
     return factor / safe, norms
 
 
+def _normalize_rows(rows, out=None):
+    """Unit-norm rows of ``rows (R, I)`` (written to ``out`` if given) and the norms ``(R, 1)``.
+
+    Zero rows stay zero (0 / tiny = 0).
+    """
+    norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+    return torch.div(rows, norms.clamp_min(torch.finfo(rows.dtype).tiny), out=out), norms
+
+
+def _row_views(P, sizes):
+    """``[P[n, :, :I_n]]``: the ``(R, I_n)`` factors held in a zero-padded stack ``P (N, R, max I_n)``."""
+    return [v if v.shape[1] == size else v[:, :size] for v, size in zip(P.unbind(0), sizes)]
+
+
 def _init_factors(T, R, init, generator):
+    """Initial unit-norm factors ``[(I_n, R)]`` of ``T`` (``init`` "svd" or "random", see the module docstring)."""
     factors = []
     for n, size in enumerate(T.shape):
         if init == "random":
@@ -256,74 +306,114 @@ def _init_factors(T, R, init, generator):
     return factors
 
 
-def _solve(H, M, mu):
-    """``M (H + mu I)^{-1}`` for a symmetric PSD ``H``; the ridge grows until Cholesky succeeds."""
-    scale = max(float(H.diagonal().max()), 1e-300)
-    eye = torch.eye(H.shape[0], dtype=H.dtype)
+def _solve(H, Mt, mu, eye):
+    """``(H + mu I)^{-1} Mt`` for a symmetric PSD ``H (R, R)``, ``Mt (R, I)``; returns ``(F^T, mu)``.
+
+    That is the transposed solution ``F^T`` of ``F (H + mu I) = M``. ``H`` is a Hadamard
+    product of Grams of unit-norm (or zero) columns, so its diagonal holds ones (and zeros),
+    and ``mu`` is a weight relative to the Gram scale; where ``H`` is all zero so is ``Mt``.
+    ``eye`` is the ``(R, R)`` identity; ``H`` is left unchanged. The ridge grows (x100)
+    until Cholesky succeeds.
+    """
     for attempt in range(8):
-        L, info = torch.linalg.cholesky_ex(H + (mu * scale) * eye)
+        U, info = torch.linalg.cholesky_ex(torch.add(H, eye, alpha=mu), upper=True)  # H + mu I = U^T U
         if int(info) == 0:
-            return torch.cholesky_solve(M.T, L).T, mu
+            # F U^T U = M by two right-side triangular solves (cholesky_solve's arithmetic, less overhead);
+            # their result F (I, R) is column-major, so F^T comes out row-major (fast row norms next)
+            Y = torch.linalg.solve_triangular(U, Mt.T, upper=True, left=False)
+            return torch.linalg.solve_triangular(U.mT, Y, upper=False, left=False).T, mu
         mu = max(mu * 100, 1e-12)
     raise FloatingPointError("normal equations stayed singular after regularization")
 
 
 class _ALSState:
-    """The iterate of CP-ALS and its bookkeeping (ridge, extrapolation schedule, cached contraction)."""
+    """The iterate of CP-ALS and its bookkeeping (ridge, extrapolation schedule, cached contraction).
+
+    The unit-norm factors are held transposed and zero-padded in one stack
+    ``P (N, R, max I_n)``: ``rows[n] = P[n, :, :I_n]`` (a view, ``(R, I_n)``), so the
+    extrapolation, its column norms and its Grams are one call each over all modes (the
+    zero padding changes no norm and no Gram). ``weights (R,)``;
+    ``grams[n] = rows[n] @ rows[n].T (R, R)``. No tensor of the iterate is ever edited in
+    place: a sweep or an extrapolation builds a new stack, so keeping references is a copy.
+    """
 
     def __init__(self, T, R, init, generator, mixed_precision, ridge):
-        self.T, self.R = T, R
+        self.T, self.R, self.sizes = T, R, tuple(T.shape)
         self.norm = float(torch.linalg.norm(T))
         self.groups = [g for g in balanced_mode_split(T.shape) if g]
         self.exact_tree = _Unfoldings(T, self.groups, T.dtype)
         fast = mixed_precision and T.dtype == torch.float64
         self.tree = _Unfoldings(T, self.groups, torch.float32) if fast else self.exact_tree
-        self.factors = _init_factors(T, R, init, generator)
-        self.weights = torch.ones(R, dtype=T.dtype)
-        self.grams = [F.T @ F for F in self.factors]
+        self.P = T.new_zeros(T.ndim, R, max(self.sizes))
+        self.rows = _row_views(self.P, self.sizes)
+        for rows, F in zip(self.rows, _init_factors(T, R, init, generator)):
+            rows.copy_(F.T)
+        self.weights = T.new_ones(R)
+        self.grams = [F @ F.T for F in self.rows]
+        self.eye = torch.eye(R, dtype=T.dtype, device=T.device)
         self.mu, self.degenerate, self.restarts, self.accepted = ridge, False, 0, 0
         self.acc_pow, self.acc_fail = 2.0, 0
-        self.previous = None  # factors/weights after the previous sweep (for extrapolation)
-        self.cached = None  # partial contraction of group 0, valid for the current factors
+        self.previous = None  # (P, weights) after the previous sweep (for extrapolation)
+        self.cached = None  # (partial contraction of group 0, MTTKRP of its first mode), valid for the current rows
+
+    @property
+    def factors(self):
+        """The factors in the public layout, ``factors[n] (I_n, R)`` (contiguous copies)."""
+        return [F.T.contiguous() for F in self.rows]
+
+    def relative_error(self, inner, model2):
+        """``||T - Â|| / ||T||`` from ``<T, Â>`` and ``||Â||^2``; None when not finite."""
+        err2 = self.norm ** 2 - 2 * inner + model2
+        return math.sqrt(max(err2, 0.0)) / self.norm if math.isfinite(err2) else None
 
     def sweep(self):
-        """One ALS sweep; the relative error after it, or None when it produced non-finite values."""
-        factors, grams = self.factors, self.grams
+        """One ALS sweep; the relative error after it, or None (iterate unchanged) when it produced non-finite values.
+
+        The ridge ``mu`` grown by a failing Cholesky is kept either way.
+        """
+        P, rows, grams = torch.zeros_like(self.P), list(self.rows), list(self.grams)
+        views = _row_views(P, self.sizes)
         for gi, group in enumerate(self.groups):
-            X = self.cached if (gi == 0 and self.cached is not None) else self.tree.partial(gi, factors)
-            for n in group:
-                M = _mttkrp_from(X, group, factors, n)
-                F, self.mu = _solve(_hadamard(grams, skip=n), M, self.mu)
-                factors[n], self.weights = _normalize(F)
-                grams[n] = factors[n].T @ factors[n]
-                last_M, last_n = M, n
+            X, M = self.cached if gi == 0 and self.cached is not None else (self.tree.partial(gi, rows), None)
+            outer = [_product([grams[m] for m in self.tree.others[gi]])] if self.tree.others[gi] else []
+            for n in group:  # the other group's Gram product is fixed while this group is updated
+                M = _mttkrp_from(X, self.tree.layout[gi], rows, n) if M is None else M
+                H = _product(outer + [grams[m] for m in group if m != n])
+                F, self.mu = _solve(H, M, self.mu, self.eye)
+                rows[n], norms = _normalize_rows(F, out=views[n])
+                grams[n] = rows[n] @ rows[n].T
+                last, M = (M, F, H, n), None
         self.cached = None
-        if not (all(bool(torch.isfinite(F).all()) for F in factors) and bool(torch.isfinite(self.weights).all())):
+        M, F, H, n = last
+        weights = norms.reshape(-1)
+        # <T, Â> = sum_r w_r <M_r, a_r> = sum(M * F) for the raw solution F = diag(w) rows[n]
+        rel = self.relative_error(float((M * F).sum()), _model_norm2(H * grams[n], weights))
+        if rel is not None and rel < 1e-6:  # below the cancellation floor of the cheap formula: measure exactly
+            exact = cp_reconstruct(weights, [F.T for F in rows])
+            rel = float(torch.linalg.norm(self.T - exact)) / self.norm
+        if rel is None or not math.isfinite(rel):
             return None
-        inner = float((last_M * factors[last_n] * self.weights).sum())
-        err2 = self.norm ** 2 - 2 * inner + _model_norm2(grams, self.weights)
-        rel = math.sqrt(max(err2, 0.0)) / self.norm
-        if rel < 1e-6:  # below the cancellation floor of the cheap formula: measure exactly
-            rel = float(torch.linalg.norm(self.T - cp_reconstruct(self.weights, factors))) / self.norm
-        return rel if math.isfinite(rel) else None
+        self.P, self.rows, self.grams, self.weights = P, rows, grams, weights
+        return rel
 
     def extrapolate(self, iteration, rel, max_fail=4):
         """Bro's line search along the last step, kept only when it lowers the error; the error after it."""
         jump = iteration ** (1.0 / self.acc_pow)
-        pf, pw = self.previous
-        ext = [_normalize(p + jump * (F - p)) for p, F in zip(pf, self.factors)]
-        ext_factors = [e[0] for e in ext]
-        ext_weights = pw + jump * (self.weights - pw)
-        for _, scale in ext:
-            ext_weights = ext_weights * scale
-        ext_grams = [F.T @ F for F in ext_factors]
-        X_ext = self.tree.partial(0, ext_factors)
-        ext_err2 = self.norm ** 2 - 2 * _inner_from(X_ext, self.groups[0], ext_factors, ext_weights) + \
-            _model_norm2(ext_grams, ext_weights)
-        ext_rel = math.sqrt(max(ext_err2, 0.0)) / self.norm
-        if math.isfinite(ext_rel) and ext_rel < rel and bool(torch.isfinite(ext_weights).all()):
-            self.factors, self.weights, self.grams, self.cached = ext_factors, ext_weights, ext_grams, X_ext
-            self.accepted, self.acc_fail = self.accepted + 1, 0
+        prev_P, prev_weights = self.previous
+        P = torch.lerp(prev_P, self.P, jump)
+        norms = torch.linalg.vector_norm(P, dim=2, keepdim=True)  # (N, R, 1)
+        P = P / norms.clamp_min(torch.finfo(P.dtype).tiny)
+        weights = torch.lerp(prev_weights, self.weights, jump) * norms.prod(0).reshape(-1)
+        grams = P @ P.mT  # (N, R, R)
+        rows = _row_views(P, self.sizes)
+        group = self.groups[0]
+        X = self.tree.partial(0, rows)
+        M = _mttkrp_from(X, self.tree.layout[0], rows, group[0])  # reused by the next sweep if the step is kept
+        ext_rel = self.relative_error(float((M * rows[group[0]]).sum(1) @ weights),
+                                      _model_norm2(grams.prod(0), weights))
+        if ext_rel is not None and ext_rel < rel:
+            self.P, self.rows, self.weights, self.grams = P, rows, weights, list(grams.unbind(0))
+            self.cached, self.accepted, self.acc_fail = (X, M), self.accepted + 1, 0
             return ext_rel
         self.acc_fail += 1
         if self.acc_fail >= max_fail:
@@ -366,24 +456,42 @@ def cp_als(T: torch.Tensor, R: int, *, n_iter_max=100, convergence_tol=1e-8, ini
     """
     if float(torch.linalg.norm(T)) == 0:
         return _zero_fit(T, R)
-    st = _ALSState(T, R, init, make_generator(random_state), mixed_precision, ridge)
+    with torch.inference_mode():  # no autograd bookkeeping: a good part of the cost of each small torch call
+        st = _ALSState(T, R, init, make_generator(random_state), mixed_precision, ridge)
+        iteration, converged, errors, float32_sweeps = _iterate(st, n_iter_max, convergence_tol, linesearch,
+                                                                degeneracy_threshold, ridge_max, context)
+        factors = st.factors
+        exact = float(torch.linalg.norm(T - cp_reconstruct(st.weights, factors)))
+        if not math.isfinite(exact):
+            raise FloatingPointError(f"{context}: CP-ALS at rank {R} produced a non-finite reconstruction")
+        info = dict(iterations=iteration, converged=converged, errors=errors, degenerate=st.degenerate,
+                    ridge=st.mu, weights_ratio=float(torch.linalg.vector_norm(st.weights)) / st.norm,
+                    min_congruence=_min_congruence(st.grams) if R > 1 else None, linesearch_accepted=st.accepted,
+                    restarts=st.restarts, float32_sweeps=float32_sweeps, error=exact)
+    # tensors made under inference_mode cannot enter autograd: hand back ordinary copies
+    return st.weights.clone(), [F.clone() for F in factors], info
+
+
+def _iterate(st, n_iter_max, convergence_tol, linesearch, degeneracy_threshold, ridge_max, context):
+    """The sweep loop of :func:`cp_als` on an :class:`_ALSState`.
+
+    Returns ``(iterations, converged, errors, float32_sweeps)``.
+    """
     errors, converged, iteration, float32_sweeps = [], False, 0, 0
     while iteration < n_iter_max:
-        saved = ([F.clone() for F in st.factors], st.weights.clone(), [G.clone() for G in st.grams])
         rel = st.sweep()
-        if rel is None:
+        if rel is None:  # the iterate is the one before the sweep
             st.restarts += 1
             if st.restarts > 5:
-                raise FloatingPointError(f"{context}: CP-ALS at rank {R} produced non-finite values even with "
+                raise FloatingPointError(f"{context}: CP-ALS at rank {st.R} produced non-finite values even with "
                                          f"ridge {st.mu:.3g}; the problem is too ill-conditioned (try a lower rank)")
-            st.factors, st.weights, st.grams = saved
             st.mu, st.degenerate, st.previous = max(st.mu * 100, 1e-6), True, None
             continue
         iteration += 1
         float32_sweeps += st.tree is not st.exact_tree
         if linesearch and st.previous is not None and iteration > 3:
             rel = st.extrapolate(iteration, rel)
-        st.previous = ([F.clone() for F in st.factors], st.weights.clone())
+        st.previous = (st.P, st.weights)
         st.guard(degeneracy_threshold, ridge_max)
         errors.append(rel)
         change = abs(errors[-2] - errors[-1]) if len(errors) > 1 else math.inf
@@ -394,14 +502,6 @@ def cp_als(T: torch.Tensor, R: int, *, n_iter_max=100, convergence_tol=1e-8, ini
         if change < convergence_tol:
             converged = True
             break
-    exact = float(torch.linalg.norm(T - cp_reconstruct(st.weights, st.factors)))
-    if not math.isfinite(exact):
-        raise FloatingPointError(f"{context}: CP-ALS at rank {R} produced a non-finite reconstruction")
-    info = dict(iterations=iteration, converged=converged, errors=errors, degenerate=st.degenerate,
-                ridge=st.mu, weights_ratio=float(torch.linalg.vector_norm(st.weights)) / st.norm,
-                min_congruence=_min_congruence(st.grams) if R > 1 else None, linesearch_accepted=st.accepted,
-                restarts=st.restarts, float32_sweeps=float32_sweeps, error=exact)
-    return st.weights, st.factors, info
-
+    return iteration, converged, errors, float32_sweeps
 
 __all__ = ["cp", "cp_als", "INITS"]

@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ._modules import set_submodule as _set_submodule
+
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -77,11 +79,6 @@ def conv_bn_pairs(model) -> list:
         counts[id(module)] = counts.get(id(module), 0) + 1
     modules = dict(model.named_modules())
     return [(c, b) for c, b in pairs if counts[id(modules[c])] == 1 and counts[id(modules[b])] == 1]
-
-
-def _set_submodule(model, name, module):
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def _bn_scale(bn) -> torch.Tensor:

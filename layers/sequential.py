@@ -39,6 +39,20 @@ or ``budget=dict(params=f)`` / ``dict(layer_params=f)``: the whole model (``para
 targeted layers (``layer_params``) keep at most the fraction ``f`` of their parameters, ranks
 allocated on the estimated LOSS increase (:func:`layer_loss_profiles`,
 :func:`layers.budget.allocate_by_loss`).
+
+Pairs (``pairs="auto"`` or a list of ``(producer(s), consumer[, [batchnorms between]])``): a
+transformer MLP, or two chained convs, compressed by keeping ``k`` of its hidden units
+(:mod:`layers.interpolative`: ``"auto"`` takes the MLPs named as in
+:data:`layers.interpolative.KNOWN_PAIRS` and the conv -> BN / activation / pool -> conv chains
+of the model's :mod:`torch.fx` graph). The consumer is refitted sequentially like the other
+layers (least squares on the kept units, from the inputs it really receives) and its producers
+(and the BatchNorms between) keep the rows of those units. A pair keeps the fraction ``ratio``
+of its units, or the budget's fraction (``ranks=``: its consumer's entry is the number of units
+kept); a budget allocates the rest of the parameters among the other layers, or with
+``pair_units="loss"`` allocates the pairs' units together with the other ranks on the
+estimated loss (one profile per pair, :func:`layers.interpolative.pair_profile`). Every pair is
+checked on the first batch to be a channel-wise producer -> consumer path whose producers
+feed nothing else (:func:`layers.interpolative.check_pairs`).
 """
 from __future__ import annotations
 
@@ -55,7 +69,8 @@ import torch.nn as nn
 from decomp_toolkit.decomp.asymmetric import asymmetric_svd, centered_statistics, sequential_objective
 from decomp_toolkit.decomp.whitened import whitened_svd
 
-from ._accounting import CONV_TYPES, count_params
+from ._accounting import CONV_TYPES, count_params, layer_macs
+from ._modules import set_submodule as _set_submodule
 from .batchnorm import prepare_batchnorm
 from .calibrate import (attention_mask, batch_input, drop_padding, gram_of, gram_signature, iter_batches, model_call,
                         pad_input, unfold_patches)
@@ -63,6 +78,8 @@ from .errors import UnsupportedLayerError
 from .distributed import is_distributed as _distributed
 from .fisher import fisher_weighted_spectrum, output_fisher
 from .fit import Fit
+from .interpolative import (Pair, as_pairs, check_pairs, fit_pair, paired_params, pair_profile, slice_producer, units,
+                            slice_batchnorm, units_for_ratio)
 from .lowrank import LowRankConv, LowRankLinear
 from .report import LayerRecord, Report
 
@@ -84,11 +101,13 @@ class SequentialReport(Report):
     ``compress`` (the whole sequential pass), of which ``stage passes`` (forwards collecting the
     statistics) and ``fits`` (the decompositions). ``masked[name]``: the padding rows (attention
     mask 0) left out of the layer's fit statistics, for the layers the mask applied to (as
-    :attr:`layers.calibrate.Calibration.masked`)."""
+    :attr:`layers.calibrate.Calibration.masked`). ``units[name]``: ``(kept, before)`` hidden units of
+    each layer of a pair compressed by hidden-unit selection (``pairs=``)."""
 
     fits: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     masked: dict = field(default_factory=dict)
+    units: dict = field(default_factory=dict)
 
     def rank_table(self) -> str:
         """``name  shape  rank  kept params`` of every targeted layer, one per line."""
@@ -210,6 +229,14 @@ def _world():
 
 # --------------------------------------------------------------------------- the fit of one layer
 
+@dataclass(frozen=True)
+class PairPlan:
+    """The plan of a pair's consumer: keep ``kept`` of the hidden units of ``pair`` (:mod:`layers.interpolative`)."""
+
+    pair: Pair
+    kept: int
+
+
 @torch.no_grad()
 def fit_layer(layer, stats: FitStatistics, rank: int, context: str = "", compare: bool = True):
     """``(module, Fit)``: the low-rank replacement of ``layer`` fitted on ``stats`` at ``rank``.
@@ -300,6 +327,25 @@ def select_targets(model, include=("*",), exclude=()) -> list:
     return names
 
 
+def _check_request(ratio, ranks, budget, pair_units):
+    if pair_units not in ("fraction", "loss"):
+        raise ValueError(f"compress_sequential: pair_units={pair_units!r}: pass 'fraction' or 'loss'")
+    given = [k for k, v in dict(ratio=ratio, ranks=ranks, budget=budget).items() if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"compress_sequential: pass exactly one of ratio=, ranks=, budget= (got {given or 'none'})")
+
+
+def _supported_targets(model, targets) -> tuple:
+    """``(supported targets, {skipped name: reason})``."""
+    skipped = {}
+    for name in targets:
+        try:
+            _check_supported(name, model.get_submodule(name))
+        except UnsupportedLayerError as err:
+            skipped[name] = err.reason
+    return [t for t in targets if t not in skipped], skipped
+
+
 def _check_supported(name, layer):
     if isinstance(layer, CONV_TYPES) and layer.groups != 1:
         raise UnsupportedLayerError(name, f"grouped conv (groups={layer.groups}): the sequential fit handles "
@@ -315,11 +361,6 @@ def _assign_blocks(targets, blocks):
                              f"exclude it or pass blocks= covering it")
         owner[t] = max(hits, key=len)
     return {b: [t for t in targets if owner[t] == b] for b in blocks}
-
-
-def _set_submodule(root, name, module):
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
 # --------------------------------------------------------------------------- moving data
@@ -366,16 +407,21 @@ def capture_block_inputs(model, first_block, batches, forward=None, check_block=
     return captured
 
 
+def _sequential_call(model, batch, forward=None, device=None):
+    """``model``'s output on one calibration ``batch``: ``forward(model, batch)`` when given, a dict /
+    BatchEncoding as ``model(**batch)`` (as in calibrate), else ``model(batch_input(batch))``."""
+    if forward is not None:
+        return forward(model, batch)
+    if isinstance(batch, Mapping):
+        args, kwargs = model_call(model, batch)
+        return model(*args, **kwargs)
+    x = batch_input(batch)
+    return model(x.to(device) if device is not None and isinstance(x, torch.Tensor) else x)
+
+
 def _run_until_stop(model, batch, forward, device):
     try:
-        if forward is not None:
-            forward(model, batch)
-        elif isinstance(batch, Mapping):   # a dict / BatchEncoding runs as model(**batch), as in calibrate
-            args, kwargs = model_call(model, batch)
-            model(*args, **kwargs)
-        else:
-            x = batch_input(batch)
-            model(x.to(device) if device is not None and isinstance(x, torch.Tensor) else x)
+        _sequential_call(model, batch, forward, device)
     except _StopBlock:
         return
     raise RuntimeError("compress_sequential: the model's forward finished without reaching the block")
@@ -528,7 +574,10 @@ def _compress_block(block, block_name, ranks, stream, reference, device, report,
             full = _full(block_name, name)
             layer = block.get_submodule(name)
             started = time.perf_counter()
-            module, fit = _fit_owned(layer, stats[key_of[name]], ranks[full], counter[0], full, compare)
+            if isinstance(ranks[full], PairPlan):
+                module, fit = _fit_pair_in_block(block, block_name, ranks[full], stats[key_of[name]], report)
+            else:
+                module, fit = _fit_owned(layer, stats[key_of[name]], ranks[full], counter[0], full, compare)
             report.timings["fits"] = report.timings.get("fits", 0.0) + time.perf_counter() - started
             counter[0] += 1
             _set_submodule(block, name, module)
@@ -536,6 +585,25 @@ def _compress_block(block, block_name, ranks, stream, reference, device, report,
             if stats[key_of[name]].masked is not None:
                 report.masked[full] = stats[key_of[name]].masked
         unfitted = [n for n in unfitted if n not in members]
+
+
+def _fit_pair_in_block(block, block_name, plan, stats, report):
+    """Fit a pair's consumer (every rank fits it from the same all-reduced statistics) and slice its producers."""
+    consumer = block.get_submodule(_local(block_name, plan.pair.consumer))
+    indices, module, fit = fit_pair(consumer, stats, plan.kept, context=plan.pair.consumer)
+    for name in plan.pair.producers:
+        local = _local(block_name, name)
+        _set_submodule(block, local, slice_producer(block.get_submodule(local), indices))
+    for name in plan.pair.between:
+        local = _local(block_name, name)
+        _set_submodule(block, local, slice_batchnorm(block.get_submodule(local), indices))
+    for name in plan.pair.names:
+        report.units[name] = (plan.kept, consumer.weight.shape[1])
+    return module, fit
+
+
+def _local(block_name, name):
+    return name[len(block_name) + 1:] if block_name else name
 
 
 def _full(block_name, name):
@@ -578,7 +646,8 @@ def stream_blocks(model, blocks, batches, per_block, forward=None, device=None):
 
 def compress_sequential(model, data, *, ratio=None, ranks=None, budget=None, include=("*",), exclude=(),
                         blocks=None, batch_size=8, forward=None, loss=None, min_rank=None, device=None,
-                        compare=False, bn_aware=True, fold_bn=False, inplace=False, progress=True):
+                        compare=False, bn_aware=True, fold_bn=False, inplace=False, progress=True, pairs=None,
+                        pair_units="fraction", example_input=None):
     """Sequential (asymmetric) low-rank compression of ``model``; returns ``(model, SequentialReport)``.
 
     ``data``: calibration batches (a tensor split into ``batch_size`` rows, or an iterable
@@ -607,34 +676,33 @@ def compress_sequential(model, data, *, ratio=None, ranks=None, budget=None, inc
     ``compress``'s ``bn_aware``), so its error counts what the next layer sees; ``fold_bn``
     folds the BN into the conv instead; the report's notes list the BNs. The input model is
     unchanged unless ``inplace`` (then it also carries the BN rescaling or folding).
+
+    ``pairs`` / ``pair_units``: MLPs and conv chains compressed by keeping hidden units instead of by
+    rank (module docstring, "Pairs"; UnsupportedLayerError naming a pair that is not channel-wise).
+    ``example_input``: one input (as for
+    ``compress``); the report's records then hold each layer's MACs before and after
+    (``report.totals()["flops_before"/"flops_after"]``).
     """
-    given = [k for k, v in dict(ratio=ratio, ranks=ranks, budget=budget).items() if v is not None]
-    if len(given) != 1:
-        raise ValueError(f"compress_sequential: pass exactly one of ratio=, ranks=, budget= (got {given or 'none'})")
+    _check_request(ratio, ranks, budget, pair_units)
     target = model if inplace else copy.deepcopy(model)
-    targets = select_targets(target, include, exclude)
     report = SequentialReport(model_params_before=count_params(model))
     report.notes.append(SEQUENTIAL_NOTE)
-    skipped = {}
-    for name in targets:
-        try:
-            _check_supported(name, target.get_submodule(name))
-        except UnsupportedLayerError as err:
-            skipped[name] = err.reason
-    targets = [t for t in targets if t not in skipped]
+    targets, skipped = _supported_targets(target, select_targets(target, include, exclude))
     if any(isinstance(target.get_submodule(t), CONV_TYPES) for t in targets):
         report.notes.extend(prepare_batchnorm(target, targets, fold_bn=fold_bn, bn_aware=bn_aware))
+    pair_list = as_pairs(pairs, target, targets)
     ranks = planned_ranks(ranks) if ranks is not None else None
-    before = {name: _dense_summary(target.get_submodule(name)) for name in targets + sorted(skipped)}
+    before = _dense_summaries(target, targets + sorted(skipped), example_input)
     batches = list(iter_batches(data, batch_size))
     if not batches:
         raise ValueError("compress_sequential: data yielded no batches")
     masks = [attention_mask(b) for b in batches]
     blocks = list(blocks) if blocks is not None else find_blocks(target, targets)
     per_block = _assign_blocks(targets, blocks)
+    _check_pair_blocks(target, pair_list, per_block, batches[0], forward)
     start = time.perf_counter()
-    plan = _rank_plan(target, targets, ratio, ranks, budget, batches, blocks, per_block, forward, loss, min_rank,
-                      device, report)
+    plan = _planned_with_pairs(target, targets, pair_list, ratio, ranks, budget, batches, blocks, per_block, forward,
+                               loss, min_rank, device, report, pair_units)
     report.timings["allocate"] = time.perf_counter() - start
     start = time.perf_counter()
     counter = [0]
@@ -652,8 +720,22 @@ def compress_sequential(model, data, *, ratio=None, ranks=None, budget=None, inc
     stream_blocks(target, blocks, batches, per_block_fn, forward, device)
     bar.close()
     report.timings["compress"] = time.perf_counter() - start
-    _fill_report(report, before, target, targets, plan, skipped)
+    _fill_report(report, before, target, targets, plan, skipped, example_input)
     return target, report
+
+
+def _input_shapes(model, example_input, names) -> dict:
+    from .compress import record_input_shapes
+    return {} if example_input is None else record_input_shapes(model, example_input, names)
+
+
+def _fill_macs(report, model, example_input):
+    """``flops_after`` of every record from one forward of the compressed ``model`` (input shapes change
+    where pairs dropped units)."""
+    shapes = _input_shapes(model, example_input, [r.name for r in report.layers])
+    for record in report.layers:
+        if record.flops_before is not None and record.name in shapes:
+            record.flops_after = layer_macs(model.get_submodule(record.name), shapes[record.name])[0]
 
 
 def planned_ranks(ranks) -> dict:
@@ -667,8 +749,73 @@ def planned_ranks(ranks) -> dict:
     return ranks
 
 
+def _check_pair_blocks(model, pairs, per_block, batch, forward):
+    """Every pair lies in one block and is a channel-wise path (:func:`layers.interpolative.check_pairs`)."""
+    owner = {t: b for b, names in per_block.items() for t in names}
+    for pair in pairs:
+        homes = {owner[n] for n in pair.names}
+        if len(homes) != 1:
+            raise ValueError(f"compress_sequential: pair {pair.producers} -> {pair.consumer!r} spans the blocks "
+                             f"{sorted(homes)}; a pair must lie in one block (pass blocks= accordingly)")
+    check_pairs(model, pairs, lambda m: _sequential_call(m, batch, forward), blocks=sorted({owner[p.consumer] for p in pairs}))
+
+
+def _planned_with_pairs(model, targets, pairs, ratio, ranks, budget, batches, blocks, per_block, forward, loss,
+                        min_rank, device, report, pair_units="fraction") -> dict:
+    """The plan ``{name: rank, PairPlan (a pair's consumer) or None}``. ``ratio`` / ``ranks`` give the
+    pairs' units directly (:func:`_pair_plan`); under a budget each pair keeps the budget's fraction of
+    its units and the other layers share the rest (``pair_units="fraction"``), or the pairs' units are
+    allocated with the other layers' ranks on the estimated loss (``"loss"``, each pair profiled as one
+    layer by :func:`layers.interpolative.pair_profile`)."""
+    producers = {n for p in pairs for n in p.producers}
+    paired = producers | {p.consumer for p in pairs}
+    if budget is not None and pair_units == "loss":
+        chained = sorted(producers & {p.consumer for p in pairs})
+        if chained:
+            raise ValueError(f"compress_sequential: pair_units='loss' allocates each pair alone; {chained[:3]} link "
+                             f"two pairs (consumer of one, producer of the next): use pair_units='fraction'")
+        plan = _rank_plan(model, [t for t in targets if t not in producers], None, None, budget, batches, blocks,
+                          per_block, forward, loss, min_rank, device, report, pairs)
+        return dict(plan, **_pair_plan(model, pairs, ranks={p.consumer: plan[p.consumer] for p in pairs}))
+    pair_plan = _pair_plan(model, pairs, ratio if budget is None else _budget_fraction(budget), ranks)
+    reserved = paired_params(model, pairs, {p.consumer: pair_plan[p.consumer].kept for p in pairs
+                                            if pair_plan[p.consumer] is not None})
+    plan = _rank_plan(model, [t for t in targets if t not in paired], ratio,
+                      None if ranks is None else {t: k for t, k in ranks.items() if t not in paired}, budget,
+                      batches, blocks, per_block, forward, loss, min_rank, device, report, reserved=reserved)
+    return dict(plan, **pair_plan)
+
+
+def _pair_plan(model, pairs, ratio=None, ranks=None) -> dict:
+    """``{consumer: PairPlan or None, producer: None}``: each pair keeps ``ranks[consumer]`` hidden units
+    (None: dense), or the fraction ``ratio`` of them."""
+    plan = {}
+    for pair in pairs:
+        n = units(model, pair)
+        if ranks is not None:
+            kept = ranks.get(pair.consumer)
+            if kept is not None and (isinstance(kept, bool) or not isinstance(kept, int) or not 1 <= kept <= n):
+                raise ValueError(f"compress_sequential: ranks[{pair.consumer!r}]={kept!r}: a pair's consumer "
+                                 f"entry is the number of hidden units kept, an int in [1, {n}] or None")
+        else:
+            kept = units_for_ratio(model, pair, ratio)
+        for name in pair.producers:
+            plan.setdefault(name, None)   # a chain link: the consumer entry of the previous pair wins
+        plan[pair.consumer] = PairPlan(pair, kept) if kept is not None and kept < n else None
+    return plan
+
+
+def _budget_fraction(budget):
+    if not isinstance(budget, dict) or len(budget) != 1 or next(iter(budget)) not in ("params", "layer_params"):
+        raise ValueError(f"compress_sequential: budget={budget!r}: pass dict(params=f) or dict(layer_params=f)")
+    fraction = next(iter(budget.values()))
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ValueError(f"compress_sequential: budget={budget!r}: the fraction must be in (0, 1]")
+    return fraction
+
+
 def _rank_plan(model, targets, ratio, ranks, budget, batches, blocks, per_block, forward, loss, min_rank, device,
-               report):
+               report, pairs=(), reserved=(0, 0)):
     layers = {t: model.get_submodule(t) for t in targets}
     if ratio is not None:
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
@@ -683,46 +830,64 @@ def _rank_plan(model, targets, ratio, ranks, budget, batches, blocks, per_block,
             if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= full):
                 raise ValueError(f"compress_sequential: ranks[{t!r}]={k!r} must be an int in [1, {full}] or None")
         return {t: ranks.get(t) for t in targets}
-    return _budget_plan(model, layers, budget, batches, blocks, forward, loss, min_rank, device, report)
+    return _budget_plan(model, layers, budget, batches, blocks, forward, loss, min_rank, device, report, pairs,
+                        reserved)
 
 
-def _budget_plan(model, layers, budget, batches, blocks, forward, loss, min_rank, device, report):
+def _budget_plan(model, layers, budget, batches, blocks, forward, loss, min_rank, device, report, pairs=(),
+                 reserved=(0, 0)):
+    """Ranks of ``layers`` on the estimated loss (a pair's consumer in ``layers``: its hidden units, the pair's
+    parameters counted in its profile); ``reserved = (dense, kept)``: parameters of pairs planned outside
+    the allocation, which count in the budget's total and spend ``kept`` of it."""
     from .budget import allocate_by_loss
 
-    if not isinstance(budget, dict) or len(budget) != 1 or next(iter(budget)) not in ("params", "layer_params"):
-        raise ValueError(f"compress_sequential: budget={budget!r}: pass dict(params=f) or dict(layer_params=f)")
-    kind, fraction = next(iter(budget.items()))
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-        raise ValueError(f"compress_sequential: budget={budget!r}: the fraction must be in (0, 1]")
+    fraction, kind = _budget_fraction(budget), next(iter(budget))
     profiles = layer_loss_profiles(model, layers, batches, blocks, forward=forward, loss=loss, min_rank=min_rank,
-                                   device=device)
-    dense = sum(p.dense_cost for p in profiles.values())
+                                   device=device, pairs=pairs) if layers else {}
+    dense = sum(p.dense_cost for p in profiles.values()) + reserved[0]
     total = dense if kind == "layer_params" else count_params(model)
-    allocation = allocate_by_loss(profiles, fraction * total - (total - dense))
+    allocation = allocate_by_loss(profiles, fraction * total - (total - dense) - reserved[1])
     report.budget = allocation
+    reached = allocation.cost + reserved[1] + total - dense
     what = "targeted layers' parameters" if kind == "layer_params" else "model parameters"
-    state = "met" if allocation.met else "NOT met"
-    report.notes.append(f"budget {state}: {what} <= {fraction:.2%} of {total:,}; reached "
-                        f"{allocation.cost + total - dense:,.0f} ({(allocation.cost + total - dense) / total:.2%}); "
-                        f"ranks allocated on the estimated loss increase (Fisher-weighted whitened spectra)")
+    state = "met" if reached <= fraction * total + 0.5 else "NOT met"
+    report.notes.append(f"budget {state}: {what} <= {fraction:.2%} of {total:,}; reached {reached:,.0f} "
+                        f"({reached / total:.2%}); ranks allocated on the estimated loss increase (Fisher-weighted "
+                        f"whitened spectra" + ("; MLP pairs: hidden units on the estimated loss of the units "
+                                               "dropped" if pairs else "") + ")" +
+                        (f"; the MLP pairs keep {fraction:.0%} of their hidden units ({reserved[1]:,} of "
+                         f"{reserved[0]:,} parameters)" if reserved[0] else ""))
     return {t: (r[0] if r is not None else None) for t, r in allocation.ranks.items()}
 
 
-def _dense_summary(layer) -> tuple:
-    """``(type name, weight shape, parameter count)`` of a targeted layer before it is replaced."""
-    return type(layer).__name__, tuple(layer.weight.shape), count_params(layer)
+def _dense_summaries(model, names, example_input=None) -> dict:
+    """``{name: _dense_summary}`` of the targeted layers, with their MACs on ``example_input`` when given."""
+    shapes = _input_shapes(model, example_input, names)
+    return {name: _dense_summary(model.get_submodule(name), shapes.get(name)) for name in names}
 
 
-def _fill_report(report, before, target, targets, plan, skipped):
+def _dense_summary(layer, input_shape=None) -> tuple:
+    """``(type name, weight shape, parameter count, MACs or None)`` of a targeted layer before it is replaced."""
+    macs = layer_macs(layer, input_shape)[0] if input_shape is not None else None
+    return type(layer).__name__, tuple(layer.weight.shape), count_params(layer), macs
+
+
+def _fill_report(report, before, target, targets, plan, skipped, example_input=None):
     """One LayerRecord per targeted / skipped layer; ``before``: :func:`_dense_summary` of each, taken
     before compression (with ``inplace=True`` the original layers are gone by now)."""
     for name in targets + sorted(skipped):
-        kind, shape, params = before[name]
-        record = LayerRecord(name=name, type=kind, shape=shape, method="svd-sequential", params_before=params)
+        kind, shape, params, macs = before[name]
+        record = LayerRecord(name=name, type=kind, shape=shape, method="svd-sequential", params_before=params,
+                             flops_before=macs, flops_after=macs)
         record.params_after = record.params_before
         fit = report.fits.get(name)
         if name in skipped:
             record.status = f"skipped: {skipped[name]}"
+        elif name in report.units:
+            record.method, record.rank = "interpolative-sequential", report.units[name][0]
+            record.params_after = count_params(target.get_submodule(name))
+            if fit is not None:
+                record.rel_error_bound = fit.relative_error_bound
         elif fit is None:
             record.status = "skipped: kept dense (no rank below the dense cost was asked or allocated)"
         else:
@@ -731,6 +896,8 @@ def _fill_report(report, before, target, targets, plan, skipped):
             record.rel_error, record.rel_error_bound = fit.relative_weight_error, fit.relative_error_bound
         report.layers.append(record)
     report.model_params_after = count_params(target)
+    if example_input is not None:
+        _fill_macs(report, target, example_input)
 
 
 class _NoBar:
@@ -772,12 +939,15 @@ def component_losses(layer, gram, fisher, rows=1) -> torch.Tensor:
     return fisher_weighted_spectrum(W @ L, weights) / max(rows, 1)
 
 
-def layer_loss_profiles(model, layers, batches, blocks, *, forward=None, loss=None, min_rank=None, device=None):
+def layer_loss_profiles(model, layers, batches, blocks, *, forward=None, loss=None, min_rank=None, device=None,
+                        pairs=()):
     """``{name: layers.budget.LossProfile}`` of the targeted ``layers`` ({name: module}).
 
     One pass of ``loss`` with gradients (:func:`output_fisher`), then one streamed block-by-block
     pass of the original model accumulating each layer's input Gram (only one block's at a
-    time) for :func:`component_losses`.
+    time) for :func:`component_losses`. ``pairs``: MLP pairs whose consumer is in ``layers``; the
+    consumer's profile is then the pair's, over the hidden units it keeps
+    (:func:`layers.interpolative.pair_profile`).
     """
     from .budget import LossProfile
 
@@ -785,7 +955,7 @@ def layer_loss_profiles(model, layers, batches, blocks, *, forward=None, loss=No
     fisher = output_fisher(model, names, batches, loss)
     per_block = _assign_blocks(names, blocks)
     masks = [attention_mask(b) for b in batches]
-    profiles = {}
+    profiles, pair_of = {}, {p.consumer: p for p in pairs}
 
     def per_block_fn(name, block, reference, original, compressed):
         local = [t[len(name) + 1:] if name else t for t in per_block[name]]
@@ -797,7 +967,10 @@ def layer_loss_profiles(model, layers, batches, blocks, *, forward=None, loss=No
             key = (tuple(id(x) for x in inputs[short]), gram_signature(module))
             if key not in grams:
                 grams[key] = _summed_gram(module, inputs[short], masks)
-            gram, rows = grams[key]
+            gram, rows, total = grams[key]
+            if full in pair_of:
+                profiles[full] = pair_profile(model, pair_of[full], gram, total, rows, fisher.get(full), min_rank)
+                continue
             losses = component_losses(module, gram, fisher.get(full), rows=rows)
             profiles[full] = _profile(layers[full], full, losses, min_rank, LossProfile)
         return following, False
@@ -807,18 +980,18 @@ def layer_loss_profiles(model, layers, batches, blocks, *, forward=None, loss=No
 
 
 def _summed_gram(module, inputs, masks=None):
-    """``(X^T X, rows)``: the float64 Gram of ``module``'s rows over the microbatch ``inputs`` and their
-    number (both summed over the ranks); ``masks``: each microbatch's attention mask ``(B, T)`` or None,
-    whose padding rows are left out (:func:`masked_input_rows`)."""
-    gram, count = 0, torch.zeros(1, dtype=torch.float64)
+    """``(X^T X, rows, X^T 1)``: the float64 Gram of ``module``'s rows over the microbatch ``inputs``, their
+    number and their sum (all summed over the ranks); ``masks``: each microbatch's attention mask
+    ``(B, T)`` or None, whose padding rows are left out (:func:`masked_input_rows`)."""
+    gram, count, total = 0, torch.zeros(1, dtype=torch.float64), 0
     for j, x in enumerate(inputs):   # one microbatch's rows at a time (a conv's patches are large)
         rows, _ = masked_input_rows(module, x, masks[j] if masks else None)
-        gram, count = gram + gram_of(rows), count + rows.shape[0]
+        gram, count, total = gram + gram_of(rows), count + rows.shape[0], total + rows.double().sum(0)
     if _distributed():
         import torch.distributed as dist
-        dist.all_reduce(gram)
-        dist.all_reduce(count)
-    return gram, float(count)
+        for value in (gram, count, total):
+            dist.all_reduce(value)
+    return gram, float(count), total
 
 
 def _profile(layer, name, losses, min_rank, profile_type):

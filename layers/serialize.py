@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ._modules import set_submodule as _set_module
 from .base import FactorizedLayer
 from .kinds import dense_config, kind_of, standard_layer
 
@@ -371,11 +372,6 @@ def _read_weights(directory, manifest, expected, device) -> dict:
                                                for what, items in (("missing", missing), ("unexpected", unexpected),
                                                                    ("shape mismatch", wrong)) if items))
     return state
-
-
-def _set_module(model, name, module):
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def _retie(model, tied):

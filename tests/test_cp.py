@@ -1,4 +1,6 @@
 """CP decomposition: exact recovery, rank selection, degeneracy guard, determinism, errors."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -180,3 +182,98 @@ def test_mixed_precision_matches_float64():
     b = cp(K, rank=6, n_iter_max=60, convergence_tol=0, mixed_precision=False)
     assert a.weights.dtype == torch.float64
     assert abs(a.error - b.error) <= 1e-3 * a.norm
+
+
+# ---------------------------------------------------------------- identities the fast ALS loop relies on
+
+def _cp_module():
+    import importlib
+    return importlib.import_module("decomp_toolkit.decomp.cp")  # the module (the package exports the function)
+
+
+@pytest.mark.parametrize("shape", [(5, 4, 3), (6, 1, 4, 3), (4, 3, 2, 3, 2)])
+def test_dimension_tree_mttkrp_matches_unfolding_times_khatri_rao(shape):
+    """partial + _mttkrp_from (padded, transposed factors; groups of 1-3 modes) = A_(n) KR(others)."""
+    from decomp_toolkit.decomp._kernels import khatri_rao, unfold
+    C = _cp_module()
+    gen = torch.Generator().manual_seed(3)
+    T = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    st = C._ALSState(T, 4, "random", gen, False, 1e-13)
+    factors = st.factors
+    for gi, group in enumerate(st.groups):
+        X = st.tree.partial(gi, st.rows)
+        for n in group:
+            want = unfold(T, n) @ khatri_rao([factors[m] for m in range(T.ndim) if m != n])
+            got = C._mttkrp_from(X, st.tree.layout[gi], st.rows, n).T
+            assert torch.allclose(got, want, rtol=1e-12, atol=1e-12 * float(T.norm()))
+
+
+@pytest.mark.parametrize("shape, R", [((7, 6, 5, 4), 5), ((9, 2, 6), 4)])
+def test_cheap_residuals_equal_the_reconstruction_error(shape, R):
+    """The sweep's error (Grams + last MTTKRP) and the extrapolation's (stacked Grams + its contraction)
+    equal ||T - Â|| / ||T|| of the iterate they describe; a kept extrapolation's cached contraction is exact."""
+    C = _cp_module()
+    T = torch.randn(*shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+
+    def exact(st):
+        return rel_err(T, cp_reconstruct(st.weights, st.factors))
+
+    st = C._ALSState(T, R, "svd", torch.Generator().manual_seed(0), False, 1e-13)
+    st.acc_pow = 6.0  # moderate jumps (k^(1/6))
+    kept = 0
+    for iteration in range(1, 9):
+        rel = st.sweep()
+        assert abs(rel - exact(st)) <= 1e-12
+        if st.previous is not None:
+            ext = st.extrapolate(iteration + 3, math.inf)  # an infinite bar: the step is always kept
+            assert abs(ext - exact(st)) <= 1e-12 * max(1.0, ext)
+            X, M = st.cached
+            group = st.groups[0]
+            assert torch.allclose(X, st.tree.partial(0, st.rows), rtol=1e-13, atol=1e-13)
+            assert torch.allclose(M, C._mttkrp_from(X, st.tree.layout[0], st.rows, group[0]), rtol=1e-13, atol=1e-13)
+            kept += 1
+        st.previous = (st.P, st.weights)
+    assert kept == 7
+    # the public result: the last recorded error is that of the returned factors
+    c = cp(T, rank=R, n_iter_max=25, convergence_tol=0, mixed_precision=False)
+    assert abs(c.info["errors"][-1] - c.error / c.norm) <= 1e-12
+
+
+def test_model_norm_flags_any_non_finite_entry():
+    """The loop's only finiteness test: a NaN/Inf anywhere in the factors or weights reaches ||Â||^2."""
+    C = _cp_module()
+    gen = torch.Generator().manual_seed(5)
+    rows = [C._normalize_rows(torch.randn(4, n, generator=gen, dtype=torch.float64))[0] for n in (3, 5, 2)]
+    weights = torch.rand(4, generator=gen, dtype=torch.float64)
+    grams = [F @ F.T for F in rows]
+    assert math.isfinite(C._model_norm2(C._product(grams), weights))
+    for bad in (float("nan"), float("inf")):
+        broken = [F.clone() for F in rows]
+        broken[1][2, 3] = bad
+        broken[1] = C._normalize_rows(broken[1])[0]  # as the sweep does: Inf / Inf = NaN
+        assert not math.isfinite(C._model_norm2(C._product([F @ F.T for F in broken]), weights))
+        w = weights.clone()
+        w[0] = bad
+        assert not math.isfinite(C._model_norm2(C._product(grams), w))
+        w[0] = 0.0  # a zero weight does not hide a NaN component
+        broken[1][2] = float("nan")
+        assert not math.isfinite(C._model_norm2(C._product([F @ F.T for F in broken]), w))
+
+
+def test_non_finite_sweep_is_rolled_back_and_restarted(monkeypatch):
+    """A sweep that ends non-finite is detected (by the model norm), dropped, and redone with a larger ridge."""
+    C = _cp_module()
+    T = cp_tensor((6, 5, 4), 3, 7)
+    calls = {"n": 0}
+    real = C._mttkrp_from
+
+    def poisoned(X, modes, rows, n):  # NaN in the 3rd sweep's last solve (mode 2: groups [0], [1, 2])
+        calls["n"] += n == 2
+        M = real(X, modes, rows, n)
+        return M * float("nan") if n == 2 and calls["n"] == 3 else M
+
+    monkeypatch.setattr(C, "_mttkrp_from", poisoned)
+    c = cp(T, rank=3, n_iter_max=200, convergence_tol=1e-12, linesearch=False)
+    assert c.info["restarts"] == 1 and c.info["degenerate"] is True and c.info["ridge"] >= 1e-6
+    assert torch.isfinite(c.weights).all() and all(torch.isfinite(F).all() for F in c.factors)
+    assert c.error / c.norm <= 1e-4
