@@ -35,6 +35,7 @@ from decomp_toolkit.decomp.interpolative import greedy_columns, interpolative_fi
 
 from ._modules import set_submodule
 from ._accounting import CONV_TYPES
+from .batchnorm import BN_TYPES
 from .errors import UnsupportedLayerError
 from .fit import Fit
 
@@ -54,8 +55,7 @@ CHECK_TOLERANCE = 1e-4   # relative difference allowed between slicing and zeroi
 # without a ridge the refit fits noise: on CRAFT, relative score-map error 0.024 on the calibration pages
 # and 7.0 on a test page at 1e-6, 0.046 at 1e-4, 0.049 at 1e-3, 0.080 at 1e-2 (90% of the channels kept).
 PAIR_RIDGE = 1e-4
-BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-CHANNELWISE_MODULES = BATCHNORM_TYPES + (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Sigmoid,
+CHANNELWISE_MODULES = BN_TYPES + (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Sigmoid,
                                          nn.Tanh, nn.Identity, nn.Dropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
                                          nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 
@@ -158,7 +158,7 @@ def conv_chains(model, targets) -> list:
                 break
             if not _channelwise_node(current, modules):
                 break
-            if current.op == "call_module" and isinstance(modules[current.target], BATCHNORM_TYPES):
+            if current.op == "call_module" and isinstance(modules[current.target], BN_TYPES):
                 between.append(current.target)
     return found
 
@@ -184,7 +184,7 @@ def _check_pair_layers(model, pair, targets):
                                               f"{type(layer).__name__}" + (f" (groups={layer.groups})"
                                                                            if hasattr(layer, 'groups') else ""))
     for name in pair.between:
-        if not isinstance(model.get_submodule(name), BATCHNORM_TYPES):
+        if not isinstance(model.get_submodule(name), BN_TYPES):
             raise ValueError(f"compress_sequential: pair {pair.producers} -> {pair.consumer!r}: between entry "
                              f"{name!r} must be a BatchNorm (the channel-wise modules whose entries are sliced)")
     width = units(model, pair)
@@ -232,9 +232,9 @@ def paired_params(model, pairs, kept: dict) -> tuple:
         fraction_in, fraction_out = keep_in.get(name, 1.0), keep_out.get(name, 1.0)
         for pname, param in layer.named_parameters(recurse=False):
             before += param.numel()
-            scale = fraction_out if (pname == "bias" or isinstance(layer, BATCHNORM_TYPES)) else fraction_out * fraction_in
-            after += round(param.numel() * scale) if not (pname == "bias" and name in keep_in and name not in keep_out) \
-                else param.numel()
+            # a bias (and a BatchNorm's entries) follows the output units; a consumer-only layer keeps all of them
+            scale = fraction_out if (pname == "bias" or isinstance(layer, BN_TYPES)) else fraction_out * fraction_in
+            after += round(param.numel() * scale)
     return before, after
 
 
