@@ -157,9 +157,12 @@ def craft_rows(args, emit):
         run(f"svd@latency={fraction:g} fisher min_rank={FISHER_MIN_RANK:g}",
             *ours(fraction, "fisher", budget_kind="latency"))
     tltorch_rows(args, run, reached, dense)
+    run("dense fold_bn", lambda: (folded_copy(dense), None))   # the speed of the dense model without its BNs
     for ratio in args.prune_ratios:
         run(f"prune-seq ratio={ratio:g} pairs=auto", lambda ratio=ratio: craft_pruned(dense, ratio, example, args),
             calibrated=False)
+        run(f"prune-seq ratio={ratio:g} pairs=auto fold_bn",
+            lambda ratio=ratio: craft_pruned(dense, ratio, example, args, fold_bn=True), calibrated=False)
     for fraction in args.recover_fractions:
         run(f"svd-seq@{fraction:g} +distill", *sequential(fraction, args.distill_seconds))
         run(f"svd@{fraction:g} fisher min_rank={FISHER_MIN_RANK:g} +distill",
@@ -206,16 +209,27 @@ def craft_sequential(dense, fraction, calibration, example, args, allocation=Non
     return model, report
 
 
-def craft_pruned(dense, ratio, example, args):
+def folded_copy(model):
+    """A copy of ``model`` with every conv -> BatchNorm folded into the conv (exact in eval mode)."""
+    from decomp_toolkit.layers.batchnorm import fold_batchnorm
+
+    folded = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        fold_batchnorm(folded)
+    return folded
+
+
+def craft_pruned(dense, ratio, example, args, fold_bn=False):
     """Hidden-channel selection of every conv chain (``compress_sequential(ratio=ratio, pairs="auto")``): each
     conv -> BN -> ReLU -> conv pair keeps ``ratio`` of its hidden channels, the consumer refitted in execution
-    order on the pages of the sequential fit; ``(model, report)`` with the report's MACs on ``example``."""
+    order on the pages of the sequential fit; ``(model, report)`` with the report's MACs on ``example``.
+    ``fold_bn``: every BN is folded into its conv first (exact in eval mode), so the pruned model runs no BN."""
     from decomp_toolkit.analysis.zoo import craft
     from decomp_toolkit.layers.sequential import compress_sequential
 
     images, _ = craft.load_pages(args.sequential_pages, split="calibration", size=(320, 240))
     return compress_sequential(dense, images, ratio=ratio, pairs="auto", batch_size=2, progress=False,
-                               example_input=example)
+                               example_input=example, fold_bn=fold_bn)
 
 
 def craft_distill(student, teacher, args, seconds, loss=None, lr=None):

@@ -68,9 +68,15 @@ def as_compute_tensor(array, *, name: str = "input", ndim=None, compute_dtype=No
     if tensor.numel() == 0:
         raise ValueError(f"{name}: got an empty {describe(array)}")
     tensor = tensor.to(compute_dtype or DEFAULT_COMPUTE_DTYPE)
-    if not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():  # a finite sum: all finite
+    if not all_finite(tensor):
         raise ValueError(f"{name}: {describe(array)} contains NaN or Inf entries")
     return tensor, kind
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every entry of ``tensor`` is finite: one reduction (a finite sum has finite terms), the
+    entrywise test only when the sum is not finite (NaN/Inf, or finite entries whose sum overflows)."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 def times_power_of_two(tensor: torch.Tensor, exponent: int) -> torch.Tensor:

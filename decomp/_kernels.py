@@ -93,3 +93,76 @@ def leading_left_vectors(T: torch.Tensor, n: int) -> torch.Tensor:
     X = unfold(T, n)
     _, vecs = torch.linalg.eigh(X @ X.T)
     return vecs.flip(-1)
+
+
+# --------------------------------------------------------------------------- BLAS-3 kernels with structure
+
+_BLAS = {}
+
+
+def _blas():
+    """``(scipy.linalg.blas module, threadpoolctl BLAS controller)`` or None when either is unavailable
+    (loaded once)."""
+    if "blas" not in _BLAS:
+        try:
+            from scipy.linalg import blas
+            from threadpoolctl import ThreadpoolController
+            _BLAS["blas"] = (blas, ThreadpoolController().select(user_api="blas"))
+        except ImportError:  # pragma: no cover - both ship with the project's dependencies
+            _BLAS["blas"] = None
+    return _BLAS["blas"]
+
+
+def _blas_for(*tensors):
+    """The BLAS access of :func:`_blas` when every tensor is a float32/float64 CPU tensor of one dtype, else None."""
+    first = tensors[0]
+    if first.device.type != "cpu" or first.dtype not in (torch.float32, torch.float64):
+        return None
+    if any(t.dtype != first.dtype or t.device != first.device or t.numel() == 0 for t in tensors):
+        return None
+    return _blas()
+
+
+def symmetric_gram(R: torch.Tensor) -> torch.Tensor:
+    """``R^T R`` of ``R (N, P)`` in ``R``'s dtype, exactly symmetric.
+
+    On the CPU (float32/float64) the symmetric rank-N update (BLAS ``syrk``: one triangle, half
+    the multiplications of a general product, on ``torch.get_num_threads()`` BLAS threads),
+    mirrored; elsewhere a matmul.
+    """
+    access = _blas_for(R)
+    if access is None:
+        return R.T @ R
+    blas, threads = access
+    syrk = blas.dsyrk if R.dtype == torch.float64 else blas.ssyrk
+    R = R.contiguous()
+    with threads.limit(limits=torch.get_num_threads()):
+        upper = torch.from_numpy(syrk(1.0, R.numpy().T, trans=0))   # (P, N) Fortran view: R^T R
+    full = upper + upper.T            # the strict lower triangle of syrk's result is zero
+    full.diagonal().mul_(0.5)         # 2 d -> d: exact in binary floating point
+    return full
+
+
+def times_lower_triangular(M: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """``M @ L`` for ``M (.., m, n)`` and a LOWER-triangular ``L (.., n, n)`` (its upper part is not read on the CPU).
+
+    On the CPU (float32/float64) the triangular product (BLAS ``trmm``: half the
+    multiplications of a general product) per block, on ``torch.get_num_threads()`` BLAS
+    threads; elsewhere a matmul. Same result as ``M @ L.tril()`` up to rounding.
+    """
+    access = _blas_for(M, L)
+    if access is None:
+        return M @ L
+    blas, threads = access
+    trmm = blas.dtrmm if M.dtype == torch.float64 else blas.strmm
+    Mb, Lb = M.reshape(-1, *M.shape[-2:]), L.reshape(-1, *L.shape[-2:]).expand(M.shape[:-2].numel() or 1, -1, -1)
+    out = []
+    with threads.limit(limits=torch.get_num_threads()):
+        for block, factor in zip(Mb, Lb):
+            # (M L)^T = L^T M^T, with M^T the Fortran reading of C-ordered M; L as it is stored: a Fortran
+            # (column-major, LAPACK's) L is read as lower and transposed, a C-ordered one read as upper L^T
+            fortran = factor.mT.is_contiguous()
+            a = factor.mT.numpy().T if fortran else factor.contiguous().numpy().T
+            product = trmm(1.0, a, block.contiguous().numpy().T, side=0, lower=int(fortran), trans_a=int(fortran))
+            out.append(torch.from_numpy(product).T)
+    return torch.stack(out).reshape(M.shape)

@@ -37,7 +37,8 @@ import math
 import numpy as np
 import torch
 
-from ._backend import as_compute_tensor, times_power_of_two, unit_scale
+from ._backend import all_finite, as_compute_tensor, times_power_of_two, unit_scale
+from ._kernels import times_lower_triangular
 from .formats.svd import WhitenedSVDFactors, svd_num_params
 from .rank import parse_rank_spec, select_rank, tail_errors
 
@@ -79,7 +80,7 @@ def _cholesky_with_jitter(G, jitter):
         shifts = [float(jitter) * 10 ** i for i in range(_JITTER_STEPS)] if jitter > 0 else shifts
     for shift in shifts:
         L, info = torch.linalg.cholesky_ex(G + shift * eye if shift else G)
-        if int(info) == 0 and torch.isfinite(L).all():
+        if int(info) == 0 and all_finite(L):
             return L, shift
     return None, None
 
@@ -133,7 +134,8 @@ def whitened_svd(W, gram, rank=None, *, energy=None, tol=None, ratio=None, white
         jitter = None if jitter is None else float(jitter) * math.ldexp(1.0, -eg)
         L, used, shift = whitening_factor(Gb, whitening=whitening, jitter=jitter, context=context)
     shift = shift * math.ldexp(1.0, eg)
-    WL = Tb @ L
+    triangular = used == "cholesky"   # L is lower triangular (the eigh square root is not)
+    WL = times_lower_triangular(Tb, L) if triangular else Tb @ L
 
     def rank_of(spectrum):
         return select_rank(spec, spectrum, max_rank=min(m, n), params_of_rank=lambda r: svd_num_params(m, n, r, g),
@@ -145,9 +147,10 @@ def whitened_svd(W, gram, rank=None, *, energy=None, tol=None, ratio=None, white
     P, Sk, Vh = leading_svd(Uk.transpose(-2, -1) @ Tb, k)  # U_k^T W = P S Vh (k x n: all k triplets)
     Uw = Uk @ P
     E = Tb - (Uw * Sk[..., None, :]) @ Vh
-    output_error = math.sqrt(max(float(((E @ Gb) * E).sum()), 0.0)) * output_scale
-    # ||W X^T||_F^2 = tr(W G W^T) = ||W L||_F^2 when L L^T = G (an exact Cholesky factor)
-    exact_factor = used == "cholesky" and shift == 0.0
+    # ||W X^T||_F^2 = tr(W G W^T) = ||W L||_F^2 when L L^T = G (an exact Cholesky factor): for E and W alike
+    exact_factor = triangular and shift == 0.0
+    output_error = (float(torch.linalg.norm(times_lower_triangular(E, L))) if exact_factor else
+                    math.sqrt(max(float(((E @ Gb) * E).sum()), 0.0))) * output_scale
     output_norm = (float(torch.linalg.norm(WL)) if exact_factor else
                    math.sqrt(max(float(((Tb @ Gb) * Tb).sum()), 0.0))) * output_scale
     Sk, weight_scale = times_power_of_two(Sk, ew), math.ldexp(1.0, ew)
@@ -258,7 +261,7 @@ def check_psd(gram, context="gram"):
     Returns the Cholesky factor ``L (g, n, n)``, ``L L^T = gram``, when every block is positive
     definite (and the factor is finite), else None."""
     L, info = torch.linalg.cholesky_ex(gram)
-    if int(info.max()) == 0 and bool(torch.isfinite(L).all()):
+    if int(info.max()) == 0 and all_finite(L):
         return L  # positive definite
     values = torch.linalg.eigvalsh(gram)
     low, high = values.min(-1).values, values.abs().max(-1).values

@@ -32,6 +32,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from decomp_toolkit.decomp._backend import all_finite
+from decomp_toolkit.decomp._kernels import symmetric_gram
+
 from ._accounting import CONV_TYPES
 from .kinds import standard_layer
 from .sample_size import row_correlation
@@ -325,7 +328,7 @@ def _collector(result, name, module, state, chunk_elements):
 
 def _input_statistics(gram_module, x, state, chunk_elements, name, module):
     """``(G, rows, S, masked)`` of one input ``x`` (``masked``: padding rows left out, None without a mask)."""
-    if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():   # one reduction; the full test if it fails
+    if not all_finite(x):
         raise ValueError(f"calibrate: the input of layer {name} ({type(module).__name__}, weight "
                          f"{tuple(gram_module.weight.shape)}) contains NaN or Inf at batch {state['batch']}; "
                          f"the layers before it (or the data) produce non-finite values")
@@ -419,7 +422,7 @@ def _describe_batch(batch) -> str:
 def _check_finite(batch, what):
     values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else [batch]
     for value in values:
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not all_finite(value):
             raise ValueError(f"{what}: the data contains NaN or Inf ({_describe_batch(batch)})")
 
 
@@ -539,23 +542,6 @@ def check_memory(targets, memory_limit=None) -> None:
 
 # --------------------------------------------------------------------------- Grams
 
-_BLAS = {}
-
-
-def _syrk():
-    """``({torch dtype: scipy syrk}, threadpoolctl BLAS controller)`` or None when either is unavailable
-    (loaded once)."""
-    if "syrk" not in _BLAS:
-        try:
-            from scipy.linalg.blas import dsyrk, ssyrk
-            from threadpoolctl import ThreadpoolController
-            _BLAS["syrk"] = ({torch.float64: dsyrk, torch.float32: ssyrk},
-                             ThreadpoolController().select(user_api="blas"))
-        except ImportError:  # pragma: no cover - both ship with the project's dependencies
-            _BLAS["syrk"] = None
-    return _BLAS["syrk"]
-
-
 def product_dtype(gram_precision) -> torch.dtype:
     """The dtype of a Gram's products for ``calibrate(gram_precision=...)``."""
     return torch.float32 if gram_precision == "float32" else torch.float64
@@ -574,26 +560,33 @@ def gram_of(rows: torch.Tensor, products=torch.float64) -> torch.Tensor:
     elsewhere a matmul.
     """
     if products == torch.float64:
-        return _syrk_gram(rows.detach().to(torch.float64))
-    R = rows.detach().to(torch.float32)
+        return symmetric_gram(rows.detach().to(torch.float64))
+    return _blocked_gram(rows.detach().to(torch.float32))
+
+
+def gram_and_sum(rows: torch.Tensor, products=torch.float64) -> tuple:
+    """``(rows^T rows (P, P), rows.sum(0) (P,))`` in float64 for ``rows (N, P)``, from ONE product.
+
+    The rows are copied once into an ``(N, P + 1)`` buffer of the products' dtype whose last
+    column is 1: the Gram of the buffer holds ``rows^T rows`` in its leading block and the
+    row sum in its last row (so the conversion and the sum cost no pass of their own).
+    Same precision as :func:`gram_of` (the sum's entries are products by 1: exact in float64,
+    float32 sums of ``GRAM_BLOCK_ROWS`` rows added in float64 with ``products=torch.float32``).
+    """
+    N, P = rows.shape
+    augmented = torch.empty(N, P + 1, dtype=products, device=rows.device)
+    augmented[:, :P] = rows.detach()
+    augmented[:, P] = 1.0
+    full = symmetric_gram(augmented) if products == torch.float64 else _blocked_gram(augmented)
+    return full[:P, :P], full[P, :P]
+
+
+def _blocked_gram(R: torch.Tensor) -> torch.Tensor:
+    """float64 sum over blocks of ``GRAM_BLOCK_ROWS`` rows of the float32 Grams of a float32 ``R (N, P)``."""
     total = torch.zeros(R.shape[1], R.shape[1], dtype=torch.float64, device=R.device)
     for start in range(0, R.shape[0], GRAM_BLOCK_ROWS):
-        total += _syrk_gram(R[start:start + GRAM_BLOCK_ROWS])
+        total += symmetric_gram(R[start:start + GRAM_BLOCK_ROWS])
     return total
-
-
-def _syrk_gram(R: torch.Tensor) -> torch.Tensor:
-    """``R^T R`` of a float32/float64 ``R (N, P)`` in ``R``'s dtype, exactly symmetric (BLAS syrk on the CPU)."""
-    syrk = _syrk() if R.device.type == "cpu" else None
-    if syrk is None or R.shape[0] == 0 or R.shape[1] == 0:
-        return R.T @ R
-    routines, blas = syrk
-    R = R.contiguous()
-    with blas.limit(limits=torch.get_num_threads()):
-        upper = torch.from_numpy(routines[R.dtype](1.0, R.numpy().T, trans=0))   # (P, N) Fortran view: R^T R
-    full = upper + upper.T            # the strict lower triangle of syrk's result is zero
-    full.diagonal().mul_(0.5)         # 2 d -> d: exact in binary floating point
-    return full
 
 
 def input_gram(layer, x, chunk_elements=DEFAULT_CHUNK_ELEMENTS, with_sum=False, products=torch.float64):
@@ -609,9 +602,9 @@ def input_gram(layer, x, chunk_elements=DEFAULT_CHUNK_ELEMENTS, with_sum=False, 
         S = torch.zeros(1, rows.shape[1], dtype=torch.float64, device=x.device)
         step = max(1, chunk_elements // max(rows.shape[1], 1))
         for start in range(0, rows.shape[0], step):
-            chunk = rows[start:start + step]
-            G[0] += gram_of(chunk, products)
-            S[0] += chunk.sum(0, dtype=torch.float64)
+            gram, total = gram_and_sum(rows[start:start + step], products)
+            G[0] += gram
+            S[0] += total
         return (G, rows.shape[0], S) if with_sum else (G, rows.shape[0])
     if isinstance(layer, CONV_TYPES):
         G, rows, S = _conv_gram(layer, x.detach(), chunk_elements, products)
@@ -686,11 +679,13 @@ def _conv_gram(conv, x, chunk_elements, products=torch.float64):
             # (b, *O, C, *K) -> (rows, g, C/g*K) -> (g, rows, P)
             chunk = view.permute(perm).reshape(-1, g, P).transpose(0, 1)
             if g == 1:
-                G[0] += gram_of(chunk[0], products)
+                gram, total = gram_and_sum(chunk[0], products)
+                G[0] += gram
+                S[0] += total
             else:   # many small per-group Grams: one batched float64 product
                 chunk = chunk.double()
                 G += chunk.transpose(1, 2) @ chunk
-            S += chunk.sum(1, dtype=torch.float64)
+                S += chunk.sum(1)
     return G, B * positions, S
 
 

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from decomp_toolkit.decomp._backend import all_finite
+
 from ._accounting import layer_macs
 from .decompose import decompose
 from .errors import UnsupportedLayerError
@@ -171,7 +173,7 @@ def _check_weights(module, name):
         if param.device.type == "meta":
             raise ValueError(f"{name} ({type(module).__name__}): parameter {param_name!r} is on the meta device "
                              f"(no data); load the weights first (model.to_empty(device=...) + load_state_dict)")
-        if param.is_floating_point() and not torch.isfinite(param).all():
+        if param.is_floating_point() and not all_finite(param):
             raise ValueError(f"{name} ({type(module).__name__}, {param_name} {tuple(param.shape)}): contains NaN or "
                              f"Inf entries; fix the weights before compressing")
 

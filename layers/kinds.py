@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
+from decomp_toolkit.decomp._backend import all_finite
+
 STANDARD_TYPES = {"linear": nn.Linear, 1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 FUNCTIONAL = {"linear": F.linear, 1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 KIND_KEYS = tuple(STANDARD_TYPES)
@@ -264,9 +266,9 @@ def layer_kind(layer, name=None):
     standard = standard_layer(layer)
     if standard.weight.is_meta:
         raise ValueError(f"{label}: weight is on the meta device (it holds no values); load the weights first")
-    if not torch.isfinite(standard.weight).all():
+    if not all_finite(standard.weight):
         raise ValueError(f"{label}: weight contains NaN or Inf entries")
-    if standard.bias is not None and not torch.isfinite(standard.bias).all():
+    if standard.bias is not None and not all_finite(standard.bias):
         raise ValueError(f"{label}: bias contains NaN or Inf entries")
     return row.key
 

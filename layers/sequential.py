@@ -72,8 +72,8 @@ from decomp_toolkit.decomp.whitened import whitened_svd
 from ._accounting import CONV_TYPES, count_params, layer_macs
 from ._modules import set_submodule as _set_submodule
 from .batchnorm import prepare_batchnorm
-from .calibrate import (attention_mask, batch_input, drop_padding, gram_of, gram_signature, iter_batches, model_call,
-                        pad_input, unfold_patches)
+from .calibrate import (attention_mask, batch_input, drop_padding, gram_and_sum, gram_signature, iter_batches,
+                        model_call, pad_input, unfold_patches)
 from .errors import UnsupportedLayerError
 from .distributed import is_distributed as _distributed
 from .fisher import fisher_weighted_spectrum, output_fisher
@@ -986,7 +986,8 @@ def _summed_gram(module, inputs, masks=None):
     gram, count, total = 0, torch.zeros(1, dtype=torch.float64), 0
     for j, x in enumerate(inputs):   # one microbatch's rows at a time (a conv's patches are large)
         rows, _ = masked_input_rows(module, x, masks[j] if masks else None)
-        gram, count, total = gram + gram_of(rows), count + rows.shape[0], total + rows.double().sum(0)
+        rows_gram, rows_sum = gram_and_sum(rows)
+        gram, count, total = gram + rows_gram, count + rows.shape[0], total + rows_sum
     if _distributed():
         import torch.distributed as dist
         for value in (gram, count, total):
