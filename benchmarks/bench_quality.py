@@ -157,12 +157,7 @@ def craft_rows(args, emit):
         run(f"svd@latency={fraction:g} fisher min_rank={FISHER_MIN_RANK:g}",
             *ours(fraction, "fisher", budget_kind="latency"))
     tltorch_rows(args, run, reached, dense)
-    run("dense fold_bn", lambda: (folded_copy(dense), None))   # the speed of the dense model without its BNs
-    for ratio in args.prune_ratios:
-        run(f"prune-seq ratio={ratio:g} pairs=auto", lambda ratio=ratio: craft_pruned(dense, ratio, example, args),
-            calibrated=False)
-        run(f"prune-seq ratio={ratio:g} pairs=auto fold_bn",
-            lambda ratio=ratio: craft_pruned(dense, ratio, example, args, fold_bn=True), calibrated=False)
+    prune_rows(args, run, dense, example)
     for fraction in args.recover_fractions:
         run(f"svd-seq@{fraction:g} +distill", *sequential(fraction, args.distill_seconds))
         run(f"svd@{fraction:g} fisher min_rank={FISHER_MIN_RANK:g} +distill",
@@ -209,6 +204,21 @@ def craft_sequential(dense, fraction, calibration, example, args, allocation=Non
     return model, report
 
 
+# the prune-seq rows: plain; every BN folded into its conv first; each chain's kept channels rounded to multiples of 8
+PRUNE_VARIANTS = {"": {}, " fold_bn": dict(fold_bn=True), " pair_multiple=8": dict(pair_multiple=8)}
+
+
+def prune_rows(args, run, dense, example):
+    """The dense model with its BNs folded (its speed without them), and the ``prune-seq`` rows of every
+    ``--prune-ratios`` value in each of :data:`PRUNE_VARIANTS`."""
+    run("dense fold_bn", lambda: (folded_copy(dense), None))
+    for ratio in args.prune_ratios:
+        for suffix, options in PRUNE_VARIANTS.items():
+            run(f"prune-seq ratio={ratio:g} pairs=auto{suffix}",
+                lambda ratio=ratio, options=options: craft_pruned(dense, ratio, example, args, **options),
+                calibrated=False)
+
+
 def folded_copy(model):
     """A copy of ``model`` with every conv -> BatchNorm folded into the conv (exact in eval mode)."""
     from decomp_toolkit.layers.batchnorm import fold_batchnorm
@@ -219,17 +229,18 @@ def folded_copy(model):
     return folded
 
 
-def craft_pruned(dense, ratio, example, args, fold_bn=False):
+def craft_pruned(dense, ratio, example, args, fold_bn=False, pair_multiple=None):
     """Hidden-channel selection of every conv chain (``compress_sequential(ratio=ratio, pairs="auto")``): each
     conv -> BN -> ReLU -> conv pair keeps ``ratio`` of its hidden channels, the consumer refitted in execution
     order on the pages of the sequential fit; ``(model, report)`` with the report's MACs on ``example``.
-    ``fold_bn``: every BN is folded into its conv first (exact in eval mode), so the pruned model runs no BN."""
+    ``fold_bn``: every BN is folded into its conv first (exact in eval mode), so the pruned model runs no BN;
+    ``pair_multiple``: each chain's kept channels rounded to the nearest multiple of it."""
     from decomp_toolkit.analysis.zoo import craft
     from decomp_toolkit.layers.sequential import compress_sequential
 
     images, _ = craft.load_pages(args.sequential_pages, split="calibration", size=(320, 240))
     return compress_sequential(dense, images, ratio=ratio, pairs="auto", batch_size=2, progress=False,
-                               example_input=example, fold_bn=fold_bn)
+                               example_input=example, fold_bn=fold_bn, pair_multiple=pair_multiple)
 
 
 def craft_distill(student, teacher, args, seconds, loss=None, lr=None):

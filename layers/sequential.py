@@ -50,7 +50,12 @@ layers (least squares on the kept units, from the inputs it really receives) and
 of its units, or the budget's fraction (``ranks=``: its consumer's entry is the number of units
 kept); a budget allocates the rest of the parameters among the other layers, or with
 ``pair_units="loss"`` allocates the pairs' units together with the other ranks on the
-estimated loss (one profile per pair, :func:`layers.interpolative.pair_profile`). Every pair is
+estimated loss (one profile per pair, :func:`layers.interpolative.pair_profile`).
+``pair_multiple`` (an int, e.g. 8): the units a pair keeps of a fraction (``ratio=`` or a budget
+with ``pair_units="fraction"``) are rounded to the nearest multiple of it within
+``[pair_multiple, all units]`` (a pair with fewer units keeps its fraction unrounded): CPU
+conv/GEMM kernels run full vector widths on channel counts that are multiples of 8; with
+``ranks=`` or ``pair_units="loss"`` it raises ValueError (those units are exact). Every pair is
 checked on the first batch to be a channel-wise producer -> consumer path whose producers
 feed nothing else (:func:`layers.interpolative.check_pairs`).
 """
@@ -82,6 +87,7 @@ from .interpolative import (Pair, as_pairs, check_pairs, fit_pair, paired_params
                             slice_batchnorm, units_for_ratio)
 from .lowrank import LowRankConv, LowRankLinear
 from .report import LayerRecord, Report
+from .speed import round_ranks
 
 SEQUENTIAL_NOTE = ("sequential (asymmetric) fit: rel_error_bound is the certified relative error "
                    "||W X^T - W' X'^T||_F / ||W X^T||_F of each layer's output on the calibration data, X its "
@@ -327,9 +333,17 @@ def select_targets(model, include=("*",), exclude=()) -> list:
     return names
 
 
-def _check_request(ratio, ranks, budget, pair_units):
+def _check_request(ratio, ranks, budget, pair_units, pair_multiple=None):
     if pair_units not in ("fraction", "loss"):
         raise ValueError(f"compress_sequential: pair_units={pair_units!r}: pass 'fraction' or 'loss'")
+    if pair_multiple is not None:
+        if isinstance(pair_multiple, bool) or not isinstance(pair_multiple, int) or pair_multiple < 1:
+            raise ValueError(f"compress_sequential: pair_multiple={pair_multiple!r}: pass a positive int (e.g. 8) "
+                             f"or None")
+        if ranks is not None or (budget is not None and pair_units == "loss"):
+            raise ValueError("compress_sequential: pair_multiple rounds the units a pair keeps of a fraction "
+                             "(ratio=, or budget= with pair_units='fraction'); with ranks= or pair_units='loss' "
+                             "the units are given or allocated exactly: round them yourself or drop pair_multiple")
     given = [k for k, v in dict(ratio=ratio, ranks=ranks, budget=budget).items() if v is not None]
     if len(given) != 1:
         raise ValueError(f"compress_sequential: pass exactly one of ratio=, ranks=, budget= (got {given or 'none'})")
@@ -647,7 +661,7 @@ def stream_blocks(model, blocks, batches, per_block, forward=None, device=None):
 def compress_sequential(model, data, *, ratio=None, ranks=None, budget=None, include=("*",), exclude=(),
                         blocks=None, batch_size=8, forward=None, loss=None, min_rank=None, device=None,
                         compare=False, bn_aware=True, fold_bn=False, inplace=False, progress=True, pairs=None,
-                        pair_units="fraction", example_input=None):
+                        pair_units="fraction", pair_multiple=None, example_input=None):
     """Sequential (asymmetric) low-rank compression of ``model``; returns ``(model, SequentialReport)``.
 
     ``data``: calibration batches (a tensor split into ``batch_size`` rows, or an iterable
@@ -679,11 +693,12 @@ def compress_sequential(model, data, *, ratio=None, ranks=None, budget=None, inc
 
     ``pairs`` / ``pair_units``: MLPs and conv chains compressed by keeping hidden units instead of by
     rank (module docstring, "Pairs"; UnsupportedLayerError naming a pair that is not channel-wise).
+    ``pair_multiple``: kept units rounded to a multiple of it (module docstring, "Pairs").
     ``example_input``: one input (as for
     ``compress``); the report's records then hold each layer's MACs before and after
     (``report.totals()["flops_before"/"flops_after"]``).
     """
-    _check_request(ratio, ranks, budget, pair_units)
+    _check_request(ratio, ranks, budget, pair_units, pair_multiple)
     target = model if inplace else copy.deepcopy(model)
     report = SequentialReport(model_params_before=count_params(model))
     report.notes.append(SEQUENTIAL_NOTE)
@@ -702,7 +717,7 @@ def compress_sequential(model, data, *, ratio=None, ranks=None, budget=None, inc
     _check_pair_blocks(target, pair_list, per_block, batches[0], forward)
     start = time.perf_counter()
     plan = _planned_with_pairs(target, targets, pair_list, ratio, ranks, budget, batches, blocks, per_block, forward,
-                               loss, min_rank, device, report, pair_units)
+                               loss, min_rank, device, report, pair_units, pair_multiple)
     report.timings["allocate"] = time.perf_counter() - start
     start = time.perf_counter()
     counter = [0]
@@ -761,7 +776,7 @@ def _check_pair_blocks(model, pairs, per_block, batch, forward):
 
 
 def _planned_with_pairs(model, targets, pairs, ratio, ranks, budget, batches, blocks, per_block, forward, loss,
-                        min_rank, device, report, pair_units="fraction") -> dict:
+                        min_rank, device, report, pair_units="fraction", pair_multiple=None) -> dict:
     """The plan ``{name: rank, PairPlan (a pair's consumer) or None}``. ``ratio`` / ``ranks`` give the
     pairs' units directly (:func:`_pair_plan`); under a budget each pair keeps the budget's fraction of
     its units and the other layers share the rest (``pair_units="fraction"``), or the pairs' units are
@@ -777,7 +792,8 @@ def _planned_with_pairs(model, targets, pairs, ratio, ranks, budget, batches, bl
         plan = _rank_plan(model, [t for t in targets if t not in producers], None, None, budget, batches, blocks,
                           per_block, forward, loss, min_rank, device, report, pairs)
         return dict(plan, **_pair_plan(model, pairs, ranks={p.consumer: plan[p.consumer] for p in pairs}))
-    pair_plan = _pair_plan(model, pairs, ratio if budget is None else _budget_fraction(budget), ranks)
+    pair_plan = _pair_plan(model, pairs, ratio if budget is None else _budget_fraction(budget), ranks,
+                           pair_multiple)
     reserved = paired_params(model, pairs, {p.consumer: pair_plan[p.consumer].kept for p in pairs
                                             if pair_plan[p.consumer] is not None})
     plan = _rank_plan(model, [t for t in targets if t not in paired], ratio,
@@ -786,9 +802,10 @@ def _planned_with_pairs(model, targets, pairs, ratio, ranks, budget, batches, bl
     return dict(plan, **pair_plan)
 
 
-def _pair_plan(model, pairs, ratio=None, ranks=None) -> dict:
+def _pair_plan(model, pairs, ratio=None, ranks=None, multiple=None) -> dict:
     """``{consumer: PairPlan or None, producer: None}``: each pair keeps ``ranks[consumer]`` hidden units
-    (None: dense), or the fraction ``ratio`` of them."""
+    (None: dense), or the fraction ``ratio`` of them (rounded to the nearest multiple of ``multiple``
+    within ``[multiple, units]`` when given and the pair has at least ``multiple`` units)."""
     plan = {}
     for pair in pairs:
         n = units(model, pair)
@@ -799,6 +816,7 @@ def _pair_plan(model, pairs, ratio=None, ranks=None) -> dict:
                                  f"entry is the number of hidden units kept, an int in [1, {n}] or None")
         else:
             kept = units_for_ratio(model, pair, ratio)
+            kept = round_ranks(kept, n, multiple) if multiple is not None else kept
         for name in pair.producers:
             plan.setdefault(name, None)   # a chain link: the consumer entry of the previous pair wins
         plan[pair.consumer] = PairPlan(pair, kept) if kept is not None and kept < n else None

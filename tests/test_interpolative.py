@@ -304,3 +304,45 @@ def test_asking_for_more_units_than_the_data_span_keeps_them_at_no_extra_error()
     full = float(torch.linalg.norm(Y - X @ torch.linalg.pinv(X) @ Y))
     assert math.isclose(fit.error, full, rel_tol=1e-6, abs_tol=1e-9)
     assert math.isclose(fit.error, float(torch.linalg.norm(Y - X[:, fit.indices] @ fit.weight.T)), rel_tol=1e-6)
+
+
+class _Wide(nn.Module):
+    """conv(3->24)-ReLU-conv(24->20)-ReLU-conv(20->4)-ReLU-conv(4->2): two chains of 24 and 20 hidden
+    channels and one of 4 (fewer than a multiple of 8)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.conv2 = nn.Conv2d(3, 24, 3, padding=1), nn.Conv2d(24, 20, 3, padding=1)
+        self.conv3, self.conv4 = nn.Conv2d(20, 4, 1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.conv4(torch.relu(self.conv3(torch.relu(self.conv2(torch.relu(self.conv1(x)))))))
+
+
+@pytest.mark.parametrize("request_kind", ["ratio", "budget"])
+def test_pair_multiple_rounds_the_kept_channels_and_the_params_are_counted(request_kind):
+    net = _Wide().eval()
+    data = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    ask = dict(ratio=0.3) if request_kind == "ratio" else dict(budget=dict(layer_params=0.3))
+    small, report = compress_sequential(net, data, pairs="auto", batch_size=8, progress=False, pair_multiple=8,
+                                        **ask)
+    plain, _ = compress_sequential(net, data, pairs="auto", batch_size=8, progress=False, **ask)
+    # 24 * 0.3 -> 7 -> 8 and 20 * 0.3 -> 6 -> 8; the 4-channel chain (below one multiple) keeps int(1.2) = 1
+    assert (small.conv1.out_channels, small.conv2.out_channels, small.conv3.out_channels) == (8, 8, 1)
+    assert (plain.conv1.out_channels, plain.conv2.out_channels, plain.conv3.out_channels) == (7, 6, 1)
+    assert (small.conv2.in_channels, small.conv3.in_channels, small.conv4.in_channels) == (8, 8, 1)
+    assert report.model_params_after == sum(p.numel() for p in small.parameters())
+    with torch.no_grad():
+        assert torch.isfinite(small(torch.randn(2, 3, 8, 8))).all()
+
+
+def test_pair_multiple_with_exact_units_or_a_bad_value_says_what_to_pass():
+    net, data = _Wide().eval(), torch.randn(16, 3, 8, 8)
+    with pytest.raises(ValueError, match="pair_multiple=0: pass a positive int"):
+        compress_sequential(net, data, ratio=0.5, pairs="auto", pair_multiple=0, progress=False)
+    with pytest.raises(ValueError, match="with ranks= or pair_units='loss'"):
+        compress_sequential(net, data, ranks={"conv2": 8}, pairs="auto", pair_multiple=8, progress=False)
+    with pytest.raises(ValueError, match="with ranks= or pair_units='loss'"):
+        compress_sequential(net, data, budget=dict(params=0.5), pairs="auto", pair_units="loss", pair_multiple=8,
+                            progress=False)
