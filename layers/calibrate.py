@@ -577,7 +577,7 @@ def gram_and_sum(rows: torch.Tensor, products=torch.float64) -> tuple:
     augmented = torch.empty(N, P + 1, dtype=products, device=rows.device)
     augmented[:, :P] = rows.detach()
     augmented[:, P] = 1.0
-    full = symmetric_gram(augmented) if products == torch.float64 else _blocked_gram(augmented)
+    full = gram_of(augmented, products)
     return full[:P, :P], full[P, :P]
 
 

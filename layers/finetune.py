@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from decomp_toolkit.decomp._backend import all_finite
+
 from .calibrate import iter_batches
 
 
@@ -184,7 +186,7 @@ def _check_batch(x, labels, epoch, index):
     where = f"finetune: epoch {epoch + 1}, batch {index}"
     tensors = x if isinstance(x, (tuple, list)) else [x]
     for t in tensors:
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not all_finite(t):
             raise ValueError(f"{where}: the input contains NaN or Inf (shape {tuple(t.shape)}); clean the data")
     if labels is not None and labels.numel() and int(labels.min()) < 0:
         raise ValueError(f"{where}: labels must be class indices >= 0, got min {int(labels.min())}")
@@ -196,7 +198,7 @@ def _check_logits(student_logits, teacher_logits, labels, epoch, index):
         if not isinstance(logits, torch.Tensor):
             raise TypeError(f"{where}: the {name} returned {type(logits).__name__}, not a logits tensor; pass "
                             f"forward=lambda model, x: model(x).logits (or similar)")
-        if not torch.isfinite(logits.detach()).all():
+        if not all_finite(logits.detach()):
             raise ValueError(f"{where}: the {name}'s output contains NaN or Inf")
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"{where}: student logits {tuple(student_logits.shape)} and teacher logits "
