@@ -268,8 +268,10 @@ class LossProfile:
     they are kept); the layer at rank ``k`` costs ``k * step + fixed_cost`` and loses
     ``sum(losses[k:])``; dense costs ``dense_cost`` and loses nothing. Ranks below
     ``min_rank`` are never chosen (the layer stays dense rather than go below it).
-    ``rank_costs`` (optional, ``len(losses) + 1`` non-decreasing values, ``inf`` = rank not
-    available) replaces the affine cost by measured ones (e.g. seconds, :mod:`layers.latency`).
+    ``rank_costs`` (optional, ``len(losses) + 1`` values, non-decreasing over the available
+    ranks, ``inf`` = rank not available) replaces the affine cost by measured ones (e.g.
+    seconds, :mod:`layers.latency`) or leaves only some ranks available (e.g. multiples of 8,
+    :func:`multiple_rank_costs`).
     """
 
     losses: np.ndarray
@@ -307,6 +309,29 @@ class LossProfile:
     def loss(self, rank) -> float:
         return 0.0 if rank is None else float(self.tail()[rank])
 
+    def next_rank(self, rank: int, high=None):
+        """The smallest available rank in ``(rank, high]`` (``high`` defaults to :attr:`max_rank`), or None."""
+        high = self.max_rank if high is None else high
+        if self.rank_costs is None:
+            return rank + 1 if rank + 1 <= high else None
+        available = np.flatnonzero(np.isfinite(np.asarray(self.rank_costs[rank + 1:high + 1], dtype=float)))
+        return rank + 1 + int(available[0]) if len(available) else None
+
+    @property
+    def floor_rank(self):
+        """The smallest available rank ``>= min_rank`` cheaper than dense, or None (the layer stays dense)."""
+        if self.max_rank < self.min_rank:
+            return None
+        return self.next_rank(self.min_rank - 1)
+
+
+def multiple_rank_costs(units: int, step: int, fixed_cost: int, multiple: int) -> np.ndarray:
+    """``costs[k] = k * step + fixed_cost`` for k = 0 .. ``units`` where ``k`` is a multiple of ``multiple``,
+    ``inf`` (not available) elsewhere: a :class:`LossProfile` that only takes kernel-friendly ranks."""
+    costs = np.arange(units + 1, dtype=float) * step + fixed_cost
+    costs[np.arange(units + 1) % multiple != 0] = np.inf
+    return costs
+
 
 def _choice(profile, tail, price):
     """The rank (None = dense) minimizing ``loss + price * cost`` for one layer."""
@@ -338,7 +363,7 @@ def allocate_by_loss(profiles: dict, target: float) -> Allocation:
 
     high = 1.0
     top = max((float(t[0]) for t in tails.values()), default=1.0) or 1.0
-    floor_choice = {n: (p.min_rank if p.max_rank >= p.min_rank else None) for n, p in profiles.items()}
+    floor_choice = {n: p.floor_rank for n, p in profiles.items()}
     if total(floor_choice) > target:
         state = floor_choice
     else:
@@ -398,7 +423,8 @@ def rank_floor(name: str, full: int, min_rank=None) -> int:
 
 
 def _fill_by_loss(profiles, tails, state, target):
-    """Spend what is left of the budget: one rank (or back to dense) at a time, best loss saved per cost first."""
+    """Spend what is left of the budget: one step at a time to the next available rank (or back to dense),
+    best loss saved per cost first."""
     spent = sum(profiles[n].cost(r) for n, r in state.items())
     heap = []
 
@@ -406,7 +432,7 @@ def _fill_by_loss(profiles, tails, state, target):
         p, r = profiles[name], state[name]
         if r is None:
             return
-        up = r + 1 if r + 1 <= p.max_rank else None
+        up = p.next_rank(r)
         extra = p.cost(up) - p.cost(r)
         saved = float(tails[name][r]) - (float(tails[name][up]) if up is not None else 0.0)
         heapq.heappush(heap, (-saved / max(extra, 1e-300), name, r, up, extra))  # a free step first

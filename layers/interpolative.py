@@ -252,8 +252,12 @@ def pair_params(model, pair, kept: int) -> int:
                                                                    else 0)
 
 
-def pair_profile(model, pair, gram, total, rows, fisher=None, min_rank=None):
+def pair_profile(model, pair, gram, total, rows, fisher=None, min_rank=None, multiple=None):
     """The :class:`layers.budget.LossProfile` of ``pair`` over the number of hidden units kept.
+
+    ``multiple`` (int or None): only unit counts that are multiples of it are available (the
+    allocation then takes kernel-friendly widths, :func:`layers.budget.multiple_rank_costs`), unless
+    the pair has fewer units than ``multiple``.
 
     ``gram``, ``total``: ``X^T X`` and ``X^T 1`` of the consumer's ``rows`` calibration inputs in the
     original model (centered when the consumer has a bias); ``fisher``: the consumer's diagonal output
@@ -262,7 +266,7 @@ def pair_profile(model, pair, gram, total, rows, fisher=None, min_rank=None):
     ``sum_j F_j g_tj / rows``, the scale of :func:`layers.sequential.component_losses`, so pairs and
     low-rank layers share one allocation. The cost of ``k`` units is :func:`pair_params`.
     """
-    from .budget import LossProfile, rank_floor
+    from .budget import LossProfile, multiple_rank_costs, rank_floor
 
     consumer = model.get_submodule(pair.consumer)
     W = consumer.weight.detach().double().reshape(_outputs(consumer), -1).to(gram.device)
@@ -275,10 +279,11 @@ def pair_profile(model, pair, gram, total, rows, fisher=None, min_rank=None):
     weights = fisher.double().to(gains.device) if fisher is not None else torch.ones(W.shape[0], dtype=torch.float64)
     losses = (gains @ weights) / max(rows, 1)
     fixed = _outputs(consumer) if consumer.bias is not None else 0
-    step = pair_params(model, pair, 1) - fixed
+    step, n = pair_params(model, pair, 1) - fixed, units(model, pair)
+    rounded = multiple is not None and n >= multiple
     return LossProfile(losses=losses.cpu().numpy(), step=step, fixed_cost=fixed,
-                       dense_cost=pair_params(model, pair, units(model, pair)),
-                       min_rank=rank_floor(pair.consumer, units(model, pair), min_rank))
+                       dense_cost=pair_params(model, pair, n), min_rank=rank_floor(pair.consumer, n, min_rank),
+                       rank_costs=multiple_rank_costs(n, step, fixed, multiple) if rounded else None)
 
 
 def _resized(layer, inputs: int, outputs: int, bias: bool):

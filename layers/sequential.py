@@ -53,9 +53,10 @@ kept); a budget allocates the rest of the parameters among the other layers, or 
 estimated loss (one profile per pair, :func:`layers.interpolative.pair_profile`).
 ``pair_multiple`` (an int, e.g. 8): the units a pair keeps of a fraction (``ratio=`` or a budget
 with ``pair_units="fraction"``) are rounded to the nearest multiple of it within
-``[pair_multiple, all units]`` (a pair with fewer units keeps its fraction unrounded): CPU
+``[pair_multiple, all units]``, and with ``pair_units="loss"`` the allocation only chooses
+multiples of it (a pair with fewer units than ``pair_multiple`` is not restricted): CPU
 conv/GEMM kernels run full vector widths on channel counts that are multiples of 8; with
-``ranks=`` or ``pair_units="loss"`` it raises ValueError (those units are exact). Every pair is
+``ranks=`` it raises ValueError (those units are given exactly). Every pair is
 checked on the first batch to be a channel-wise producer -> consumer path whose producers
 feed nothing else (:func:`layers.interpolative.check_pairs`).
 """
@@ -340,10 +341,10 @@ def _check_request(ratio, ranks, budget, pair_units, pair_multiple=None):
         if isinstance(pair_multiple, bool) or not isinstance(pair_multiple, int) or pair_multiple < 1:
             raise ValueError(f"compress_sequential: pair_multiple={pair_multiple!r}: pass a positive int (e.g. 8) "
                              f"or None")
-        if ranks is not None or (budget is not None and pair_units == "loss"):
-            raise ValueError("compress_sequential: pair_multiple rounds the units a pair keeps of a fraction "
-                             "(ratio=, or budget= with pair_units='fraction'); with ranks= or pair_units='loss' "
-                             "the units are given or allocated exactly: round them yourself or drop pair_multiple")
+        if ranks is not None:
+            raise ValueError("compress_sequential: pair_multiple makes the units a pair keeps multiples of it "
+                             "(ratio=, or budget=); with ranks= the units are given exactly: round them yourself "
+                             "or drop pair_multiple")
     given = [k for k, v in dict(ratio=ratio, ranks=ranks, budget=budget).items() if v is not None]
     if len(given) != 1:
         raise ValueError(f"compress_sequential: pass exactly one of ratio=, ranks=, budget= (got {given or 'none'})")
@@ -790,7 +791,7 @@ def _planned_with_pairs(model, targets, pairs, ratio, ranks, budget, batches, bl
             raise ValueError(f"compress_sequential: pair_units='loss' allocates each pair alone; {chained[:3]} link "
                              f"two pairs (consumer of one, producer of the next): use pair_units='fraction'")
         plan = _rank_plan(model, [t for t in targets if t not in producers], None, None, budget, batches, blocks,
-                          per_block, forward, loss, min_rank, device, report, pairs)
+                          per_block, forward, loss, min_rank, device, report, pairs, pair_multiple=pair_multiple)
         return dict(plan, **_pair_plan(model, pairs, ranks={p.consumer: plan[p.consumer] for p in pairs}))
     pair_plan = _pair_plan(model, pairs, ratio if budget is None else _budget_fraction(budget), ranks,
                            pair_multiple)
@@ -833,7 +834,7 @@ def _budget_fraction(budget):
 
 
 def _rank_plan(model, targets, ratio, ranks, budget, batches, blocks, per_block, forward, loss, min_rank, device,
-               report, pairs=(), reserved=(0, 0)):
+               report, pairs=(), reserved=(0, 0), pair_multiple=None):
     layers = {t: model.get_submodule(t) for t in targets}
     if ratio is not None:
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
@@ -849,19 +850,20 @@ def _rank_plan(model, targets, ratio, ranks, budget, batches, blocks, per_block,
                 raise ValueError(f"compress_sequential: ranks[{t!r}]={k!r} must be an int in [1, {full}] or None")
         return {t: ranks.get(t) for t in targets}
     return _budget_plan(model, layers, budget, batches, blocks, forward, loss, min_rank, device, report, pairs,
-                        reserved)
+                        reserved, pair_multiple)
 
 
 def _budget_plan(model, layers, budget, batches, blocks, forward, loss, min_rank, device, report, pairs=(),
-                 reserved=(0, 0)):
+                 reserved=(0, 0), pair_multiple=None):
     """Ranks of ``layers`` on the estimated loss (a pair's consumer in ``layers``: its hidden units, the pair's
-    parameters counted in its profile); ``reserved = (dense, kept)``: parameters of pairs planned outside
-    the allocation, which count in the budget's total and spend ``kept`` of it."""
+    parameters counted in its profile, only multiples of ``pair_multiple`` available when given);
+    ``reserved = (dense, kept)``: parameters of pairs planned outside the allocation, which count in the
+    budget's total and spend ``kept`` of it."""
     from .budget import allocate_by_loss
 
     fraction, kind = _budget_fraction(budget), next(iter(budget))
     profiles = layer_loss_profiles(model, layers, batches, blocks, forward=forward, loss=loss, min_rank=min_rank,
-                                   device=device, pairs=pairs) if layers else {}
+                                   device=device, pairs=pairs, pair_multiple=pair_multiple) if layers else {}
     dense = sum(p.dense_cost for p in profiles.values()) + reserved[0]
     total = dense if kind == "layer_params" else count_params(model)
     allocation = allocate_by_loss(profiles, fraction * total - (total - dense) - reserved[1])
@@ -958,14 +960,14 @@ def component_losses(layer, gram, fisher, rows=1) -> torch.Tensor:
 
 
 def layer_loss_profiles(model, layers, batches, blocks, *, forward=None, loss=None, min_rank=None, device=None,
-                        pairs=()):
+                        pairs=(), pair_multiple=None):
     """``{name: layers.budget.LossProfile}`` of the targeted ``layers`` ({name: module}).
 
     One pass of ``loss`` with gradients (:func:`output_fisher`), then one streamed block-by-block
     pass of the original model accumulating each layer's input Gram (only one block's at a
     time) for :func:`component_losses`. ``pairs``: MLP pairs whose consumer is in ``layers``; the
     consumer's profile is then the pair's, over the hidden units it keeps
-    (:func:`layers.interpolative.pair_profile`).
+    (:func:`layers.interpolative.pair_profile`; only multiples of ``pair_multiple`` when given).
     """
     from .budget import LossProfile
 
@@ -987,7 +989,8 @@ def layer_loss_profiles(model, layers, batches, blocks, *, forward=None, loss=No
                 grams[key] = _summed_gram(module, inputs[short], masks)
             gram, rows, total = grams[key]
             if full in pair_of:
-                profiles[full] = pair_profile(model, pair_of[full], gram, total, rows, fisher.get(full), min_rank)
+                profiles[full] = pair_profile(model, pair_of[full], gram, total, rows, fisher.get(full), min_rank,
+                                              pair_multiple)
                 continue
             losses = component_losses(module, gram, fisher.get(full), rows=rows)
             profiles[full] = _profile(layers[full], full, losses, min_rank, LossProfile)

@@ -52,3 +52,34 @@ def test_loss_allocation_is_never_worse_than_uniform_ranks_on_its_objective():
         assert sum(profiles[k].cost(r) for k, r in uniform.items()) <= keep * dense
         assert allocation.met
         assert allocation.objective <= sum(profiles[k].loss(r) for k, r in uniform.items()) + 1e-12
+
+
+@pytest.mark.parametrize("multiple,min_rank", [(4, 1), (3, 5), (8, 2)])
+def test_loss_allocation_over_multiples_only_takes_them_and_no_layer_can_take_the_next_one(multiple, min_rank):
+    rng = np.random.default_rng(multiple)
+    profiles = {}
+    for i, (units, step) in enumerate([(24, 40), (32, 24), (16, 56), (40, 16)]):
+        losses = np.sort(rng.gamma(0.5, 10.0 ** rng.uniform(-1, 1), units))[::-1]
+        profiles[f"p{i}"] = LossProfile(losses=losses, step=step, fixed_cost=7, dense_cost=units * step + 7,
+                                        min_rank=min_rank,
+                                        rank_costs=budget.multiple_rank_costs(units, step, 7, multiple))
+    dense = sum(p.dense_cost for p in profiles.values())
+    for keep in (0.4, 0.6, 0.8):   # above every floor (the smallest multiple >= min_rank of each layer)
+        allocation = allocate_by_loss(profiles, keep * dense)
+        assert allocation.met and allocation.cost <= keep * dense
+        for name, r in allocation.ranks.items():
+            p = profiles[name]
+            if r is None:
+                continue
+            assert r[0] % multiple == 0 and r[0] >= min_rank and np.isfinite(p.cost(r[0]))
+            up = p.next_rank(r[0])   # the next multiple (or dense) would break the budget
+            assert up is None or up == r[0] + multiple
+            extra = (p.cost(up) if up is not None else p.dense_cost) - p.cost(r[0])
+            assert allocation.cost + extra > keep * dense
+
+
+def test_floor_rank_is_the_first_available_rank_at_or_above_min_rank():
+    costs = budget.multiple_rank_costs(20, 10, 0, 8)
+    assert LossProfile(losses=np.ones(20), step=10, dense_cost=200, min_rank=3, rank_costs=costs).floor_rank == 8
+    assert LossProfile(losses=np.ones(20), step=10, dense_cost=200, min_rank=17, rank_costs=costs).floor_rank is None
+    assert LossProfile(losses=np.ones(20), step=10, dense_cost=200, min_rank=3).floor_rank == 3

@@ -341,8 +341,19 @@ def test_pair_multiple_with_exact_units_or_a_bad_value_says_what_to_pass():
     net, data = _Wide().eval(), torch.randn(16, 3, 8, 8)
     with pytest.raises(ValueError, match="pair_multiple=0: pass a positive int"):
         compress_sequential(net, data, ratio=0.5, pairs="auto", pair_multiple=0, progress=False)
-    with pytest.raises(ValueError, match="with ranks= or pair_units='loss'"):
+    with pytest.raises(ValueError, match="with ranks= the units are given exactly"):
         compress_sequential(net, data, ranks={"conv2": 8}, pairs="auto", pair_multiple=8, progress=False)
-    with pytest.raises(ValueError, match="with ranks= or pair_units='loss'"):
-        compress_sequential(net, data, budget=dict(params=0.5), pairs="auto", pair_units="loss", pair_multiple=8,
-                            progress=False)
+
+
+@pytest.mark.parametrize("multiple", [8, 24])
+def test_pair_multiple_with_loss_allocated_units_keeps_multiples_and_meets_the_budget(multiple):
+    net = _Net(d=8, h=64).eval()
+    small, report = compress_sequential(net, _data(d=8), budget=dict(layer_params=0.5), pairs="auto", batch_size=32,
+                                        progress=False, pair_units="loss", pair_multiple=multiple)
+    assert sum(r.params_after for r in report.layers) <= 0.5 * sum(r.params_before for r in report.layers)
+    for i in range(2):
+        kept = small.layers[i].mlp.down_proj.in_features
+        assert kept % multiple == 0 and kept < 64
+        assert report.units[f"layers.{i}.mlp.up_proj"] == (kept, 64)
+    assert report.model_params_after == sum(p.numel() for p in small.parameters())
+    assert "budget met" in report.notes[-1]
