@@ -206,7 +206,8 @@ def block_for_bits(row_length: int, rows: int, bits: float, *, max_centroids=DEF
 
     Takes the largest block size ``d`` (a divisor of the row length unless ``pad``) for
     which ``k = 2**(bits*d)`` is an integer, ``<= max_centroids`` and ``<= rows * n_sub``
-    (the number of sub-vectors). Raises ValueError if no block size fits.
+    (the number of sub-vectors). Raises :class:`decomp.rank.InfeasibleRankError` (a ValueError: a valid
+    request this shape cannot meet) if no block size fits.
     """
     best = None
     for d in range(1, row_length + 1):
@@ -220,9 +221,10 @@ def block_for_bits(row_length: int, rows: int, bits: float, *, max_centroids=DEF
             continue
         best = (d, k)
     if best is None:
-        raise ValueError(f"bits={bits!r}: no block size d with 2**(bits*d) an integer number of centroids "
-                         f"<= {max_centroids} and <= the number of sub-vectors fits rows of length {row_length}; "
-                         f"pass block_size= and n_centroids= explicitly")
+        reason = (f"bits={bits!r}: no block size d with 2**(bits*d) an integer number of centroids <= {max_centroids} "
+                  f"and <= the number of sub-vectors ({rows} rows) fits rows of length {row_length}; pass block_size= "
+                  f"and n_centroids= explicitly, or fewer bits=")
+        raise InfeasibleRankError(reason, reason)
     return best
 
 
@@ -296,7 +298,10 @@ def _codebook_size(shape, block_size, n_centroids, bits, tol, pad, max_centroids
     if tol is not None and not 0 <= tol < 1:
         raise ValueError(f"{prefix}tol={tol!r} is outside [0, 1)")
     if bits is not None and block_size is None:
-        block_size, n_centroids = block_for_bits(row_length, rows, bits, max_centroids=max_centroids, pad=pad)
+        try:
+            block_size, n_centroids = block_for_bits(row_length, rows, bits, max_centroids=max_centroids, pad=pad)
+        except InfeasibleRankError as err:
+            _infeasible(prefix, f"{err.reason} (weight {what})")
     if block_size is None:
         block_size = default_block_size(shape)
     if block_size > row_length:

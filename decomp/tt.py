@@ -239,17 +239,21 @@ def balanced_factorization(n: int, d: int, *, max_prime: int = MAX_AUTO_PRIME, w
     """Split ``n`` into ``d`` factors as equal as possible (descending, padded with 1s).
 
     Greedy: prime factors, largest first, each multiplied into the currently smallest
-    factor. Raises ValueError when ``n`` has a prime factor above ``max_prime`` (no
-    balanced split exists): pass the shapes explicitly or zero-pad the dimension.
+    factor. Raises :class:`decomp.rank.InfeasibleRankError` (a ValueError) when ``n`` has a prime
+    factor above ``max_prime`` (no balanced split exists): pass the shapes explicitly or zero-pad
+    the dimension.
     """
     n, d = int(n), int(d)
     if n < 1 or d < 1:
         raise ValueError(f"cannot factorize {what} {n} into {d} factors")
     primes = sorted(_prime_factors(n), reverse=True)
     if primes and primes[0] > max_prime:
-        raise ValueError(f"{what} {n} has the prime factor {primes[0]} > {max_prime}, so it has no balanced "
-                         f"factorization; pass in_shape=/out_shape= explicitly, or zero-pad it to e.g. "
-                         f"{_smooth_above(n)} = {'*'.join(map(str, sorted(_prime_factors(_smooth_above(n)))))}")
+        smooth = _smooth_above(n)
+        reason = (f"{what.rpartition(': ')[2]} {n} has the prime factor {primes[0]} > {max_prime}, so it has no "
+                  f"balanced factorization; pass in_shape=/out_shape= explicitly, or zero-pad it to e.g. "
+                  f"{smooth} = {'*'.join(map(str, sorted(_prime_factors(smooth))))}")
+        prefix = what.rpartition(': ')[0]
+        raise InfeasibleRankError(f"{prefix}: {reason}" if prefix else reason, reason)
     factors = [1] * d
     for p in primes:
         i = min(range(d), key=lambda j: factors[j])

@@ -12,6 +12,10 @@ A factorized layer is an ``nn.Module`` with the call signature of the layer it r
 * ``flops(shape)`` / ``dense_flops(shape)``  MACs of one forward, factorized / dense;
 * ``fit``             the :class:`~layers.fit.Fit` record of the factorization that built it
                       (None for a module built directly from its constructor).
+
+It has no ``weight``: reading it raises an AttributeError that says so (and marks the layer
+``weight_read``, which ``compress`` uses to keep dense the layers a model's own code reads the
+weight of).
 """
 from __future__ import annotations
 
@@ -32,6 +36,18 @@ class FactorizedLayer(nn.Module, metaclass=abc.ABCMeta):
     CONFIG: tuple = ("rank",)
     dense_config: dict
     fit = None
+
+    def __getattr__(self, name):   # only reached when ordinary lookup fails (parameters, submodules, ...)
+        if name != "weight" or any(name in self.__dict__.get(store, ()) for store in
+                                   ("_parameters", "_buffers", "_modules")):
+            return super().__getattr__(name)
+        # code written for the dense layer (e.g. transformers' T5 reads ``wo.weight.dtype``) cannot run on this one;
+        # ``weight_read`` lets ``compress`` find such layers on its example input and keep them dense
+        self.__dict__["weight_read"] = True
+        raise AttributeError(f"{type(self).__name__}({self.extra_repr()}) has no .weight: it stores factors, and "
+                             f"code that reads layer.weight of the dense layer cannot use it; compress with "
+                             f"example_input= keeps such layers dense (or exclude= it), and dense_weight() / "
+                             f"to_dense() give the reconstructed weight")
 
     @abc.abstractmethod
     def dense_weight(self) -> torch.Tensor:

@@ -16,9 +16,14 @@ large ``s`` a lot, but a decomposition of the conv alone weighs every output cha
   A decomposition of the rescaled conv then measures its error (ranks, energies, budgets,
   relative errors) in the units the next layer receives.
 
-Pairs are found by :func:`conv_bn_pairs`: with ``torch.fx`` when the model traces (a conv whose
-only user is a BatchNorm with as many features as the conv has output channels), else by
-adjacency in ``nn.Sequential`` containers.
+Pairs are found by :func:`conv_bn_pairs`, which keeps only pairs that are safe to change: with
+``torch.fx`` when the model traces (the conv module called at exactly one call site, whose only
+user is the call of a BatchNorm with as many features as the conv has output channels, that BN
+called exactly once), else by adjacency in containers whose forward is exactly
+``nn.Sequential.forward``; a module shared in the module tree is never paired. A refused
+candidate (:func:`refused_pairs`, named in ``compress``'s notes) is treated as a conv without
+BatchNorm. Explicit ``pairs=`` given to :func:`fold_batchnorm` / :func:`scale_for_batchnorm` are
+trusted as given.
 """
 from __future__ import annotations
 
@@ -37,48 +42,114 @@ def _compatible(conv, bn) -> bool:
                 len(conv.kernel_size) - 1].forward)
 
 
-def _fx_pairs(model):
+def _fx_reason(conv_node, bn_node, calls, attrs) -> str | None:
+    """Why ``(conv call, BN call)`` of a traced graph is not a safe pair, or None when it is.
+
+    Safe: the conv module is called at exactly one call site, that call's only user is the BN's
+    call, the BN module is called at exactly one call site, and neither module's parameters or
+    buffers are read directly (``get_attr``) anywhere in the graph.
+    """
+    conv_name, bn_name = conv_node.target, bn_node.target
+    if calls[conv_name] != 1:
+        return f"conv {conv_name} is called at {calls[conv_name]} call sites"
+    if calls[bn_name] != 1:
+        return f"BatchNorm {bn_name} is called at {calls[bn_name]} call sites"
+    if len(conv_node.users) != 1:
+        return f"the output of conv {conv_name} is also used outside BatchNorm {bn_name}"
+    read = [a for a in attrs if a.startswith((conv_name + ".", bn_name + "."))]
+    if read:
+        return f"{read[0]} is read directly by the forward"
+    return None
+
+
+def _fx_candidates(model) -> list:
+    """``[(conv name, bn name, reason or None)]`` from a ``torch.fx`` trace (raises when fx cannot trace).
+
+    A candidate is a conv call with a compatible BatchNorm call among its users; ``reason``
+    (:func:`_fx_reason`) says why it is unsafe. Call sites are counted per module target.
+    """
     import torch.fx
 
     graph = torch.fx.symbolic_trace(model).graph
     modules = dict(model.named_modules())
-    pairs = []
+    calls, attrs = {}, [n.target for n in graph.nodes if n.op == "get_attr"]
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    out, seen = [], set()
     for node in graph.nodes:
         if node.op != "call_module" or not isinstance(modules.get(node.target), CONV_TYPES):
             continue
-        users = list(node.users)
-        if len(users) == 1 and users[0].op == "call_module" and _compatible(modules[node.target],
-                                                                             modules.get(users[0].target)):
-            pairs.append((node.target, users[0].target))
-    return pairs
+        for user in node.users:
+            pair = (node.target, user.target)
+            if user.op == "call_module" and pair not in seen and _compatible(modules[node.target],
+                                                                             modules.get(user.target)):
+                seen.add(pair)
+                out.append((*pair, _fx_reason(node, user, calls, attrs)))
+    return out
 
 
-def _sequential_pairs(model):
-    pairs = []
+def _sequential_candidates(model) -> list:
+    """``[(conv name, bn name, reason or None)]`` of a conv and a compatible BN adjacent in a container.
+
+    Accepted (reason None) only in containers whose forward is exactly ``nn.Sequential.forward``
+    (a subclass overriding it may use the conv output elsewhere). Shared modules are refused by
+    :func:`_pair_candidates`. Calls from outside the container (``model.seq[0](x)`` in a parent's
+    forward) cannot be seen without a trace.
+    """
+    out = []
     for prefix, module in model.named_modules():
         if not isinstance(module, nn.Sequential):
             continue
+        own = type(module).forward is not nn.Sequential.forward
+        why = f"{type(module).__name__} {prefix or '(root)'} overrides nn.Sequential.forward" if own else None
         children = list(module.named_children())
         for (name_a, a), (name_b, b) in zip(children, children[1:]):
             if _compatible(a, b):
-                pairs.append((f"{prefix}.{name_a}" if prefix else name_a, f"{prefix}.{name_b}" if prefix else name_b))
-    return pairs
+                conv, bn = (f"{prefix}.{name_a}", f"{prefix}.{name_b}") if prefix else (name_a, name_b)
+                out.append((conv, bn, why))
+    return out
 
 
-def conv_bn_pairs(model) -> list:
-    """``[(conv name, bn name)]`` of every conv whose output goes only into a BatchNorm (see module docstring).
+def _pair_candidates(model) -> list:
+    """``[(conv name, bn name, reason or None)]``: fx candidates, or Sequential ones when fx cannot trace.
 
-    A module used at several places (shared) is left out: folding it would change its other uses.
+    Either way a conv or BN that appears more than once in the module tree (shared under two
+    names) is refused: replacing or rescaling it under one name would change its other uses.
     """
     try:
-        pairs = _fx_pairs(model)
+        candidates = _fx_candidates(model)
     except Exception:  # noqa: BLE001 - any model fx cannot trace: fall back to Sequential adjacency
-        pairs = _sequential_pairs(model)
+        candidates = _sequential_candidates(model)
     counts = {}
     for _, module in model.named_modules(remove_duplicate=False):
         counts[id(module)] = counts.get(id(module), 0) + 1
     modules = dict(model.named_modules())
-    return [(c, b) for c, b in pairs if counts[id(modules[c])] == 1 and counts[id(modules[b])] == 1]
+    out = []
+    for conv, bn, reason in candidates:
+        shared = [n for n in (conv, bn) if counts[id(modules[n])] > 1]
+        if reason is None and shared:
+            reason = f"{shared[0]} is shared (it appears {counts[id(modules[shared[0]])]} times in the module tree)"
+        out.append((conv, bn, reason))
+    return out
+
+
+def refused_pairs(model) -> list:
+    """``[(conv name, bn name, reason)]``: conv -> BatchNorm candidates :func:`conv_bn_pairs` leaves out, and why."""
+    return [c for c in _pair_candidates(model) if c[2] is not None]
+
+
+def conv_bn_pairs(model) -> list:
+    """``[(conv name, bn name)]`` of every conv -> BatchNorm pair that is safe to fold or rescale.
+
+    With ``torch.fx`` (when the model traces): the conv module is called at exactly one call
+    site, whose only user is the call of a BatchNorm with as many features as the conv has output
+    channels; that BN module is called exactly once; neither module's tensors are read directly.
+    Else (fallback): a conv and such a BN adjacent in a container whose forward is exactly
+    ``nn.Sequential.forward``. In both cases a module shared in the module tree is left out.
+    :func:`refused_pairs` lists the candidates left out, with the reason.
+    """
+    return [(c, b) for c, b, reason in _pair_candidates(model) if reason is None]
 
 
 def _bn_scale(bn) -> torch.Tensor:
@@ -139,18 +210,22 @@ def prepare_batchnorm(model, conv_names, *, fold_bn=False, bn_aware=False) -> li
     """
     if not (fold_bn or bn_aware):
         return []
-    wanted = set(conv_names)
-    pairs = [(c, b) for c, b in conv_bn_pairs(model) if c in wanted]
+    wanted, step = set(conv_names), "fold_bn" if fold_bn else "bn_aware"
+    candidates = [c for c in _pair_candidates(model) if c[0] in wanted]
+    pairs = [(c, b) for c, b, reason in candidates if reason is None]
+    notes = [f"{step}: not used for {b} after {c} (treated as a conv without BatchNorm): {reason}"
+             for c, b, reason in candidates if reason is not None]
     if not pairs:
-        return [f"{'fold_bn' if fold_bn else 'bn_aware'}: no targeted conv is followed by a BatchNorm"]
+        return notes or [f"{step}: no targeted conv is followed by a BatchNorm"]
     listing = ", ".join(f"{b} into {c}" for c, b in pairs)
     if fold_bn:
         fold_batchnorm(model, pairs)
         return [f"fold_bn: folded {len(pairs)} BatchNorm(s) into the preceding conv (BN replaced by Identity; "
-                f"exact in eval mode): {listing}"]
+                f"exact in eval mode): {listing}"] + notes
     scale_for_batchnorm(model, pairs)
     return [f"bn_aware: {len(pairs)} conv(s) decomposed in the output scale of the BatchNorm after them "
-            f"(|gamma| / sqrt(var + eps) moved from the BN's statistics into the conv; exact in eval mode): {listing}"]
+            f"(|gamma| / sqrt(var + eps) moved from the BN's statistics into the conv; exact in eval mode): "
+            f"{listing}"] + notes
 
 
-__all__ = ["conv_bn_pairs", "fold_batchnorm", "scale_for_batchnorm", "prepare_batchnorm"]
+__all__ = ["conv_bn_pairs", "refused_pairs", "fold_batchnorm", "scale_for_batchnorm", "prepare_batchnorm"]

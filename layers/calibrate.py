@@ -36,6 +36,7 @@ from decomp_toolkit.decomp._backend import all_finite
 from decomp_toolkit.decomp._kernels import symmetric_gram
 
 from ._accounting import CONV_TYPES
+from ._modules import eval_mode
 from .kinds import standard_layer
 from .sample_size import row_correlation
 
@@ -239,13 +240,12 @@ def calibrate(model, data, max_batches=None, include=None, progress=True, *, exc
     check_memory(targets, memory_limit)
     result = Calibration(skipped=skipped)
     state = {"mask": None, "batch": 0, "last": {}, "products": product_dtype(gram_precision)}
-    hooks, modes = [], {m: m.training for m in model.modules()}
+    hooks = []
     try:
         for name, module in targets:
             hooks.append(module.register_forward_pre_hook(_collector(result, name, module, state,
                                                                      chunk_elements)))
-        model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):
             for index, batch in enumerate(_progress(iter_batches(data, batch_size), progress, "calibrate",
                                                     _count(data, batch_size, max_batches))):
                 if max_batches is not None and index >= max_batches:
@@ -261,8 +261,6 @@ def calibrate(model, data, max_batches=None, include=None, progress=True, *, exc
     finally:
         for hook in hooks:
             hook.remove()
-        for module, training in modes.items():
-            module.training = training
     if result.batches == 0:
         raise ValueError("calibrate: data yielded no batches")
     if fisher:

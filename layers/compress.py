@@ -30,6 +30,7 @@ import torch.nn as nn
 from decomp_toolkit.decomp._backend import all_finite
 
 from ._accounting import layer_macs
+from ._modules import eval_mode, set_submodule
 from .decompose import decompose
 from .errors import UnsupportedLayerError
 from .kinds import (check_dense_equivalent, is_candidate, kind_of, legacy_reparametrization, plain_copy,
@@ -76,7 +77,7 @@ def _policy_for(name, policy, default):
 
 
 def record_input_shapes(model, example_input, names) -> dict:
-    """Input shape of each named module for one forward of ``example_input`` (forward pre-hooks).
+    """Input shape of each named module for one forward of ``example_input`` (forward pre-hooks), run in eval mode.
 
     ``example_input``: a tensor, a tuple (``model(*x)``) or a dict / BatchEncoding (``model(**x)``).
     """
@@ -93,7 +94,7 @@ def record_input_shapes(model, example_input, names) -> dict:
     for name in names:
         hooks.append(modules[name].register_forward_pre_hook(remember(name)))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):   # a train-mode model would update its BatchNorm statistics
             run_model(model, example_input, what="example_input")
     finally:
         for hook in hooks:
@@ -343,8 +344,8 @@ def compress(model, method="svd", *, rank=None, energy=None, tol=None, ratio=Non
     if sampling:
         from .calibrate import undersampled_note
         report.notes.extend(note for note in [undersampled_note(report.layers)] if note)
-    report.model_params_after = _model_params(target_model)
-    report.model_bits_after = _model_bits(target_model)
+    _check_runs(target_model, targets, example_input, report)
+    report.model_params_after, report.model_bits_after = _model_params(target_model), _model_bits(target_model)
     _final_notes(report, budget, targets)
     return target_model, report
 
@@ -594,10 +595,53 @@ def _install(model, target, factorized):
         if name not in dict(factorized.named_buffers(recurse=False)):
             factorized.register_buffer(name, buffer, persistent=name not in module._non_persistent_buffers_set)
     factorized.train(module.training)
-    for name in target.names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, factorized)
+    _put_at_names(model, target.names, factorized)
+
+
+def _put_at_names(model, names, module):
+    for name in names:
+        set_submodule(model, name, module)
+
+
+def _check_runs(model, targets, example_input, report):
+    """Run the compressed ``model`` on ``example_input``; a replaced layer whose ``.weight`` the model's own code
+    reads (:class:`layers.base.FactorizedLayer` has none) goes back to dense, with that reason in its record,
+    until the model runs. Any other failure raises ValueError naming it (the model does not run). No-op
+    without an example input."""
+    from .base import FactorizedLayer
+    from .calibrate import run_model
+
+    if example_input is None:
+        return
+    records, kept = {r.name: r for r in report.layers}, []
+    for _ in range(len(targets) + 1):
+        installed = {t.name: model.get_submodule(t.name) for t in targets}
+        for module in installed.values():
+            module.__dict__.pop("weight_read", None)
+        try:
+            with torch.no_grad(), eval_mode(model):
+                run_model(model, example_input, what="compress: the compressed model on example_input")
+            break
+        except Exception as err:  # noqa: BLE001 - any failure of the user's forward is reported below
+            readers = [t for t in targets if isinstance(installed[t.name], FactorizedLayer)
+                       and installed[t.name].__dict__.get("weight_read")]
+            if not readers:
+                raise ValueError(f"compress: the compressed model does not run on example_input: {err}") from err
+            for target in readers:
+                _keep_dense(model, target, records[target.name])
+            kept += [t.name for t in readers]
+    if kept:
+        report.notes.append(f"kept dense because the model's code reads their .weight: {', '.join(kept)}")
+
+
+def _keep_dense(model, target, record):
+    """Put ``target``'s original module back at its names and make its record say why."""
+    _put_at_names(model, target.names, target.module)
+    record.status = "skipped: the model's code reads its .weight (a factorized layer has none)"
+    record.type, record.rank, record.speedup = type(target.module).__name__, None, None
+    record.params_after, record.bits_after, record.flops_after = (record.params_before, record.bits_before,
+                                                                  record.flops_before)
+    record.rel_error = record.rel_error_bound = record.rel_output_error = record.held_out_error = None
 
 
 def _speed_settings(settings, input_shape, name):

@@ -33,7 +33,7 @@ import torch.nn as nn
 from decomp_toolkit.decomp.asymmetric import centered_statistics
 from decomp_toolkit.decomp.interpolative import greedy_columns, interpolative_fit
 
-from ._modules import set_submodule
+from ._modules import carry_requires_grad, set_submodule
 from ._accounting import CONV_TYPES
 from .batchnorm import BN_TYPES
 from .errors import UnsupportedLayerError
@@ -290,9 +290,10 @@ def _resized(layer, inputs: int, outputs: int, bias: bool):
     """A layer of ``layer``'s kind and configuration with ``inputs`` / ``outputs`` units."""
     kw = dict(bias=bias, device=layer.weight.device, dtype=layer.weight.dtype)
     if isinstance(layer, nn.Linear):
-        return nn.Linear(inputs, outputs, **kw)
-    return type(layer)(inputs, outputs, layer.kernel_size, stride=layer.stride, padding=layer.padding,
-                       dilation=layer.dilation, padding_mode=layer.padding_mode, **kw)
+        return carry_requires_grad(layer, nn.Linear(inputs, outputs, **kw))
+    return carry_requires_grad(layer, type(layer)(inputs, outputs, layer.kernel_size, stride=layer.stride,
+                                                  padding=layer.padding, dilation=layer.dilation,
+                                                  padding_mode=layer.padding_mode, **kw))
 
 
 def slice_producer(layer, indices: torch.Tensor):

@@ -66,7 +66,6 @@ import copy
 import fnmatch
 import math
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -76,9 +75,11 @@ from decomp_toolkit.decomp.asymmetric import asymmetric_svd, centered_statistics
 from decomp_toolkit.decomp.whitened import whitened_svd
 
 from ._accounting import CONV_TYPES, count_params, layer_macs
+from ._modules import carry_requires_grad, eval_mode
 from ._modules import set_submodule as _set_submodule
 from .batchnorm import prepare_batchnorm
-from .calibrate import (attention_mask, batch_input, drop_padding, gram_and_sum, gram_signature, iter_batches,
+from .kinds import is_candidate, kind_of, registered_kind, standard_layer
+from .calibrate import (attention_mask, drop_padding, gram_and_sum, gram_signature, iter_batches,
                         model_call, pad_input, unfold_patches)
 from .errors import UnsupportedLayerError
 from .distributed import is_distributed as _distributed
@@ -286,7 +287,7 @@ def _lowrank_module(layer, A, B, rank):
     with torch.no_grad():
         module.reduce.weight.copy_(B.reshape(module.reduce.weight.shape))
         module.expand.weight.copy_(A.reshape(module.expand.weight.shape))
-    return module
+    return carry_requires_grad(layer, module)
 
 
 def rank_for_ratio(layer, ratio: float, name: str = "") -> int | None:
@@ -317,14 +318,16 @@ def find_blocks(model, targets) -> list:
 
 
 def select_targets(model, include=("*",), exclude=()) -> list:
-    """Names of the Linear / ungrouped ConvNd layers matching ``include`` and not ``exclude`` (fnmatch)."""
+    """Names of the Linear / ConvNd layers (and registered kinds, e.g. transformers' ``Conv1D``; unsupported kinds
+    such as transposed convs are returned too, and kept dense with their reason) matching ``include`` and not
+    ``exclude`` (fnmatch)."""
     if isinstance(include, str):
         include = (include,)
     if isinstance(exclude, str):
         exclude = (exclude,)
     names = []
     for name, module in model.named_modules():
-        if not name or not isinstance(module, (nn.Linear,) + CONV_TYPES):
+        if not name or not is_candidate(module):
             continue
         if any(fnmatch.fnmatchcase(name, p) for p in include) and not any(fnmatch.fnmatchcase(name, p)
                                                                          for p in exclude):
@@ -362,9 +365,35 @@ def _supported_targets(model, targets) -> tuple:
 
 
 def _check_supported(name, layer):
+    row = kind_of(layer)
+    if row is not None and row.unsupported is not None:
+        raise UnsupportedLayerError(name, row.unsupported)
     if isinstance(layer, CONV_TYPES) and layer.groups != 1:
         raise UnsupportedLayerError(name, f"grouped conv (groups={layer.groups}): the sequential fit handles "
                                           f"ungrouped convs only")
+
+
+def _standardize(model, targets) -> dict:
+    """Replace each target of a registered kind (e.g. transformers' ``Conv1D``) by the plain Linear / ConvNd that
+    computes the same (:func:`layers.kinds.standard_layer`; a module under several names is converted once and
+    stays shared); returns ``{name: original module}`` so that layers kept dense get their original back."""
+    converted, originals = {}, {}
+    for name in targets:
+        layer = model.get_submodule(name)
+        if registered_kind(layer) is None:
+            continue
+        if id(layer) not in converted:
+            converted[id(layer)] = standard_layer(layer)
+        originals[name] = layer
+        _set_submodule(model, name, converted[id(layer)])
+    return originals
+
+
+def _restore_kept(model, originals, plan) -> None:
+    """Put back the original module of every standardized layer the plan kept dense."""
+    for name, original in originals.items():
+        if plan.get(name) is None:
+            _set_submodule(model, name, original)
 
 
 def _assign_blocks(targets, blocks):
@@ -404,7 +433,7 @@ def capture_block_inputs(model, first_block, batches, forward=None, check_block=
     ``check_block``: the second block; its input is captured once to check that it is the
     first block's output (the chain the streaming relies on).
     """
-    captured, device = [], next((p.device for p in model.parameters()), None)
+    captured = []
 
     def grab(module, args, kwargs):
         captured.append((tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), dict(kwargs)))
@@ -414,35 +443,33 @@ def capture_block_inputs(model, first_block, batches, forward=None, check_block=
     try:
         with torch.no_grad():
             for batch in batches:
-                _run_until_stop(model, batch, forward, device)
+                _run_until_stop(model, batch, forward)
     finally:
         handle.remove()
     if check_block is not None and captured:
-        _check_chain(model, first_block, check_block, batches[0], forward, device, captured[0])
+        _check_chain(model, first_block, check_block, batches[0], forward, captured[0])
     return captured
 
 
-def _sequential_call(model, batch, forward=None, device=None):
-    """``model``'s output on one calibration ``batch``: ``forward(model, batch)`` when given, a dict /
-    BatchEncoding as ``model(**batch)`` (as in calibrate), else ``model(batch_input(batch))``."""
+def _sequential_call(model, batch, forward=None):
+    """``model``'s output on one calibration ``batch``: ``forward(model, batch)`` when given, else called as
+    calibrate calls it (:func:`layers.calibrate.model_call`: a dict / BatchEncoding as ``model(**batch)``, float
+    tensors cast to the model's dtype and moved to its device)."""
     if forward is not None:
         return forward(model, batch)
-    if isinstance(batch, Mapping):
-        args, kwargs = model_call(model, batch)
-        return model(*args, **kwargs)
-    x = batch_input(batch)
-    return model(x.to(device) if device is not None and isinstance(x, torch.Tensor) else x)
+    args, kwargs = model_call(model, batch)
+    return model(*args, **kwargs)
 
 
-def _run_until_stop(model, batch, forward, device):
+def _run_until_stop(model, batch, forward):
     try:
-        _sequential_call(model, batch, forward, device)
+        _sequential_call(model, batch, forward)
     except _StopBlock:
         return
     raise RuntimeError("compress_sequential: the model's forward finished without reaching the block")
 
 
-def _check_chain(model, first_block, second_block, batch, forward, device, first_inputs):
+def _check_chain(model, first_block, second_block, batch, forward, first_inputs):
     seen = []
 
     def grab(module, args):
@@ -452,7 +479,7 @@ def _check_chain(model, first_block, second_block, batch, forward, device, first
     handle = second_block.register_forward_pre_hook(grab)
     try:
         with torch.no_grad():
-            _run_until_stop(model, batch, forward, device)
+            _run_until_stop(model, batch, forward)
             args, kwargs = first_inputs
             expected = _first(first_block(*args, **kwargs))
     finally:
@@ -703,41 +730,48 @@ def compress_sequential(model, data, *, ratio=None, ranks=None, budget=None, inc
     target = model if inplace else copy.deepcopy(model)
     report = SequentialReport(model_params_before=count_params(model))
     report.notes.append(SEQUENTIAL_NOTE)
-    targets, skipped = _supported_targets(target, select_targets(target, include, exclude))
-    if any(isinstance(target.get_submodule(t), CONV_TYPES) for t in targets):
-        report.notes.extend(prepare_batchnorm(target, targets, fold_bn=fold_bn, bn_aware=bn_aware))
-    pair_list = as_pairs(pairs, target, targets)
-    ranks = planned_ranks(ranks) if ranks is not None else None
-    before = _dense_summaries(target, targets + sorted(skipped), example_input)
+    with eval_mode(target):   # fits on the running statistics; a train-mode model's BNs are not updated
+        targets, skipped = _supported_targets(target, select_targets(target, include, exclude))
+        originals = _standardize(target, targets)
+        if any(isinstance(target.get_submodule(t), CONV_TYPES) for t in targets):
+            report.notes.extend(prepare_batchnorm(target, targets, fold_bn=fold_bn, bn_aware=bn_aware))
+        pair_list = as_pairs(pairs, target, targets)
+        ranks = planned_ranks(ranks) if ranks is not None else None
+        before = _dense_summaries(target, targets + sorted(skipped), example_input)
+        batches = _batch_list(data, batch_size)
+        masks = [attention_mask(b) for b in batches]
+        blocks = list(blocks) if blocks is not None else find_blocks(target, targets)
+        per_block = _assign_blocks(targets, blocks)
+        _check_pair_blocks(target, pair_list, per_block, batches[0], forward)
+        start = time.perf_counter()
+        plan = _planned_with_pairs(target, targets, pair_list, ratio, ranks, budget, batches, blocks, per_block,
+                                   forward, loss, min_rank, device, report, pair_units, pair_multiple)
+        report.timings["allocate"] = time.perf_counter() - start
+        start = time.perf_counter()
+        counter, bar = [0], _progress(len(blocks), progress)
+
+        def per_block_fn(name, block, reference, original, compressed):
+            local = [t[len(name) + 1:] if name else t for t in per_block[name] if plan.get(t) is not None]
+            inputs, following = _reference_pass(reference, original, local)
+            if local:
+                _compress_block(block, name, plan, compressed, inputs, device, report, counter, compare, masks)
+            del inputs
+            bar.update(1)
+            return following, bool(local)
+
+        stream_blocks(target, blocks, batches, per_block_fn, forward, device)
+        bar.close()
+        report.timings["compress"] = time.perf_counter() - start
+        _restore_kept(target, originals, plan)
+        _fill_report(report, before, target, targets, plan, skipped, example_input)
+    return target, report
+
+
+def _batch_list(data, batch_size) -> list:
     batches = list(iter_batches(data, batch_size))
     if not batches:
         raise ValueError("compress_sequential: data yielded no batches")
-    masks = [attention_mask(b) for b in batches]
-    blocks = list(blocks) if blocks is not None else find_blocks(target, targets)
-    per_block = _assign_blocks(targets, blocks)
-    _check_pair_blocks(target, pair_list, per_block, batches[0], forward)
-    start = time.perf_counter()
-    plan = _planned_with_pairs(target, targets, pair_list, ratio, ranks, budget, batches, blocks, per_block, forward,
-                               loss, min_rank, device, report, pair_units, pair_multiple)
-    report.timings["allocate"] = time.perf_counter() - start
-    start = time.perf_counter()
-    counter = [0]
-    bar = _progress(len(blocks), progress)
-
-    def per_block_fn(name, block, reference, original, compressed):
-        local = [t[len(name) + 1:] if name else t for t in per_block[name] if plan.get(t) is not None]
-        inputs, following = _reference_pass(reference, original, local)
-        if local:
-            _compress_block(block, name, plan, compressed, inputs, device, report, counter, compare, masks)
-        del inputs
-        bar.update(1)
-        return following, bool(local)
-
-    stream_blocks(target, blocks, batches, per_block_fn, forward, device)
-    bar.close()
-    report.timings["compress"] = time.perf_counter() - start
-    _fill_report(report, before, target, targets, plan, skipped, example_input)
-    return target, report
+    return batches
 
 
 def _input_shapes(model, example_input, names) -> dict:

@@ -5,14 +5,20 @@ A folder written by :func:`save_compressed` holds
 * ``model.safetensors``: the whole state dict of the compressed model (tensors that share
   storage, e.g. tied embeddings or one module reachable under two names, are stored once;
   the manifest lists each removed name and the name it shares with);
-* ``compressed.json``: the manifest: every factorized module (its dotted name, other names
-  of the same module object, class name and ``config``: the constructor keywords that
-  rebuild it), the tied names, what the base model is, and the compression report if given;
+* ``compressed.json``: the manifest: every factorized module, nested ones included (a PQ
+  layer inside a LowRankLinear; its dotted name, other names of the same module object,
+  class name, ``config``: the constructor keywords that rebuild it, and its own buffers,
+  e.g. those carried over from the layer it replaced), every plain Linear / ConvNd /
+  BatchNorm (``plain``: class and constructor configuration, so that layers resized by
+  hidden-unit pruning are rebuilt at their saved size), the tied names, what the base
+  model is, and the compression report if given;
 * ``config.json`` for a ``transformers`` model (``model.config.save_pretrained``), so that
   the folder is also a ``save_pretrained`` folder.
 
 :func:`load_compressed` rebuilds the base architecture (or takes ``model=``), puts a module
-of each listed class at each listed name, and loads the weights strictly. Classes are
+of each listed class at each listed name (outer factorized modules before the ones nested
+in them; a plain layer only where the base model's differs from the saved one: a smaller
+one, never a larger one or another kind), and loads the weights strictly. Classes are
 looked up by NAME among the :class:`~layers.base.FactorizedLayer` subclasses already
 imported (the built-in methods and any the user imported); the manifest never makes
 Python import anything. A manifest that does not parse, names an unknown class, a module
@@ -42,9 +48,15 @@ from .kinds import dense_config, kind_of, standard_layer
 MANIFEST = "compressed.json"
 WEIGHTS = "model.safetensors"
 FORMAT = "decomp-toolkit/compressed"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)   # 1: top-level factorized modules only, no buffers, no plain layers
 ENTRY_POINT_GROUP = "decomp_toolkit.base_models"
 SHAPE_KEYS = ("in_features", "out_features", "in_channels", "out_channels", "kernel_size", "groups")
+# plain layers recorded by class and configuration (hidden-unit pruning resizes them); looked up by name here only
+PLAIN_CLASSES = {cls.__name__: cls for cls in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d,
+                                               nn.BatchNorm2d, nn.BatchNorm3d)}
+UNIT_KEYS = ("in_features", "out_features", "in_channels", "out_channels", "num_features")
+FREE_KEYS = ("bias", "eps", "momentum")   # a pruned layer may differ from the base model's in these
 
 
 class CompressedModelError(ValueError):
@@ -111,21 +123,81 @@ def _class_named(name, module_name, where):
 
 # --------------------------------------------------------------------------- saving
 
-def _factorized_modules(model) -> list:
-    """``[(names, module)]``: each top-level factorized module once, with every name it has."""
+def _module_names(model, keep) -> list:
+    """``[(names, module)]``: each module that ``keep`` accepts once, with every dotted name it has, in the
+    order ``named_modules`` first reaches them (a module before the ones inside it)."""
     names_of = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, FactorizedLayer) and name:
+        if name and keep(module):
             names_of.setdefault(id(module), (module, []))[1].append(name)
-    top = set()
-    for module, names in names_of.values():
-        top.update(names)
+    return [(names, module) for module, names in names_of.values()]
+
+
+def _factorized_modules(model) -> list:
+    """``[(names, module)]``: every factorized module once, with every name it has, nested ones included
+    (e.g. a PQLinear that replaced a LowRankLinear's ``expand``), in ``named_modules`` order (loading orders
+    them outer first whatever the order)."""
+    return _module_names(model, lambda m: isinstance(m, FactorizedLayer))
+
+
+def _plain_family(module):
+    """The class of :data:`PLAIN_CLASSES` that ``module`` is an instance of (None: another kind, or a lazy
+    module whose shapes are not known yet)."""
+    if any(nn.parameter.is_lazy(t) for t in list(module.parameters(False)) + list(module.buffers(False))):
+        return None
+    return next((cls for cls in PLAIN_CLASSES.values() if isinstance(module, cls)), None)
+
+
+def _plain_config(module) -> dict:
+    """The constructor keywords that rebuild ``module`` (a Linear, ConvNd or BatchNorm) at its current size."""
+    if isinstance(module, nn.Linear):
+        return {"in_features": module.in_features, "out_features": module.out_features,
+                "bias": module.bias is not None}
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return {"in_channels": module.in_channels, "out_channels": module.out_channels,
+                "kernel_size": tuple(module.kernel_size), "stride": tuple(module.stride),
+                "padding": module.padding if isinstance(module.padding, str) else tuple(module.padding),
+                "dilation": tuple(module.dilation), "groups": module.groups, "bias": module.bias is not None,
+                "padding_mode": module.padding_mode}
+    return {"num_features": module.num_features, "eps": module.eps, "momentum": module.momentum,
+            "affine": module.affine, "track_running_stats": module.track_running_stats}
+
+
+def _plain_modules(model, factorized) -> list:
+    """``[(names, module)]``: the plain Linear / ConvNd / BatchNorm layers outside the factorized modules
+    (``factorized``: their names; the layers inside one are rebuilt by its class from its config)."""
+    inside = tuple(n + "." for names, _ in factorized for n in names)
     out = []
-    for module, names in names_of.values():
-        outer = [n for n in names if not any(n.startswith(t + ".") for t in top)]
-        if outer:
-            out.append((outer, module))
+    for names, module in _module_names(model, lambda m: _plain_family(m) is not None):
+        names = [n for n in names if not n.startswith(inside)]
+        if names:
+            out.append((names, module))
     return out
+
+
+def _buffer_specs(module) -> list:
+    """``[{name, shape, dtype, persistent}]`` of the module's own buffers (those carried over from the layer it
+    replaced included): loading registers the ones its class does not build."""
+    return [{"name": name, "shape": list(buffer.shape), "dtype": str(buffer.dtype).removeprefix("torch."),
+             "persistent": name not in module._non_persistent_buffers_set}
+            for name, buffer in module._buffers.items() if buffer is not None]
+
+
+def _manifest_entries(model) -> tuple:
+    """``(modules, plain)``: the manifest entries of the factorized modules and of the plain layers."""
+    factorized = _factorized_modules(model)
+    modules, plain = [], []
+    for names, module in factorized:
+        where = f"{names[0]} ({type(module).__name__})"
+        modules.append({"name": names[0], "aliases": names[1:], "class": type(module).__name__,
+                        "module": type(module).__module__, "config": _to_json(dict(module.config), where),
+                        "buffers": _buffer_specs(module)})
+    for names, module in _plain_modules(model, factorized):
+        where = f"{names[0]} ({type(module).__name__})"
+        plain.append({"name": names[0], "aliases": names[1:], "class": type(module).__name__,
+                      "family": _plain_family(module).__name__, "config": _to_json(_plain_config(module), where),
+                      "buffers": _buffer_specs(module)})
+    return modules, plain
 
 
 def _storage_key(tensor):
@@ -177,19 +249,17 @@ def save_compressed(model: nn.Module, directory, *, report=None, base=None) -> P
     shown by ``decomp info``). ``base``: how :func:`load_compressed` rebuilds the base model
     without ``model=``: detected for ``transformers`` models, ``{"zoo": name}`` for a zoo
     model; otherwise loading needs ``model=`` (an instance of the original architecture).
+    Nested factorized modules, the buffers carried over to replacements, and plain layers
+    resized by hidden-unit pruning (``compress_sequential(pairs=...)``) are recorded too.
     """
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    modules = []
-    for names, module in _factorized_modules(model):
-        where = f"{names[0]} ({type(module).__name__})"
-        modules.append({"name": names[0], "aliases": names[1:], "class": type(module).__name__,
-                        "module": type(module).__module__, "config": _to_json(dict(module.config), where)})
+    modules, plain = _manifest_entries(model)
     tensors, tied = _deduplicated(model.state_dict())
     manifest = {"format": FORMAT, "version": VERSION, "base": _describe_base(model, base),
                 "base_class": type(model).__name__, "params": sum(p.numel() for p in model.parameters()),
-                "modules": modules, "tied": tied, "weights": WEIGHTS,
+                "modules": modules, "plain": plain, "tied": tied, "weights": WEIGHTS,
                 "report": report_to_dict(report) if report is not None else None}
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(directory / WEIGHTS), metadata={"format": "pt"})
@@ -215,30 +285,57 @@ def read_manifest(directory) -> dict:
         raise CompressedModelError(f"cannot read {str(path)!r}: {err}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CompressedModelError(f"{str(path)!r} is not a decomp-toolkit manifest (format {FORMAT!r})")
-    if manifest.get("version") != VERSION:
+    if manifest.get("version") not in READABLE_VERSIONS or isinstance(manifest.get("version"), bool):
         raise CompressedModelError(f"{str(path)!r} has version {manifest.get('version')!r}; this toolkit reads "
-                                   f"version {VERSION}")
+                                   f"versions {', '.join(map(str, READABLE_VERSIONS))}")
     _check_entries(manifest, path)
     return manifest
 
 
 def _check_entries(manifest, path):
-    modules, tied = manifest.get("modules"), manifest.get("tied", {})
+    """Structure of the module lists, the tied names and the base (types only; contents are checked at load)."""
+    modules, plain, tied = manifest.get("modules"), manifest.get("plain", []), manifest.get("tied", {})
     if not isinstance(modules, list) or not isinstance(tied, dict):
         raise CompressedModelError(f"{str(path)!r}: 'modules' must be a list and 'tied' a mapping")
-    for i, entry in enumerate(modules):
-        ok = (isinstance(entry, dict) and isinstance(entry.get("name"), str) and entry["name"]
-              and isinstance(entry.get("class"), str) and isinstance(entry.get("config"), dict)
-              and isinstance(entry.get("aliases", []), list)
-              and all(isinstance(a, str) and a for a in entry.get("aliases", [])))
-        if not ok:
-            raise CompressedModelError(f"{str(path)!r}: modules[{i}] must have a non-empty 'name', a 'class' name, "
-                                       f"a 'config' mapping and a list of 'aliases'; got {entry!r}"[:400])
+    if not isinstance(plain, list):
+        raise CompressedModelError(f"{str(path)!r}: 'plain' must be a list")
+    for key, entries in (("modules", modules), ("plain", plain)):
+        for i, entry in enumerate(entries):
+            ok = (isinstance(entry, dict) and isinstance(entry.get("name"), str) and entry["name"]
+                  and isinstance(entry.get("class"), str) and isinstance(entry.get("config"), dict)
+                  and isinstance(entry.get("aliases", []), list)
+                  and all(isinstance(a, str) and a for a in entry.get("aliases", [])))
+            if not ok:
+                raise CompressedModelError(f"{str(path)!r}: {key}[{i}] must have a non-empty 'name', a 'class' "
+                                           f"name, a 'config' mapping and a list of 'aliases'; got {entry!r}"[:400])
+            if key == "plain" and entry.get("family") not in PLAIN_CLASSES:
+                raise CompressedModelError(f"{str(path)!r}: plain[{i}] ({entry['name']!r}): 'family' must be one "
+                                           f"of {', '.join(PLAIN_CLASSES)}; got {entry.get('family')!r}")
+            _check_buffer_specs(entry.get("buffers", []), f"{str(path)!r}: {key}[{i}] ({entry['name']!r})")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
         raise CompressedModelError(f"{str(path)!r}: 'tied' must map names to names")
     base = manifest.get("base")
     if not (isinstance(base, dict) and len(base) == 1 and all(isinstance(v, str) for v in base.values())):
         raise CompressedModelError(f"{str(path)!r}: 'base' must be one {{kind: name}} pair; got {base!r}")
+
+
+def _dtype_named(name):
+    """The ``torch.dtype`` called ``name`` (``"float32"``, ``"int64"``, ...), or None."""
+    dtype = getattr(torch, name, None) if isinstance(name, str) and name.isidentifier() else None
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def _check_buffer_specs(specs, where):
+    """A module entry's ``buffers``: a list of ``{name, shape, dtype, persistent}``."""
+    def ok(spec):
+        """One well-formed buffer description."""
+        return (isinstance(spec, dict) and isinstance(spec.get("name"), str) and spec["name"].isidentifier()
+                and isinstance(spec.get("shape"), list)
+                and all(type(d) is int and d >= 0 for d in spec["shape"])
+                and _dtype_named(spec.get("dtype")) is not None and isinstance(spec.get("persistent"), bool))
+    if not isinstance(specs, list) or not all(ok(s) for s in specs):
+        raise CompressedModelError(f"{where}: 'buffers' must be a list of {{name, shape, dtype, persistent}}; "
+                                   f"got {specs!r}"[:400])
 
 
 # --------------------------------------------------------------------------- base models
@@ -314,26 +411,171 @@ def _norm(value):
     return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
-def _replacements(model, manifest, directory) -> list:
-    """``[(names, module)]`` built from the manifest and checked against ``model`` (which is not changed)."""
-    out = []
-    for entry in manifest["modules"]:
-        names = [entry["name"]] + list(entry.get("aliases", []))
-        where = f"{str(directory)!r}, module {entry['name']!r}"
-        cls = _class_named(entry["class"], entry.get("module"), where)
-        try:
-            module = cls(**_from_json(entry["config"], where))
-        except (TypeError, ValueError) as err:
-            raise CompressedModelError(f"{where}: cannot build {entry['class']} from its config: {err}") from None
-        for name in names:
+def _entry_names(entry) -> list:
+    """The entry's dotted name, then its aliases."""
+    return [entry["name"]] + list(entry.get("aliases", []))
+
+
+def _nesting_order(tagged, directory) -> list:
+    """``tagged`` (``[(kind, entry)]``) ordered so that each entry comes after every entry it sits inside
+    (a LowRankLinear before the PQLinear at its ``.expand``); a name listed twice is refused."""
+    owner = {}
+    for i, (_, entry) in enumerate(tagged):
+        for name in _entry_names(entry):
+            if owner.setdefault(name, i) != i:
+                raise CompressedModelError(f"{str(directory)!r}: the module name {name!r} is listed twice")
+
+    def outer(name):
+        """The entries listed at a proper prefix of ``name`` (the modules it sits inside)."""
+        parts = name.split(".")
+        return {owner[p] for p in (".".join(parts[:k]) for k in range(1, len(parts))) if p in owner}
+
+    after = [set().union(*(outer(n) for n in _entry_names(entry))) - {i} for i, (_, entry) in enumerate(tagged)]
+    order, done = [], set()
+    while len(order) < len(tagged):
+        ready = [i for i in range(len(tagged)) if i not in done and after[i] <= done]
+        if not ready:
+            raise CompressedModelError(f"{str(directory)!r}: the listed modules sit inside each other in a cycle")
+        order += ready
+        done.update(ready)
+    return [tagged[i] for i in order]
+
+
+def _locate(model, built, name, where) -> tuple:
+    """``(container, relative name, the module there now)``: ``container`` is the module already rebuilt from the
+    manifest that ``name`` sits inside (a nested replacement goes into it), or None for the base model's own."""
+    parts = name.split(".")
+    for k in range(len(parts) - 1, 0, -1):
+        container = built.get(".".join(parts[:k]))
+        if container is not None:
+            relative = ".".join(parts[k:])
             try:
-                base_module = model.get_submodule(name)
+                return container, relative, container.get_submodule(relative)
             except AttributeError:
-                raise CompressedModelError(f"{where}: the base model ({type(model).__name__}) has no module "
-                                           f"{name!r}: is it the architecture the folder was saved from?") from None
-            _check_fits(base_module, module, f"{where} at {name!r}")
-        out.append((names, module))
+                raise CompressedModelError(f"{where}: the rebuilt {type(container).__name__} at "
+                                           f"{'.'.join(parts[:k])!r} has no module {relative!r}") from None
+    try:
+        return None, name, model.get_submodule(name)
+    except AttributeError:
+        raise CompressedModelError(f"{where}: the base model ({type(model).__name__}) has no module "
+                                   f"{name!r}: is it the architecture the folder was saved from?") from None
+
+
+def _built_factorized(entry, where):
+    """A module of the entry's (known, factorized) class built from its config."""
+    cls = _class_named(entry["class"], entry.get("module"), where)
+    try:
+        return cls(**_from_json(entry["config"], where))
+    except (TypeError, ValueError) as err:
+        raise CompressedModelError(f"{where}: cannot build {entry['class']} from its config: {err}") from None
+
+
+def _replacements(model, manifest, directory) -> list:
+    """``[(names, module)]`` to put into ``model`` at its own names, built from the manifest and checked against
+    ``model`` (which is not changed). Nested factorized modules are put into their (new) outer module here;
+    plain layers only where the base model's layer differs from the saved one."""
+    tagged = [("modules", e) for e in manifest["modules"]] + [("plain", e) for e in manifest.get("plain", [])]
+    built, out = {}, []
+    for kind, entry in _nesting_order(tagged, directory):
+        where = f"{str(directory)!r}, module {entry['name']!r}"
+        names = _entry_names(entry)
+        located = [_locate(model, built, name, where) for name in names]
+        if kind == "modules":
+            module = _built_factorized(entry, where)
+            for name, (_, _, base_module) in zip(names, located):
+                _check_fits(base_module, module, f"{where} at {name!r}")
+        else:
+            module = _plain_replacement(entry, [base for _, _, base in located], where)
+            if module is None:
+                continue
+        _restore_buffers(module, entry.get("buffers", []), located[0][2], where)
+        top = []
+        for name, (container, relative, _) in zip(names, located):
+            if container is None:
+                top.append(name)
+            else:
+                _set_module(container, relative, module)
+            built[name] = module
+        if top:
+            out.append((top, module))
     return out
+
+
+def _plain_view(base, family, entry, where):
+    """``base`` as a plain layer of ``family`` (a registered kind such as transformers' ``Conv1D`` through the
+    plain layer computing the same: ``compress_sequential`` converts those); another module is refused."""
+    view = base if isinstance(base, family) else standard_layer(base) if kind_of(base) is not None else None
+    if view is None or _plain_family(view) is not family:
+        raise CompressedModelError(f"{where}: the base model has a {type(base).__name__} here, the saved model a "
+                                   f"{entry['class']} (a {family.__name__}): is it the architecture the folder "
+                                   f"was saved from?")
+    return view
+
+
+def _plain_replacement(entry, bases, where):
+    """The layer to put at a plain entry's names (``bases``: the modules there now), or None where the base model
+    already has the saved layer (same class, configuration and buffers). A rebuilt layer has the saved
+    configuration, which may have fewer units than the base model's (hidden-unit pruning), never more."""
+    family = PLAIN_CLASSES[entry["family"]]
+    config = _from_json(entry["config"], where)
+    specs = entry.get("buffers", [])
+    views = [_plain_view(base, family, entry, where) for base in bases]
+    same_class = all(type(base).__name__ == entry["class"] for base in bases)
+    if same_class and all(_plain_config(view) == config and all(s["name"] in base._buffers for s in specs)
+                          for base, view in zip(bases, views)):
+        return None
+    for view in views:
+        _check_resized(_plain_config(view), config, where)
+    cls = type(bases[0]) if same_class else PLAIN_CLASSES.get(entry["class"])
+    if cls is None:
+        raise CompressedModelError(f"{where}: class {entry['class']!r} is neither the base model's class here "
+                                   f"({type(bases[0]).__name__}) nor one of {', '.join(PLAIN_CLASSES)}")
+    try:
+        module = cls(**config)
+    except (TypeError, ValueError) as err:
+        raise CompressedModelError(f"{where}: cannot build {entry['class']} from its config: {err}") from None
+    if _plain_family(module) is not family or _plain_config(module) != config:
+        raise CompressedModelError(f"{where}: {entry['class']}(**config) does not build a {family.__name__} of "
+                                   f"the saved configuration {config!r}")
+    return module
+
+
+def _check_resized(have, want, where):
+    """A saved plain layer may differ from the base model's only in having fewer units (and in its bias, eps,
+    momentum): pruning never adds units, and a layer of another shape is another architecture."""
+    if set(have) != set(want):
+        raise CompressedModelError(f"{where}: the saved configuration has the keys {sorted(want)}, a layer of "
+                                   f"this kind has {sorted(have)}")
+    diff = [k for k in want if k not in FREE_KEYS and (
+        not (type(want[k]) is int and 0 < want[k] <= have[k]) if k in UNIT_KEYS else _norm(want[k]) != _norm(have[k]))]
+    if diff:
+        raise CompressedModelError(f"{where}: the base model's layer has " + ", ".join(
+            f"{k}={have[k]!r}" for k in diff) + " but the saved one has " + ", ".join(
+            f"{k}={want[k]!r}" for k in diff) + ": a different architecture or size (a pruned layer only has "
+                                                "fewer units)")
+
+
+def _restore_buffers(module, specs, base_module, where):
+    """Register on ``module`` the listed buffers its class does not build (carried over from the layer it
+    replaced): persistent ones as placeholders that the strict weight load fills; non-persistent ones, which
+    no state dict holds, taken from the base model's module at that name, which must have them."""
+    for spec in specs:
+        name, shape, dtype = spec["name"], tuple(spec["shape"]), _dtype_named(spec["dtype"])
+        if module._buffers.get(name) is not None:
+            continue
+        if spec["persistent"]:
+            value = torch.empty(shape, dtype=dtype)
+        else:
+            value = getattr(base_module, "_buffers", {}).get(name)
+            if value is None or tuple(value.shape) != shape or value.dtype != dtype:
+                raise CompressedModelError(
+                    f"{where}: the non-persistent buffer {name!r} ({list(shape)}, {spec['dtype']}) is not in the "
+                    f"weights (a state dict leaves it out) and the base model's {type(base_module).__name__} "
+                    f"here has no such buffer to take it from")
+        try:
+            module.register_buffer(name, value, persistent=spec["persistent"])
+        except (KeyError, AttributeError, TypeError) as err:
+            raise CompressedModelError(f"{where}: cannot register the buffer {name!r}: {err}") from None
 
 
 def _expected_state(model, replacements) -> dict:

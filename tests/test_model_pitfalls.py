@@ -1,0 +1,144 @@
+"""Whole-model cases a new user meets: train-mode models, frozen layers, layer kinds compress_sequential must
+not drop, float64 data, layers too small for a method, and model code that reads ``layer.weight``."""
+import pytest
+import torch
+import torch.nn as nn
+
+from decomp_toolkit.layers import UnsupportedLayerError, compress, decompose
+from decomp_toolkit.layers.sequential import compress_sequential
+
+from _unchanged import assert_unchanged, snapshot
+
+
+def _cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+                         nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+                         nn.Dropout(0.5))
+
+
+def _images(n=16, seed=1):
+    return torch.randn(n, 3, 12, 12, generator=torch.Generator().manual_seed(seed)) * 3 + 1
+
+
+def _buffers(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+def test_compress_with_an_example_input_leaves_a_train_mode_models_statistics_alone():
+    model = _cnn().train()
+    before = snapshot(model)
+    small, report = compress(model, method="svd", energy=1.0, bn_aware=False, example_input=_images(8),
+                             progress=False)
+    assert_unchanged(model, before)
+    assert all(not r.replaced for r in report.layers)   # energy 1.0: nothing is smaller, every layer kept
+    assert _buffers(small).keys() == _buffers(model).keys()
+    assert all(torch.equal(a, b) for a, b in zip(_buffers(small).values(), _buffers(model).values()))
+    assert all(m.training for m in small.modules())     # the copy keeps the input's modes
+    model.eval(), small.eval()
+    x = _images(2, seed=5)
+    assert torch.equal(small(x), model(x))
+
+
+def test_compress_sequential_fits_a_train_mode_model_as_in_eval_mode_and_gives_its_modes_back():
+    data = _images()
+    trained, _ = compress_sequential(_cnn().train(), data, ratio=0.6, batch_size=8, bn_aware=False, progress=False)
+    evaluated, _ = compress_sequential(_cnn().eval(), data, ratio=0.6, batch_size=8, bn_aware=False, progress=False)
+    assert all(m.training for m in trained.modules()) and not any(m.training for m in evaluated.modules())
+    assert all(torch.equal(a, b) for a, b in zip(_buffers(trained).values(), _buffers(_cnn()).values()))
+    trained.eval()
+    x = _images(2, seed=5)
+    assert torch.allclose(trained(x), evaluated(x), atol=1e-6)
+
+
+def test_frozen_layers_stay_frozen_and_a_trainable_bias_stays_trainable():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
+    model[0].requires_grad_(False)
+    model[2].weight.requires_grad_(False)            # weight frozen, bias trained
+    small, _ = compress(model, method="svd", rank=4, progress=False, time_layers=False)
+    seq, _ = compress_sequential(model, torch.randn(64, 32), ranks={"0": 4, "2": 4, "4": 4}, progress=False)
+    for result in (small, seq):
+        grads = {n: p.requires_grad for n, p in result.named_parameters()}
+        assert not any(v for n, v in grads.items() if n.startswith("0."))
+        assert grads["2.expand.bias"] and not grads["2.reduce.weight"] and not grads["2.expand.weight"]
+        assert all(v for n, v in grads.items() if n.startswith("4."))
+
+
+def test_compress_sequential_lists_transposed_convs_and_compresses_conv1d_layers():
+    transformers = pytest.importorskip("transformers")
+    Conv1D = transformers.pytorch_utils.Conv1D
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.proj, self.head = nn.Linear(16, 16), Conv1D(16, 16), Conv1D(8, 16)
+            self.up = nn.ConvTranspose1d(16, 16, 1)
+
+        def forward(self, x):
+            y = x + self.proj(torch.relu(self.fc(x))) + self.up(x.transpose(1, 2)).transpose(1, 2)
+            return self.head(y)
+
+    torch.manual_seed(0)
+    model, x = Block().eval(), torch.randn(8, 6, 16)
+    before = snapshot(model)
+    small, report = compress_sequential(model, x, ranks={"fc": 16, "proj": 16, "head": None}, progress=False)
+    assert_unchanged(model, before)
+    records = {r.name: r for r in report.layers}
+    assert set(records) == {"fc", "proj", "head", "up"}
+    assert records["proj"].replaced and not records["head"].replaced and not records["up"].replaced
+    assert "transposed" in records["up"].status
+    assert type(small.head) is Conv1D                  # kept dense: the original module, not its Linear twin
+    assert report.model_params_after == sum(p.numel() for p in small.parameters())
+    with torch.no_grad():                              # full rank: the same function
+        assert torch.allclose(small(x), model(x), atol=1e-4)
+
+
+def test_compress_sequential_casts_float64_data_to_the_models_dtype():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 16)).eval()
+    data = torch.randn(64, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    from_double, _ = compress_sequential(model, data, ratio=0.5, progress=False)
+    from_float, _ = compress_sequential(model, data.float(), ratio=0.5, progress=False)
+    x = torch.randn(4, 16)
+    assert torch.allclose(from_double(x), from_float(x), atol=1e-5)
+
+
+def test_layers_too_small_for_the_request_are_kept_dense_with_the_reason():
+    torch.manual_seed(0)
+    small_head = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 5))   # 160 sub-vectors < 2**8 codes
+    with pytest.raises(UnsupportedLayerError, match=r"\(5, 32\).*bits=8.*5 rows"):
+        decompose(small_head[2], method="pq", bits=8)
+    _, report = compress(small_head, method="pq", bits=8, progress=False, time_layers=False)
+    records = {r.name: r for r in report.layers}
+    assert records["0"].replaced and "bits=8" in records["2"].status
+    assert records["2"].params_after == records["2"].params_before
+    model = nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 37))
+    _, report = compress(model, method="tt", rank=4, progress=False, time_layers=False)
+    records = {r.name: r for r in report.layers}
+    assert records["0"].replaced and "prime factor 37" in records["2"].status
+
+
+class _ReadsWeight(nn.Module):
+    """A block whose forward reads ``out.weight.dtype``, as transformers' T5 feed-forward does."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner, self.out = nn.Linear(32, 64), nn.Linear(64, 32)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.inner(x)).to(self.out.weight.dtype))
+
+
+def test_layers_whose_weight_the_model_reads_are_kept_dense_when_an_example_input_is_given():
+    model, x = _ReadsWeight().eval(), torch.randn(4, 32)
+    small, report = compress(model, method="svd", ratio=0.5, example_input=x, progress=False, time_layers=False)
+    records = {r.name: r for r in report.layers}
+    assert records["inner"].replaced and not records["out"].replaced and ".weight" in records["out"].status
+    assert type(small.out) is nn.Linear and report.model_params_after == sum(p.numel() for p in small.parameters())
+    assert any("reads their .weight: out" in note for note in report.notes)
+    small(x)
+    blind, _ = compress(model, method="svd", ratio=0.5, progress=False, time_layers=False)
+    with pytest.raises(AttributeError, match=r"LowRankLinear\(.*\) has no \.weight.*example_input="):
+        blind(x)
