@@ -150,15 +150,9 @@ def _plain_family(module):
 
 def _plain_config(module) -> dict:
     """The constructor keywords that rebuild ``module`` (a Linear, ConvNd or BatchNorm) at its current size."""
-    if isinstance(module, nn.Linear):
-        return {"in_features": module.in_features, "out_features": module.out_features,
-                "bias": module.bias is not None}
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return {"in_channels": module.in_channels, "out_channels": module.out_channels,
-                "kernel_size": tuple(module.kernel_size), "stride": tuple(module.stride),
-                "padding": module.padding if isinstance(module.padding, str) else tuple(module.padding),
-                "dilation": tuple(module.dilation), "groups": module.groups, "bias": module.bias is not None,
-                "padding_mode": module.padding_mode}
+    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):   # the plain classes take no ``dim``
+        config = {k: v for k, v in dense_config(module).items() if k != "dim"}
+        return dict(config, bias=module.bias is not None)
     return {"num_features": module.num_features, "eps": module.eps, "momentum": module.momentum,
             "affine": module.affine, "track_running_stats": module.track_running_stats}
 
