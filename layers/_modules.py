@@ -11,6 +11,30 @@ def set_submodule(root, name: str, module):
 
 
 @contextmanager
+def kv_cache_off(model):
+    """Run the body with every ``config.use_cache`` found on ``model``'s modules set to False, then give each
+    its value back. A decoder that builds a key/value cache (transformers GPT-2, Llama, ... with
+    ``use_cache=True``) hands the same cache object to every block; a block re-run on captured inputs would
+    then append its keys a second time and attend over both copies."""
+    configs = {id(c): c for m in model.modules() for c in [getattr(m, "config", None)]
+               if c is not None and getattr(c, "use_cache", None) is not None}
+    saved = {key: c.use_cache for key, c in configs.items()}
+    for c in configs.values():
+        c.use_cache = False
+    try:
+        yield model
+    finally:
+        for key, c in configs.items():
+            c.use_cache = saved[key]
+
+
+def is_kv_cache(value) -> bool:
+    """Whether ``value`` is a key/value cache object (a transformers ``Cache``: it has ``update`` and
+    ``get_seq_length``)."""
+    return callable(getattr(value, "update", None)) and callable(getattr(value, "get_seq_length", None))
+
+
+@contextmanager
 def eval_mode(model):
     """Run the body with ``model`` in eval mode (BatchNorm on its running statistics, no dropout, no
     statistics updated), then give every module its training flag back, by name: a module the body put

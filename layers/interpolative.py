@@ -13,8 +13,8 @@ factorization of each layer cannot exploit it). A conv may be the consumer of on
 producer of the next (a VGG chain): it then loses input and output channels.
 
 Used by :func:`layers.sequential.compress_sequential` (``pairs="auto"``: the MLPs named as in
-:data:`KNOWN_PAIRS` and, for a model :mod:`torch.fx` can trace, the conv -> channel-wise ops ->
-conv chains of its graph; or a list of ``(producer(s), consumer[, between])``). A pair is valid only if the consumer's input is a CHANNEL-WISE function of the
+:data:`KNOWN_PAIRS` and the Linear -> channel-wise ops -> Linear and conv -> channel-wise ops -> conv
+chains of its :mod:`torch.fx` graph, or of its submodules that trace (:mod:`layers._chains`); or a list of ``(producer(s), consumer[, between])``). A pair is valid only if the consumer's input is a CHANNEL-WISE function of the
 producers' outputs and nothing else reads them; :func:`check_pairs` verifies this on a
 calibration batch (slicing a random half of the units must equal zeroing the consumer's other
 columns) and raises naming the pair otherwise.
@@ -33,6 +33,7 @@ import torch.nn as nn
 from decomp_toolkit.decomp.asymmetric import centered_statistics
 from decomp_toolkit.decomp.interpolative import greedy_columns, interpolative_fit
 
+from ._chains import channel_chains
 from ._modules import carry_requires_grad, set_submodule
 from ._accounting import CONV_TYPES
 from .batchnorm import BN_TYPES
@@ -55,9 +56,6 @@ CHECK_TOLERANCE = 1e-4   # relative difference allowed between slicing and zeroi
 # without a ridge the refit fits noise: on CRAFT, relative score-map error 0.024 on the calibration pages
 # and 7.0 on a test page at 1e-6, 0.046 at 1e-4, 0.049 at 1e-3, 0.080 at 1e-2 (90% of the channels kept).
 PAIR_RIDGE = 1e-4
-CHANNELWISE_MODULES = BN_TYPES + (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Sigmoid,
-                                         nn.Tanh, nn.Identity, nn.Dropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
-                                         nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 
 
 @dataclass(frozen=True)
@@ -110,10 +108,14 @@ def _check_roles(pairs):
 
 
 def find_pairs(model, targets) -> list:
-    """The pairs of ``model`` among ``targets``: its conv chains (:func:`conv_chains`), then the MLPs named as in
-    :data:`KNOWN_PAIRS` (the first pattern whose layers all exist decides; if one of them is not targeted
-    the MLP is left alone)."""
-    found, modules = conv_chains(model, targets), dict(model.named_modules())
+    """The pairs of ``model`` among ``targets``: the channel-wise chains of its fx graph, or of its submodules
+    that trace (:func:`layers._chains.channel_chains`), then the MLPs named as in :data:`KNOWN_PAIRS` (the first
+    pattern whose layers all exist decides; if one of them is not targeted the MLP is left alone). A chain whose
+    widths do not agree is not a pair."""
+    found, modules = [], dict(model.named_modules())
+    for producers, consumer, between in channel_chains(model, targets):
+        if all(_outputs(modules[n]) == _inputs(modules[consumer]) for n in producers):
+            found.append(Pair(producers, consumer, between))
     taken = {n for p in found for n in p.names}
     for consumer in targets:
         for producers, tail in KNOWN_PAIRS:
@@ -130,46 +132,6 @@ def find_pairs(model, targets) -> list:
                 taken.update(pair.names)
             break
     return found
-
-
-def conv_chains(model, targets) -> list:
-    """The ``conv -> channel-wise modules -> conv`` pairs of ``model``'s :mod:`torch.fx` graph among ``targets``
-    (ungrouped convs; every node between has one user; [] when the model does not trace)."""
-    try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception:   # noqa: BLE001 - any tracing failure means: no graph to read pairs from
-        return []
-    modules = dict(model.named_modules())
-
-    def conv_node(node):
-        layer = modules.get(node.target) if node.op == "call_module" else None
-        return isinstance(layer, CONV_TYPES) and layer.groups == 1 and node.target in targets
-
-    found = []
-    for node in graph.nodes:
-        if not conv_node(node):
-            continue
-        between, current = [], node
-        while len(current.users) == 1:
-            current = next(iter(current.users))
-            if conv_node(current):
-                if modules[current.target].in_channels == modules[node.target].out_channels:
-                    found.append(Pair((node.target,), current.target, tuple(between)))
-                break
-            if not _channelwise_node(current, modules):
-                break
-            if current.op == "call_module" and isinstance(modules[current.target], BN_TYPES):
-                between.append(current.target)
-    return found
-
-
-def _channelwise_node(node, modules) -> bool:
-    if node.op == "call_module":
-        return isinstance(modules[node.target], CHANNELWISE_MODULES)
-    if node.op == "call_function":
-        return node.target in (torch.relu, torch.nn.functional.relu, torch.nn.functional.gelu, torch.sigmoid,
-                               torch.nn.functional.silu, torch.tanh)
-    return node.op == "call_method" and node.target in ("relu", "sigmoid", "tanh")
 
 
 def _check_pair_layers(model, pair, targets):

@@ -75,7 +75,7 @@ from decomp_toolkit.decomp.asymmetric import asymmetric_svd, centered_statistics
 from decomp_toolkit.decomp.whitened import whitened_svd
 
 from ._accounting import CONV_TYPES, count_params, layer_macs
-from ._modules import carry_requires_grad, eval_mode
+from ._modules import carry_requires_grad, eval_mode, is_kv_cache, kv_cache_off
 from ._modules import set_submodule as _set_submodule
 from .batchnorm import prepare_batchnorm
 from .kinds import is_candidate, kind_of, registered_kind, standard_layer
@@ -390,9 +390,11 @@ def _standardize(model, targets) -> dict:
 
 
 def _restore_kept(model, originals, plan) -> None:
-    """Put back the original module of every standardized layer the plan kept dense."""
+    """Put back the original module of every standardized layer the plan kept dense (neither fitted nor a
+    producer of a pair, whose rows were sliced)."""
+    pruned = {n for entry in plan.values() if getattr(entry, "pair", None) is not None for n in entry.pair.names}
     for name, original in originals.items():
-        if plan.get(name) is None:
+        if plan.get(name) is None and name not in pruned:
             _set_submodule(model, name, original)
 
 
@@ -436,7 +438,8 @@ def capture_block_inputs(model, first_block, batches, forward=None, check_block=
     captured = []
 
     def grab(module, args, kwargs):
-        captured.append((tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), dict(kwargs)))
+        kept = {k: None if is_kv_cache(v) else v for k, v in kwargs.items()}   # a cache would grow at every re-run
+        captured.append((tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), kept))
         raise _StopBlock
 
     handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
@@ -730,7 +733,8 @@ def compress_sequential(model, data, *, ratio=None, ranks=None, budget=None, inc
     target = model if inplace else copy.deepcopy(model)
     report = SequentialReport(model_params_before=count_params(model))
     report.notes.append(SEQUENTIAL_NOTE)
-    with eval_mode(target):   # fits on the running statistics; a train-mode model's BNs are not updated
+    # fits on the running statistics (a train-mode model's BNs are not updated), blocks re-run without a cache
+    with eval_mode(target), kv_cache_off(target):
         targets, skipped = _supported_targets(target, select_targets(target, include, exclude))
         originals = _standardize(target, targets)
         if any(isinstance(target.get_submodule(t), CONV_TYPES) for t in targets):

@@ -142,3 +142,36 @@ def test_layers_whose_weight_the_model_reads_are_kept_dense_when_an_example_inpu
     blind, _ = compress(model, method="svd", ratio=0.5, progress=False, time_layers=False)
     with pytest.raises(AttributeError, match=r"LowRankLinear\(.*\) has no \.weight.*example_input="):
         blind(x)
+
+
+def _tiny_decoder(kind):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=32,
+                                      bos_token_id=0, eos_token_id=0)
+        return transformers.GPT2LMHeadModel(cfg).eval()
+    cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=64, max_position_embeddings=32,
+                                   bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_compress_sequential_on_a_decoder_with_its_kv_cache_on_fits_as_with_it_off(kind):
+    """With ``use_cache=True`` the blocks are handed one shared cache: re-running a block on its captured
+    inputs must not attend over keys appended by an earlier run (GPT-2 with a padding mask raised a size
+    mismatch; without a mask the fit silently saw twice the keys)."""
+    model = _tiny_decoder(kind)
+    ids = torch.randint(1, 64, (8, 12), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[:3, 8:] = 0
+    batch = dict(input_ids=ids, attention_mask=mask)
+    outputs = {}
+    for use_cache in (False, True):
+        model.config.use_cache = use_cache
+        compressed, _ = compress_sequential(model, [batch], ratio=0.5, exclude=("lm_head",), progress=False)
+        assert model.config.use_cache is use_cache and compressed.config.use_cache is use_cache
+        with torch.no_grad():
+            outputs[use_cache] = compressed(**batch, use_cache=False).logits
+    torch.testing.assert_close(outputs[True], outputs[False], rtol=1e-5, atol=1e-5)

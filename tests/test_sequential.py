@@ -70,7 +70,10 @@ def test_sequential_never_worse_than_the_nonsequential_fit_layerwise():
     assert len(report.fits) == 21
     for name, fit in report.fits.items():
         assert fit.error_bound <= fit.diagnostics["nonsequential"] * (1 + 1e-9) + 1e-12, name
-        assert math.isclose(fit.error, fit.error_bound, rel_tol=1e-6, abs_tol=1e-9), name
+        if fit.diagnostics["jitter"] == 0:   # the bound is exact; with a jitter (singular input Gram) an upper bound
+            assert math.isclose(fit.error, fit.error_bound, rel_tol=1e-6, abs_tol=1e-9), name
+        else:
+            assert fit.error <= fit.error_bound * (1 + 1e-9), name
     # the report's totals are the model's own parameter count
     assert report.model_params_after == sum(p.numel() for p in small.parameters())
     assert all(r.replaced for r in report.layers)
@@ -94,9 +97,29 @@ def test_streaming_microbatches_give_the_same_factors_as_one_batch():
     one, _ = compress_sequential(model, ids, ratio=0.5, include="model.layers.*", batch_size=8, progress=False)
     streamed, _ = compress_sequential(model, ids, ratio=0.5, include="model.layers.*", batch_size=2,
                                       progress=False, device="cpu")
-    for (name, a), (_, b) in zip(one.named_modules(), streamed.named_modules()):
-        if hasattr(a, "dense_weight"):
-            assert torch.allclose(a.dense_weight(), b.dense_weight(), atol=1e-9), name
+    _assert_same_compression(_fitted(one, ids), _fitted(streamed, ids), atol=1e-9)
+
+
+def _fitted(model, ids):
+    """``(weights, jitters, logits)`` of a compressed model: each factorized layer's product and whitening
+    jitter, and the model's logits on ``ids``."""
+    layers = {n: m for n, m in model.named_modules() if hasattr(m, "dense_weight")}
+    with torch.no_grad():
+        logits = model(ids).logits
+    return ({n: m.dense_weight().detach() for n, m in layers.items()},
+            {n: m.fit.diagnostics["jitter"] for n, m in layers.items()}, logits)
+
+
+def _assert_same_compression(a, b, atol):
+    """Equal factors for every layer whose calibration inputs span its input space; a layer whose inputs in the
+    compressed model lie in a subspace (an o_proj after a low-rank v_proj shared by grouped heads: whitening
+    jitter > 0) is free off that subspace, so it is compared through the model's outputs."""
+    (weights_a, jitter_a, logits_a), (weights_b, _, logits_b) = a, b
+    assert set(weights_a) == set(weights_b)
+    for name, weight in weights_a.items():
+        if jitter_a[name] == 0:
+            assert torch.allclose(weight, weights_b[name], atol=atol), name
+    assert torch.allclose(logits_a, logits_b, rtol=1e-7, atol=1e-7)
 
 
 def test_linear_with_bias_and_conv_blocks():
@@ -290,8 +313,7 @@ def _worker(rank, world, init_file, out_dir):
             torch.save({"grams": cal.grams, "samples": cal.samples,
                         "ess": {n: cal.effective_samples(n) for n in cal.grams},
                         "rho": {n: cal.autocorrelation(n) for n in cal.grams},
-                        "weights": {n: m.dense_weight() for n, m in small.named_modules()
-                                    if hasattr(m, "dense_weight")}}, os.path.join(out_dir, "dist.pt"))
+                        "fitted": _fitted(small, ids)}, os.path.join(out_dir, "dist.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -314,9 +336,7 @@ def test_two_gloo_processes_equal_one_process():
         assert got["rho"][name] == pytest.approx(cal.autocorrelation(name), rel=1e-9, abs=1e-12)
         assert got["ess"][name] == pytest.approx(cal.effective_samples(name), rel=1e-9)
     small, _ = compress_sequential(model, ids, ratio=0.5, include="model.layers.*", batch_size=2, progress=False)
-    for name, m in small.named_modules():
-        if hasattr(m, "dense_weight"):
-            assert torch.allclose(got["weights"][name], m.dense_weight(), atol=1e-8), name
+    _assert_same_compression(_fitted(small, ids), got["fitted"], atol=1e-8)
 
 
 # ----------------------------------------------------------------------------- recovery
