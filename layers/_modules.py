@@ -34,6 +34,41 @@ def is_kv_cache(value) -> bool:
     return callable(getattr(value, "update", None)) and callable(getattr(value, "get_seq_length", None))
 
 
+class _WeightReadProbe:
+    """Stands in for a layer during one forward and records whether code outside it reads its ``.weight``."""
+
+    def __init__(self, layer):
+        self.layer, self.weight_read = layer, False
+
+    def __call__(self, *args, **kwargs):
+        return self.layer(*args, **kwargs)
+
+    def __getattr__(self, name):
+        if name == "weight":
+            self.weight_read = True
+        return getattr(self.layer, name)
+
+
+def weight_readers(model, names, run) -> list:
+    """The layers among ``names`` whose ``.weight`` ``model``'s own code reads (not the layer's own forward)
+    during ``run(model)``, such as transformers' T5 feed-forward reading ``wo.weight.dtype``: a factorized
+    replacement has no ``.weight``. Each layer is swapped for a probe in its parent's ``__dict__`` for the one
+    run (outputs unchanged), then put back."""
+    probes = {}
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        probes[name] = (parent, child, _WeightReadProbe(parent._modules[child]))
+    for parent, child, probe in probes.values():
+        parent.__dict__[child] = probe    # found before nn.Module.__getattr__ looks in _modules
+    try:
+        run(model)
+    finally:
+        for parent, child, _ in probes.values():
+            parent.__dict__.pop(child, None)
+    return [name for name, (_, _, probe) in probes.items() if probe.weight_read]
+
+
 @contextmanager
 def eval_mode(model):
     """Run the body with ``model`` in eval mode (BatchNorm on its running statistics, no dropout, no

@@ -394,8 +394,11 @@ def _output_gaps(zeroed, sliced, names, run, kept_outputs=None) -> dict:
     ``kept_outputs[name] = (dim, indices)``: compare only those entries of the zeroed model's output."""
     outputs = {"zeroed": {}, "sliced": {}}
     for label, model in (("zeroed", zeroed), ("sliced", sliced)):
+        def record(module, args, output, name, label=label):   # returns None: the module's output is kept
+            outputs[label].setdefault(name, _first_tensor(output))
+
         hooks = [model.get_submodule(n).register_forward_hook(
-            lambda m, a, y, n=n, label=label: outputs[label].setdefault(n, _first_tensor(y))) for n in names]
+            lambda m, a, y, n=n, record=record: record(m, a, y, n)) for n in names]
         try:
             run(model)
         except RuntimeError as err:

@@ -75,7 +75,7 @@ from decomp_toolkit.decomp.asymmetric import asymmetric_svd, centered_statistics
 from decomp_toolkit.decomp.whitened import whitened_svd
 
 from ._accounting import CONV_TYPES, count_params, layer_macs
-from ._modules import carry_requires_grad, eval_mode, is_kv_cache, kv_cache_off
+from ._modules import carry_requires_grad, eval_mode, is_kv_cache, kv_cache_off, weight_readers
 from ._modules import set_submodule as _set_submodule
 from .batchnorm import prepare_batchnorm
 from .kinds import is_candidate, kind_of, registered_kind, standard_layer
@@ -371,6 +371,20 @@ def _check_supported(name, layer):
     if isinstance(layer, CONV_TYPES) and layer.groups != 1:
         raise UnsupportedLayerError(name, f"grouped conv (groups={layer.groups}): the sequential fit handles "
                                           f"ungrouped convs only")
+
+
+def _without_weight_readers(model, targets, pairs, batch, forward, skipped, report) -> list:
+    """``targets`` less the layers whose ``.weight`` the model's code reads on ``batch`` (a low-rank replacement
+    has none; the layers of ``pairs`` stay: they become smaller plain layers), each added to ``skipped``."""
+    paired = {n for p in pairs for n in p.names}
+    with torch.no_grad():
+        readers = weight_readers(model, [t for t in targets if t not in paired],
+                                 lambda m: _sequential_call(m, batch, forward))
+    for name in readers:
+        skipped[name] = "the model's code reads its .weight (a factorized layer has none)"
+    if readers:
+        report.notes.append(f"kept dense because the model's code reads their .weight: {', '.join(readers)}")
+    return [t for t in targets if t not in readers]
 
 
 def _standardize(model, targets) -> dict:
@@ -731,8 +745,7 @@ def compress_sequential(model, data, *, ratio=None, ranks=None, budget=None, inc
     """
     _check_request(ratio, ranks, budget, pair_units, pair_multiple)
     target = model if inplace else copy.deepcopy(model)
-    report = SequentialReport(model_params_before=count_params(model))
-    report.notes.append(SEQUENTIAL_NOTE)
+    report = SequentialReport(model_params_before=count_params(model), notes=[SEQUENTIAL_NOTE])
     # fits on the running statistics (a train-mode model's BNs are not updated), blocks re-run without a cache
     with eval_mode(target), kv_cache_off(target):
         targets, skipped = _supported_targets(target, select_targets(target, include, exclude))
@@ -741,8 +754,9 @@ def compress_sequential(model, data, *, ratio=None, ranks=None, budget=None, inc
             report.notes.extend(prepare_batchnorm(target, targets, fold_bn=fold_bn, bn_aware=bn_aware))
         pair_list = as_pairs(pairs, target, targets)
         ranks = planned_ranks(ranks) if ranks is not None else None
-        before = _dense_summaries(target, targets + sorted(skipped), example_input)
         batches = _batch_list(data, batch_size)
+        targets = _without_weight_readers(target, targets, pair_list, batches[0], forward, skipped, report)
+        before = _dense_summaries(target, targets + sorted(skipped), example_input)
         masks = [attention_mask(b) for b in batches]
         blocks = list(blocks) if blocks is not None else find_blocks(target, targets)
         per_block = _assign_blocks(targets, blocks)

@@ -175,3 +175,18 @@ def test_compress_sequential_on_a_decoder_with_its_kv_cache_on_fits_as_with_it_o
         with torch.no_grad():
             outputs[use_cache] = compressed(**batch, use_cache=False).logits
     torch.testing.assert_close(outputs[True], outputs[False], rtol=1e-5, atol=1e-5)
+
+
+def test_compress_sequential_keeps_dense_the_layers_whose_weight_the_model_reads():
+    model, x = _ReadsWeight().eval(), torch.randn(32, 32, generator=torch.Generator().manual_seed(2))
+    small, report = compress_sequential(model, x, ratio=0.5, batch_size=16, blocks=[""], progress=False)
+    records = {r.name: r for r in report.layers}
+    assert records["inner"].replaced and not records["out"].replaced and ".weight" in records["out"].status
+    assert small.out is not model.out and type(small.out) is nn.Linear
+    assert any("reads their .weight: out" in note for note in report.notes)
+    assert report.model_params_after == sum(p.numel() for p in small.parameters())
+    small(x)
+    paired, _ = compress_sequential(model, x, ratio=0.5, batch_size=16, blocks=[""], pairs=[("inner", "out")],
+                                    progress=False)
+    assert (paired.inner.out_features, paired.out.in_features) == (32, 32)   # a pair's consumer stays a plain layer
+    paired(x)

@@ -99,3 +99,33 @@ def test_gpt2_mlps_are_paired_and_the_compressed_model_runs():
     with torch.no_grad():
         dense, out = model(input_ids=ids).logits, small(input_ids=ids).logits
     assert float(torch.linalg.norm(out - dense) / torch.linalg.norm(dense)) < 0.5
+
+
+class _TupleBlock(nn.Module):
+    """A block that returns ``(hidden, aux)``, unpacked by its parent (T5's blocks return three values)."""
+
+    def __init__(self, d=12):
+        super().__init__()
+        self.mlp = _ResidualMlp(d)
+
+    def forward(self, x):
+        return self.mlp(x), x.mean()
+
+
+class _TupleNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_TupleBlock(), _TupleBlock()])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x, _ = block(x)
+        return x
+
+
+def test_the_pair_check_leaves_a_blocks_tuple_output_alone():
+    net = _TupleNet().eval()
+    data = torch.randn(32, 5, 12, generator=torch.Generator().manual_seed(0))
+    small, report = compress_sequential(net, data, ratio=0.5, pairs="auto", batch_size=16, progress=False)
+    assert sorted(report.units) == [f"blocks.{i}.mlp.{n}" for i in (0, 1) for n in ("down", "up")]
+    assert small(data).shape == data.shape
