@@ -33,18 +33,30 @@ Algorithm (``cp_als``):
   records it in ``info``. Non-finite values trigger a restart of the sweep with a larger
   ridge; if that cannot help, ``FloatingPointError`` is raised: NaN/Inf is never returned.
 
+* Execution path: the same sweeps run on numpy float64 arrays (OpenBLAS, scipy's LAPACK
+  Cholesky) for float64 CPU tensors with ``prod(I) * R <= NUMPY_MAX_WORK`` (``2**24``, e.g.
+  128x128x3x3 up to rank 113, 256x256x3x3 up to rank 28): there the fixed cost of each of the ~130
+  torch calls of a sweep, not the arithmetic, is most of the time, and a numpy call costs
+  a few times less. Above it (and for other dtypes / devices) the sweeps run in torch. Both
+  paths compute the same iterates up to rounding (``info["backend"]`` says which ran); the
+  BLAS pools numpy calls are limited to ``torch.get_num_threads()``.
+
 ``error`` is the Frobenius error ``||A - Â||_F`` measured exactly a posteriori in float64
-from the reconstruction. There is no ``error_bound``: CP has no Eckart–Young analogue,
+from the reconstruction (in torch, on either path). There is no ``error_bound``: CP has no Eckart–Young analogue,
 and best rank-R CP approximations need not exist.
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
 
+import numpy as np
 import torch
+from scipy.linalg import lapack as _lapack
 
 from ._backend import as_compute_tensor, check_iteration_options, make_generator, times_power_of_two, unit_scale
-from ._kernels import balanced_mode_split, leading_left_vectors
+from ._kernels import _blas, balanced_mode_split, leading_left_vectors
 from .formats.cp import CPFactors, cp_num_params, cp_reconstruct
 from .rank import check_rank, largest_rank_within, parse_rank_spec
 
@@ -84,7 +96,9 @@ def cp(A, rank=None, *, energy=None, tol=None, ratio=None, n_iter_max=100, conve
     Returns :class:`~decomp.formats.cp.CPFactors` whose ``error`` is the exact
     a-posteriori error ``||A - Â||_F`` (float64; ``error_bound`` is None), and ``info`` with ``iterations``,
     ``converged``, ``errors`` (relative error per sweep), ``degenerate``, ``ridge``,
-    ``weights_ratio`` (``||w|| / ||A||``), ``min_congruence``, ``linesearch_accepted``.
+    ``weights_ratio`` (``||w|| / ||A||``), ``min_congruence``, ``linesearch_accepted``,
+    ``restarts``, ``float32_sweeps`` and ``backend`` (``"numpy"`` for the small-tensor path
+    of the module docstring, else ``"torch"``).
     """
     context = context or "cp"
     if energy is not None:
@@ -194,15 +208,7 @@ class _Unfoldings:
     """
 
     def __init__(self, T, groups, dtype):
-        def by_size(modes):  # stable: ties keep the mode order
-            return sorted(modes, key=lambda m: T.shape[m])
-
-        # smallest modes first, the longest innermost (contiguous): the Khatri-Rao product of the other
-        # modes is built along it, and the MTTKRP reductions over X run along or across it, never along
-        # a 3-long inner axis (several times slower in torch)
-        self.layout = [by_size(g) for g in groups]
-        self.others = [by_size(m for m in range(T.ndim) if m not in g) for g in groups]
-        self.dims = [[T.shape[m] for m in g] for g in self.layout]
+        self.layout, self.others, self.dims = _tree_layout(T.shape, groups)
         self.dtype = dtype
         mats = [T.permute(g + o).reshape(math.prod(d), -1).to(dtype).contiguous()
                 for g, o, d in zip(self.layout, self.others, self.dims)]
@@ -219,6 +225,22 @@ class _Unfoldings:
         else:
             X = (krt.to(self.dtype) @ self.mats_t[g]).to(dtype)
         return X if len(self.dims[g]) == 1 else X.reshape([R] + self.dims[g])
+
+
+def _tree_layout(shape, groups):
+    """``(layout, others, dims)`` of the two-group tree: per group, its modes and the other modes, smallest first.
+
+    Smallest modes first, the longest innermost (contiguous): the Khatri-Rao product of the
+    other modes is built along it, and the MTTKRP reductions over ``X`` run along or across it,
+    never along a 3-long inner axis (several times slower in torch). Sorting is stable (ties
+    keep the mode order). ``dims[g]`` are the sizes of ``layout[g]``.
+    """
+    def by_size(modes):
+        return sorted(modes, key=lambda m: shape[m])
+
+    layout = [by_size(g) for g in groups]
+    others = [by_size(m for m in range(len(shape)) if m not in g) for g in groups]
+    return layout, others, [[shape[m] for m in g] for g in layout]
 
 
 def _khatri_rao_rows(rows):
@@ -335,31 +357,89 @@ class _ALSState:
     zero padding changes no norm and no Gram). ``weights (R,)``;
     ``grams[n] = rows[n] @ rows[n].T (R, R)``. No tensor of the iterate is ever edited in
     place: a sweep or an extrapolation builds a new stack, so keeping references is a copy.
+
+    The algorithm (:meth:`sweep`, :meth:`extrapolate`, :meth:`guard`) is written once; the
+    few calls that differ between torch and numpy are the ``_k_*`` kernel methods, which
+    :class:`_NumpyALSState` overrides (same arithmetic, numpy arrays).
     """
 
     def __init__(self, T, R, init, generator, mixed_precision, ridge):
-        self.T, self.R, self.sizes = T, R, tuple(T.shape)
-        self.norm = float(torch.linalg.norm(T))
-        self.groups = [g for g in balanced_mode_split(T.shape) if g]
+        self._setup(T, R, ridge)
         self.exact_tree = _Unfoldings(T, self.groups, T.dtype)
         fast = mixed_precision and T.dtype == torch.float64
         self.tree = _Unfoldings(T, self.groups, torch.float32) if fast else self.exact_tree
         self.P = T.new_zeros(T.ndim, R, max(self.sizes))
-        self.rows = _row_views(self.P, self.sizes)
+        self.rows = self._k_views(self.P)
         for rows, F in zip(self.rows, _init_factors(T, R, init, generator)):
             rows.copy_(F.T)
         self.weights = T.new_ones(R)
         self.grams = [F @ F.T for F in self.rows]
         self.eye = torch.eye(R, dtype=T.dtype, device=T.device)
+
+    backend = "torch"
+
+    def _setup(self, T, R, ridge):
+        """The shape, norm, mode groups and bookkeeping shared by both backends."""
+        self.T, self.R, self.sizes = T, R, tuple(T.shape)
+        self.norm = float(torch.linalg.norm(T))
+        self.groups = [g for g in balanced_mode_split(T.shape) if g]
         self.mu, self.degenerate, self.restarts, self.accepted = ridge, False, 0, 0
         self.acc_pow, self.acc_fail = 2.0, 0
         self.previous = None  # (P, weights) after the previous sweep (for extrapolation)
         self.cached = None  # (partial contraction of group 0, MTTKRP of its first mode), valid for the current rows
 
+    # ---- backend kernels (torch); shapes as in the class docstring
+    def _k_zeros(self):
+        """A new (zero) stack like ``P``, for a sweep to write every factor into."""
+        return torch.zeros_like(self.P)
+
+    def _k_views(self, P):
+        """``[P[n, :, :I_n]]`` of a stack ``P (N, R, max I_n)``."""
+        return _row_views(P, self.sizes)
+
+    def _k_mttkrp(self, X, modes, rows, n):
+        """Transposed MTTKRP ``(R, I_n)`` from a partial contraction (see :func:`_mttkrp_from`)."""
+        return _mttkrp_from(X, modes, rows, n)
+
+    def _k_solve(self, H, Mt):
+        """``F^T (R, I)`` solving the ridged normal equations (see :func:`_solve`); may grow ``mu``."""
+        F, self.mu = _solve(H, Mt, self.mu, self.eye)
+        return F
+
+    def _k_normalize(self, F, out):
+        """Unit-norm rows of ``F (R, I)`` written to ``out`` and the norms ``(R,)``."""
+        rows, norms = _normalize_rows(F, out=out)
+        return rows, norms.reshape(-1)
+
+    def _k_step(self, jump):
+        """The extrapolated iterate ``P_prev + jump (P - P_prev)``, normalized: ``(P, weights (R,), grams, hadamard)``.
+
+        ``grams`` holds the N Gram matrices ``(R, R)`` (here a stacked ``(N, R, R)``), ``hadamard`` their product.
+        """
+        prev_P, prev_weights = self.previous
+        P = torch.lerp(prev_P, self.P, jump)
+        norms = torch.linalg.vector_norm(P, dim=2, keepdim=True)  # (N, R, 1)
+        P = P / norms.clamp_min(torch.finfo(P.dtype).tiny)
+        weights = torch.lerp(prev_weights, self.weights, jump) * norms.prod(0).reshape(-1)
+        grams = P @ P.mT  # (N, R, R)
+        return P, weights, grams, grams.prod(0)
+
+    def _k_weights_ratio(self):
+        """``||w||_2 / ||T||_F`` (the degeneracy guard's measure)."""
+        return float(torch.linalg.vector_norm(self.weights)) / self.norm
+
+    def _k_min_congruence(self):
+        """:func:`_min_congruence` of the current Grams."""
+        return _min_congruence(self.grams)
+
+    def results(self):
+        """``(weights (R,), factors [(I_n, R)], grams [(R, R)])`` as torch tensors (factors contiguous)."""
+        return self.weights, [F.T.contiguous() for F in self.rows], self.grams
+
     @property
     def factors(self):
-        """The factors in the public layout, ``factors[n] (I_n, R)`` (contiguous copies)."""
-        return [F.T.contiguous() for F in self.rows]
+        """The factors in the public layout, ``factors[n] (I_n, R)`` (contiguous torch copies)."""
+        return self.results()[1]
 
     def relative_error(self, inner, model2):
         """``||T - Â|| / ||T||`` from ``<T, Â>`` and ``||Â||^2``; None when not finite."""
@@ -371,25 +451,25 @@ class _ALSState:
 
         The ridge ``mu`` grown by a failing Cholesky is kept either way.
         """
-        P, rows, grams = torch.zeros_like(self.P), list(self.rows), list(self.grams)
-        views = _row_views(P, self.sizes)
+        P, rows, grams, tree = self._k_zeros(), list(self.rows), list(self.grams), self.tree
+        views = self._k_views(P)
         for gi, group in enumerate(self.groups):
-            X, M = self.cached if gi == 0 and self.cached is not None else (self.tree.partial(gi, rows), None)
-            outer = [_product([grams[m] for m in self.tree.others[gi]])] if self.tree.others[gi] else []
+            X, M = self.cached if gi == 0 and self.cached is not None else (tree.partial(gi, rows), None)
+            outer = [_product([grams[m] for m in tree.others[gi]])] if tree.others[gi] else []
             for n in group:  # the other group's Gram product is fixed while this group is updated
-                M = _mttkrp_from(X, self.tree.layout[gi], rows, n) if M is None else M
+                M = self._k_mttkrp(X, tree.layout[gi], rows, n) if M is None else M
                 H = _product(outer + [grams[m] for m in group if m != n])
-                F, self.mu = _solve(H, M, self.mu, self.eye)
-                rows[n], norms = _normalize_rows(F, out=views[n])
+                F = self._k_solve(H, M)
+                rows[n], norms = self._k_normalize(F, views[n])
                 grams[n] = rows[n] @ rows[n].T
                 last, M = (M, F, H, n), None
         self.cached = None
         M, F, H, n = last
-        weights = norms.reshape(-1)
+        weights = norms
         # <T, Â> = sum_r w_r <M_r, a_r> = sum(M * F) for the raw solution F = diag(w) rows[n]
         rel = self.relative_error(float((M * F).sum()), _model_norm2(H * grams[n], weights))
         if rel is not None and rel < 1e-6:  # below the cancellation floor of the cheap formula: measure exactly
-            exact = cp_reconstruct(weights, [F.T for F in rows])
+            exact = cp_reconstruct(torch.as_tensor(weights), [torch.as_tensor(F).T for F in rows])
             rel = float(torch.linalg.norm(self.T - exact)) / self.norm
         if rel is None or not math.isfinite(rel):
             return None
@@ -398,21 +478,15 @@ class _ALSState:
 
     def extrapolate(self, iteration, rel, max_fail=4):
         """Bro's line search along the last step, kept only when it lowers the error; the error after it."""
-        jump = iteration ** (1.0 / self.acc_pow)
-        prev_P, prev_weights = self.previous
-        P = torch.lerp(prev_P, self.P, jump)
-        norms = torch.linalg.vector_norm(P, dim=2, keepdim=True)  # (N, R, 1)
-        P = P / norms.clamp_min(torch.finfo(P.dtype).tiny)
-        weights = torch.lerp(prev_weights, self.weights, jump) * norms.prod(0).reshape(-1)
-        grams = P @ P.mT  # (N, R, R)
-        rows = _row_views(P, self.sizes)
+        P, weights, grams, hadamard = self._k_step(iteration ** (1.0 / self.acc_pow))
+        rows = self._k_views(P)
         group = self.groups[0]
         X = self.tree.partial(0, rows)
-        M = _mttkrp_from(X, self.tree.layout[0], rows, group[0])  # reused by the next sweep if the step is kept
+        M = self._k_mttkrp(X, self.tree.layout[0], rows, group[0])  # reused by the next sweep if the step is kept
         ext_rel = self.relative_error(float((M * rows[group[0]]).sum(1) @ weights),
-                                      _model_norm2(grams.prod(0), weights))
+                                      _model_norm2(hadamard, weights))
         if ext_rel is not None and ext_rel < rel:
-            self.P, self.rows, self.weights, self.grams = P, rows, weights, list(grams.unbind(0))
+            self.P, self.rows, self.weights, self.grams = P, rows, weights, list(grams)
             self.cached, self.accepted, self.acc_fail = (X, M), self.accepted + 1, 0
             return ext_rel
         self.acc_fail += 1
@@ -422,20 +496,190 @@ class _ALSState:
 
     def guard(self, degeneracy_threshold, ridge_max):
         """Grow the Tikhonov term when the weights diverge or a cancelling pair forms."""
-        ratio = float(torch.linalg.vector_norm(self.weights)) / self.norm
+        ratio = self._k_weights_ratio()
         if ratio > degeneracy_threshold:  # diverging weights: grow the Tikhonov term
             self.degenerate = True
             self.mu = min(max(self.mu * 10, 1e-8), ridge_max)
             self.previous, self.cached = None, None  # do not extrapolate along a diverging path
-        elif ratio > 2 and self.R > 1 and _min_congruence(self.grams) < -0.9:  # cancelling pair forming
+        elif ratio > 2 and self.R > 1 and self._k_min_congruence() < -0.9:  # cancelling pair forming
             self.degenerate = True
             self.mu = max(self.mu, 1e-8)
+
+
+# ----------------------------------------------------------------------------- small tensors: the sweep in numpy
+#
+# A sweep on a conv kernel of a few 10^4 entries is ~130 small calls; torch spends ~2-5 µs
+# of fixed cost on each (dispatch, allocation, MKL's small-size paths), numpy ~1 µs, and
+# numpy's OpenBLAS multiplies these small contractions faster than torch's MKL, so below
+# NUMPY_MAX_WORK the same algorithm runs on numpy arrays (:class:`_NumpyALSState`, float64
+# tensors on the CPU): the same dimension tree, float32 switch, Cholesky ridge, line search
+# and guard, and the same float64 a-posteriori error of the result, computed in torch.
+# Above it the arithmetic dominates and both run at about the same speed (256x256x3x3 at rank
+# 64, 3.8e7 multiply-adds a pass: within 5%, 1 thread); the torch path is kept there.
+
+NUMPY_MAX_WORK = 2 ** 24  # prod(I) * R: the multiply-adds of one contraction of the data (a sweep makes two)
+
+
+def _numpy_path(T, R):
+    """Whether :func:`cp_als` runs its sweeps in numpy (a float64 CPU tensor of ``prod(I) * R <= NUMPY_MAX_WORK``)."""
+    return T.device.type == "cpu" and T.dtype == torch.float64 and T.numel() * R <= NUMPY_MAX_WORK
+
+
+def _blas_threads():
+    """A context limiting numpy's and scipy's BLAS pools to ``torch.get_num_threads()`` (no-op without threadpoolctl)."""
+    access = _blas()
+    return access[1].limit(limits=torch.get_num_threads()) if access is not None else contextlib.nullcontext()
+
+
+class _NumpyUnfoldings:
+    """numpy twin of :class:`_Unfoldings` on ``A (I_1, ..., I_N)`` (ndarray), in ``dtype``.
+
+    ``mats[g] (prod I_other, prod I_g)`` is the transposed unfolding stored C-contiguous
+    (OpenBLAS multiplies ``KR^T @ mats[g]`` fastest that way at these sizes); ``partial``
+    returns ``X (R, dims of layout[g]...)`` in float64, as :meth:`_Unfoldings.partial`.
+    """
+
+    def __init__(self, A, groups, dtype):
+        self.layout, self.others, self.dims = _tree_layout(A.shape, groups)
+        self.dtype = dtype
+        self.mats = [np.ascontiguousarray(A.transpose(o + g).reshape(-1, math.prod(d)), dtype=dtype)
+                     for g, o, d in zip(self.layout, self.others, self.dims)]
+
+    def partial(self, g, rows):
+        """``X (R, dims of layout[g]...)`` (float64) for the factors ``rows[m] (R, I_m)`` (float64 arrays)."""
+        R = rows[0].shape[0]
+        krt = _khatri_rao_rows_np([rows[m] for m in self.others[g]]) if self.others[g] else np.ones((R, 1))
+        if self.dtype == np.float64:
+            X = krt @ self.mats[g]
+        else:
+            X = (krt.astype(self.dtype) @ self.mats[g]).astype(np.float64)
+        return X if len(self.dims[g]) == 1 else X.reshape([R] + self.dims[g])
+
+
+def _khatri_rao_rows_np(rows):
+    """numpy :func:`_khatri_rao_rows`: ``(R, prod I_k)`` from ``rows[k] (R, I_k)``, first most significant."""
+    out = rows[0]
+    for M in rows[1:]:
+        out = (out[:, :, None] * M[:, None, :]).reshape(out.shape[0], -1)
+    return out
+
+
+def _mttkrp_np(X, modes, rows, n):
+    """numpy twin of :func:`_mttkrp_from`: ``(R, I_n)`` from ``X (R, dims of modes...)``.
+
+    Each other mode of the group is contracted (last axis first) by one batched matrix
+    product over ``r``: ``X_r (pre, s) @ v_r (s, 1)`` for the last axis, else
+    ``v_r (1, s) @ X_r (pre, s, post)``.
+    """
+    R = X.shape[0]
+    for axis in range(len(modes) - 1, -1, -1):
+        if modes[axis] != n:
+            before, size, after = X.shape[1:axis + 1], X.shape[axis + 1], X.shape[axis + 2:]
+            v = rows[modes[axis]]
+            if not after:
+                X = (X.reshape(R, -1, size) @ v.reshape(R, size, 1)).reshape((R,) + before)
+            else:
+                X = (v.reshape(R, 1, 1, size) @ X.reshape(R, -1, size, math.prod(after))).reshape((R,) + before + after)
+    return X
+
+
+def _solve_np(H, Mt, mu, ridge, eye):
+    """numpy twin of :func:`_solve`: ``((H + mu I)^{-1} Mt, mu)`` for ``H (R, R)``, ``Mt (R, I)``.
+
+    ``ridge`` is ``mu I`` (made by the caller once per ``mu``), ``eye`` the identity. LAPACK
+    Cholesky ``H + mu I = U^T U`` (upper ``U``), then ``U^{-1}`` (``dtrtri``) and
+    ``F^T = U^{-1} (U^{-T} Mt)`` by two matrix products: at these sizes OpenBLAS's small
+    triangular solves cost several times the inversion of the ``R x R`` triangle. The ridge
+    grows (x100) until Cholesky succeeds, as in :func:`_solve`.
+    """
+    for attempt in range(8):
+        # H + mu I is symmetric: its transpose is the same matrix, already in LAPACK's column-major order (no copy)
+        U, info = _lapack.dpotrf((H + ridge).T, lower=0, clean=1, overwrite_a=1)
+        if info == 0:
+            Ui, info = _lapack.dtrtri(U, lower=0, overwrite_c=1)
+            if info == 0:
+                return Ui @ (Ui.T @ Mt), mu
+        mu = max(mu * 100, 1e-12)
+        ridge = mu * eye
+    raise FloatingPointError("normal equations stayed singular after regularization")
+
+
+_TINY = float(np.finfo(np.float64).tiny)
+
+
+class _NumpyALSState(_ALSState):
+    """:class:`_ALSState` on numpy float64 arrays, the factors side by side instead of zero-padded.
+
+    ``P (R, sum I_n)`` holds ``rows[n] = P[:, o_n:o_n + I_n]`` (views, ``o_n`` the offsets):
+    no padding, so the elementwise work of an extrapolation is over ``R * sum(I_n)``
+    entries, not ``N * R * max(I_n)``; its per-mode norms are one segmented sum
+    (``np.add.reduceat``). ``weights (R,)``, ``grams[n] (R, R)`` as there. ``T`` is a float64
+    CPU tensor; the two (float64 / float32) unfoldings are numpy copies of it. The kernel
+    methods are numpy versions of the torch ones; :meth:`results` hands back torch tensors.
+    """
+
+    backend = "numpy"
+
+    def __init__(self, T, R, init, generator, mixed_precision, ridge):
+        self._setup(T, R, ridge)
+        A = T.detach().numpy()
+        self.exact_tree = _NumpyUnfoldings(A, self.groups, np.float64)
+        self.tree = _NumpyUnfoldings(A, self.groups, np.float32) if mixed_precision else self.exact_tree
+        self.offsets = [0] + list(itertools.accumulate(self.sizes))
+        self.P = np.empty((R, self.offsets[-1]))
+        self.rows = self._k_views(self.P)
+        for rows, F in zip(self.rows, _init_factors(T, R, init, generator)):
+            rows[...] = F.T.numpy()
+        self.weights = np.ones(R)
+        self.grams = [F @ F.T for F in self.rows]
+        self.eye = np.eye(R)
+        self.ridge = (None, None)  # (mu, mu * I), remade when mu changes
+
+    def _k_zeros(self):
+        return np.empty_like(self.P)  # every column is written by the sweep
+
+    def _k_views(self, P):
+        return [P[:, a:b] for a, b in zip(self.offsets, self.offsets[1:])]
+
+    def _k_mttkrp(self, X, modes, rows, n):
+        return _mttkrp_np(X, modes, rows, n)
+
+    def _k_solve(self, H, Mt):
+        if self.ridge[0] != self.mu:
+            self.ridge = (self.mu, self.mu * self.eye)
+        F, self.mu = _solve_np(H, Mt, self.mu, self.ridge[1], self.eye)
+        return F
+
+    def _k_normalize(self, F, out):
+        norms = np.sqrt(np.einsum("ri,ri->r", F, F))
+        return np.divide(F, np.maximum(norms, _TINY)[:, None], out=out), norms
+
+    def _k_step(self, jump):
+        prev_P, prev_weights = self.previous
+        P = self.P - (1.0 - jump) * (self.P - prev_P)  # torch.lerp's formula for weights >= 0.5
+        norms = np.sqrt(np.add.reduceat(P * P, self.offsets[:-1], axis=1))  # (R, N)
+        P /= np.repeat(np.maximum(norms, _TINY), self.sizes, axis=1)
+        weights = (self.weights - (1.0 - jump) * (self.weights - prev_weights)) * norms.prod(1)
+        rows = self._k_views(P)
+        grams = [F @ F.T for F in rows]
+        return P, weights, grams, _product(grams)
+
+    def _k_weights_ratio(self):
+        return float(np.linalg.norm(self.weights)) / self.norm
+
+    def _k_min_congruence(self):
+        return _min_congruence([torch.from_numpy(G) for G in self.grams])
+
+    def results(self):
+        return (torch.from_numpy(self.weights), [torch.from_numpy(np.ascontiguousarray(F.T)) for F in self.rows],
+                [torch.from_numpy(G) for G in self.grams])
 
 
 def _zero_fit(T, R):
     factors = [torch.zeros(s, R, dtype=T.dtype) for s in T.shape]
     info = dict(iterations=0, converged=True, errors=[0.0], degenerate=False, ridge=0.0, weights_ratio=0.0,
-                min_congruence=None, linesearch_accepted=0, restarts=0, float32_sweeps=0, error=0.0)
+                min_congruence=None, linesearch_accepted=0, restarts=0, float32_sweeps=0, error=0.0,
+                backend="numpy" if _numpy_path(T, R) else "torch")
     return torch.zeros(R, dtype=T.dtype), factors, info
 
 
@@ -452,24 +696,28 @@ def cp_als(T: torch.Tensor, R: int, *, n_iter_max=100, convergence_tol=1e-8, ini
     (relative error above 1e-3 and still dropping by more than 1e-5 per sweep), where
     their ~1e-7 relative rounding is orders of magnitude below the fit error; every
     solve, norm and error is float64, and the remaining sweeps (and the final error)
-    are all float64. See the module docstring for the rest.
+    are all float64. Small float64 CPU tensors run the sweeps in numpy (:class:`_NumpyALSState`,
+    see :data:`NUMPY_MAX_WORK`). See the module docstring for the rest.
     """
     if float(torch.linalg.norm(T)) == 0:
         return _zero_fit(T, R)
-    with torch.inference_mode():  # no autograd bookkeeping: a good part of the cost of each small torch call
-        st = _ALSState(T, R, init, make_generator(random_state), mixed_precision, ridge)
+    use_numpy = _numpy_path(T, R)
+    state = _NumpyALSState if use_numpy else _ALSState
+    # no autograd bookkeeping (inference_mode): a good part of the cost of each small torch call
+    with torch.inference_mode(), _blas_threads() if use_numpy else contextlib.nullcontext():
+        st = state(T, R, init, make_generator(random_state), mixed_precision, ridge)
         iteration, converged, errors, float32_sweeps = _iterate(st, n_iter_max, convergence_tol, linesearch,
                                                                 degeneracy_threshold, ridge_max, context)
-        factors = st.factors
-        exact = float(torch.linalg.norm(T - cp_reconstruct(st.weights, factors)))
+        weights, factors, grams = st.results()
+        exact = float(torch.linalg.norm(T - cp_reconstruct(weights, factors)))
         if not math.isfinite(exact):
             raise FloatingPointError(f"{context}: CP-ALS at rank {R} produced a non-finite reconstruction")
         info = dict(iterations=iteration, converged=converged, errors=errors, degenerate=st.degenerate,
-                    ridge=st.mu, weights_ratio=float(torch.linalg.vector_norm(st.weights)) / st.norm,
-                    min_congruence=_min_congruence(st.grams) if R > 1 else None, linesearch_accepted=st.accepted,
-                    restarts=st.restarts, float32_sweeps=float32_sweeps, error=exact)
+                    ridge=st.mu, weights_ratio=float(torch.linalg.vector_norm(weights)) / st.norm,
+                    min_congruence=_min_congruence(grams) if R > 1 else None, linesearch_accepted=st.accepted,
+                    restarts=st.restarts, float32_sweeps=float32_sweeps, error=exact, backend=st.backend)
     # tensors made under inference_mode cannot enter autograd: hand back ordinary copies
-    return st.weights.clone(), [F.clone() for F in factors], info
+    return weights.clone(), [F.clone() for F in factors], info
 
 
 def _iterate(st, n_iter_max, convergence_tol, linesearch, degeneracy_threshold, ridge_max, context):

@@ -191,34 +191,40 @@ def _cp_module():
     return importlib.import_module("decomp_toolkit.decomp.cp")  # the module (the package exports the function)
 
 
+STATES = ["_ALSState", "_NumpyALSState"]  # the torch execution path and the numpy one of small tensors
+
+
+@pytest.mark.parametrize("state", STATES)
 @pytest.mark.parametrize("shape", [(5, 4, 3), (6, 1, 4, 3), (4, 3, 2, 3, 2)])
-def test_dimension_tree_mttkrp_matches_unfolding_times_khatri_rao(shape):
-    """partial + _mttkrp_from (padded, transposed factors; groups of 1-3 modes) = A_(n) KR(others)."""
+def test_dimension_tree_mttkrp_matches_unfolding_times_khatri_rao(shape, state):
+    """partial + MTTKRP kernel (padded or side-by-side transposed factors; groups of 1-3 modes) = A_(n) KR(others)."""
     from decomp_toolkit.decomp._kernels import khatri_rao, unfold
     C = _cp_module()
     gen = torch.Generator().manual_seed(3)
     T = torch.randn(*shape, generator=gen, dtype=torch.float64)
-    st = C._ALSState(T, 4, "random", gen, False, 1e-13)
+    st = getattr(C, state)(T, 4, "random", gen, False, 1e-13)
     factors = st.factors
     for gi, group in enumerate(st.groups):
         X = st.tree.partial(gi, st.rows)
         for n in group:
             want = unfold(T, n) @ khatri_rao([factors[m] for m in range(T.ndim) if m != n])
-            got = C._mttkrp_from(X, st.tree.layout[gi], st.rows, n).T
+            got = torch.as_tensor(st._k_mttkrp(X, st.tree.layout[gi], st.rows, n)).T
             assert torch.allclose(got, want, rtol=1e-12, atol=1e-12 * float(T.norm()))
 
 
+@pytest.mark.parametrize("state", STATES)
 @pytest.mark.parametrize("shape, R", [((7, 6, 5, 4), 5), ((9, 2, 6), 4)])
-def test_cheap_residuals_equal_the_reconstruction_error(shape, R):
+def test_cheap_residuals_equal_the_reconstruction_error(shape, R, state):
     """The sweep's error (Grams + last MTTKRP) and the extrapolation's (stacked Grams + its contraction)
     equal ||T - Â|| / ||T|| of the iterate they describe; a kept extrapolation's cached contraction is exact."""
     C = _cp_module()
     T = torch.randn(*shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
 
     def exact(st):
-        return rel_err(T, cp_reconstruct(st.weights, st.factors))
+        weights, factors, _ = st.results()
+        return rel_err(T, cp_reconstruct(weights, factors))
 
-    st = C._ALSState(T, R, "svd", torch.Generator().manual_seed(0), False, 1e-13)
+    st = getattr(C, state)(T, R, "svd", torch.Generator().manual_seed(0), False, 1e-13)
     st.acc_pow = 6.0  # moderate jumps (k^(1/6))
     kept = 0
     for iteration in range(1, 9):
@@ -229,8 +235,10 @@ def test_cheap_residuals_equal_the_reconstruction_error(shape, R):
             assert abs(ext - exact(st)) <= 1e-12 * max(1.0, ext)
             X, M = st.cached
             group = st.groups[0]
-            assert torch.allclose(X, st.tree.partial(0, st.rows), rtol=1e-13, atol=1e-13)
-            assert torch.allclose(M, C._mttkrp_from(X, st.tree.layout[0], st.rows, group[0]), rtol=1e-13, atol=1e-13)
+            again = st.tree.partial(0, st.rows)
+            assert torch.allclose(torch.as_tensor(X), torch.as_tensor(again), rtol=1e-13, atol=1e-13)
+            first = st._k_mttkrp(X, st.tree.layout[0], st.rows, group[0])
+            assert torch.allclose(torch.as_tensor(M), torch.as_tensor(first), rtol=1e-13, atol=1e-13)
             kept += 1
         st.previous = (st.P, st.weights)
     assert kept == 7
@@ -260,20 +268,91 @@ def test_model_norm_flags_any_non_finite_entry():
         assert not math.isfinite(C._model_norm2(C._product([F @ F.T for F in broken]), w))
 
 
-def test_non_finite_sweep_is_rolled_back_and_restarted(monkeypatch):
-    """A sweep that ends non-finite is detected (by the model norm), dropped, and redone with a larger ridge."""
+@pytest.mark.parametrize("backend", ["torch", "numpy"])
+def test_non_finite_sweep_is_rolled_back_and_restarted(monkeypatch, backend):
+    """A sweep that ends non-finite is detected (by the model norm), dropped, and redone with a larger ridge
+    (on both execution paths: the torch one forced by a zero size threshold, the numpy one of small tensors)."""
     C = _cp_module()
     T = cp_tensor((6, 5, 4), 3, 7)
     calls = {"n": 0}
-    real = C._mttkrp_from
+    name = "_mttkrp_from" if backend == "torch" else "_mttkrp_np"
+    if backend == "torch":
+        monkeypatch.setattr(C, "NUMPY_MAX_WORK", 0)
+    real = getattr(C, name)
 
     def poisoned(X, modes, rows, n):  # NaN in the 3rd sweep's last solve (mode 2: groups [0], [1, 2])
         calls["n"] += n == 2
         M = real(X, modes, rows, n)
         return M * float("nan") if n == 2 and calls["n"] == 3 else M
 
-    monkeypatch.setattr(C, "_mttkrp_from", poisoned)
+    monkeypatch.setattr(C, name, poisoned)
     c = cp(T, rank=3, n_iter_max=200, convergence_tol=1e-12, linesearch=False)
+    assert c.info["backend"] == backend
     assert c.info["restarts"] == 1 and c.info["degenerate"] is True and c.info["ridge"] >= 1e-6
     assert torch.isfinite(c.weights).all() and all(torch.isfinite(F).all() for F in c.factors)
     assert c.error / c.norm <= 1e-4
+
+
+# ---------------------------------------------------------------- the numpy execution path of small tensors
+
+def test_execution_path_follows_the_size_threshold(monkeypatch):
+    """float64 CPU tensors with prod(I) * R <= NUMPY_MAX_WORK take the numpy path, others the torch one."""
+    C = _cp_module()
+    T = torch.randn(16, 8, 3, 3, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    assert T.numel() * 12 <= C.NUMPY_MAX_WORK  # a small conv kernel: below the threshold
+    assert cp(T, rank=12, n_iter_max=5).info["backend"] == "numpy"
+    assert cp(T, rank=12, n_iter_max=5, compute_dtype=torch.float32).info["backend"] == "torch"
+    monkeypatch.setattr(C, "NUMPY_MAX_WORK", T.numel() * 12 - 1)  # the same tensor just above it
+    assert cp(T, rank=12, n_iter_max=5).info["backend"] == "torch"
+    assert cp(T, rank=11, n_iter_max=5).info["backend"] == "numpy"
+
+
+@pytest.mark.parametrize("shape, R", [((16, 8, 3, 3), 12), ((10, 9, 8), 6), ((4, 3, 2, 3, 2), 3), ((3, 4, 5), 6)])
+@pytest.mark.parametrize("mixed_precision", [False, True])
+def test_numpy_path_matches_torch_path(monkeypatch, shape, R, mixed_precision):
+    """Same algorithm on both paths: same per-sweep errors and model (to rounding), same float32 switch;
+    and on each, the reported error is the exact reconstruction error of the returned factors."""
+    C = _cp_module()
+    T = cp_tensor(shape, R, seed=8) + 0.05 * torch.randn(*shape, generator=torch.Generator().manual_seed(9),
+                                                          dtype=torch.float64)
+    options = dict(rank=R, n_iter_max=40, convergence_tol=0, mixed_precision=mixed_precision)
+    fast = cp(T, **options)
+    monkeypatch.setattr(C, "NUMPY_MAX_WORK", 0)
+    ref = cp(T, **options)
+    assert (fast.info["backend"], ref.info["backend"]) == ("numpy", "torch")
+    for c in (fast, ref):
+        assert abs(c.error - float((T - c.to_tensor()).norm())) <= 1e-10 * c.norm
+        assert all(b <= a + 1e-9 for a, b in zip(c.info["errors"][3:], c.info["errors"][4:]))  # monotone ALS
+    # float64 sweeps differ by rounding only; float32 ones by float32 rounding (the line search may then decide
+    # differently on near-ties, which moves the iterate by about as much)
+    rtol = 1e-3 if mixed_precision else 1e-9
+    assert fast.info["float32_sweeps"] == ref.info["float32_sweeps"]
+    assert np.allclose(fast.info["errors"], ref.info["errors"], rtol=rtol, atol=0)
+    assert abs(fast.error - ref.error) <= rtol * fast.error
+    assert rel_err(ref.to_tensor(), fast.to_tensor()) <= 10 * rtol
+
+
+def test_numpy_path_is_deterministic_and_keeps_the_guard():
+    """Repeated calls give bitwise-equal results; the degeneracy guard acts on the numpy path too."""
+    T = torch.randn(6, 7, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    a = cp(T, rank=9, random_state=3, n_iter_max=30)
+    b = cp(T, rank=9, random_state=3, n_iter_max=30)
+    assert a.info["backend"] == "numpy"
+    assert torch.equal(a.weights, b.weights) and all(torch.equal(x, y) for x, y in zip(a.factors, b.factors))
+    assert a.info["errors"] == b.info["errors"]
+
+
+def test_numpy_solve_matches_cholesky_and_grows_the_ridge():
+    """_solve_np = (H + mu I)^{-1} M^T; a singular H gets the ridge raised until Cholesky succeeds."""
+    C = _cp_module()
+    rng = np.random.default_rng(0)
+    B = rng.standard_normal((5, 8))
+    H, Mt, eye = B @ B.T, rng.standard_normal((5, 7)), np.eye(5)
+    F, mu = C._solve_np(H, Mt, 1e-13, 1e-13 * eye, eye)
+    assert mu == 1e-13 and np.allclose((H + 1e-13 * eye) @ F, Mt, rtol=1e-10, atol=1e-10)
+    singular = np.ones((5, 5))  # rank 1, and Cholesky fails on it without a ridge
+    F, mu = C._solve_np(singular, Mt, 0.0, 0.0 * eye, eye)
+    _, mu_torch = C._solve(torch.from_numpy(singular), torch.from_numpy(Mt), 0.0, torch.from_numpy(eye))
+    assert mu == mu_torch > 0
+    A = singular + mu * eye  # backward stable for this ill-conditioned (cond ~ 5 / mu) system
+    assert np.linalg.norm(A @ F - Mt) <= 1e-10 * np.linalg.norm(A) * np.linalg.norm(F)
