@@ -86,6 +86,15 @@ def eval_mode(model):
             module.training = restored[name]
 
 
+def carry_resized(original, replacement):
+    """Mark ``replacement`` ``resized`` when ``original`` is: a layer whose units hidden-unit pruning cut
+    (:func:`layers.interpolative.slice_producer`), so that a saved model rebuilds it, factorized or not, at its
+    own size over the base model's wider layer. Returns ``replacement``."""
+    if getattr(original, "resized", False):
+        replacement.resized = True
+    return replacement
+
+
 def carry_requires_grad(original, replacement):
     """Give ``replacement``'s parameters the ``requires_grad`` of the ``original`` layer they come from: its
     ``bias`` parameters that of the original bias, every other one that of the original weight (a frozen

@@ -13,7 +13,7 @@ import torch
 from decomp_toolkit.decomp import Factorization, from_tensorly
 from decomp_toolkit.decomp.rank import InfeasibleRankError, parse_rank_spec
 
-from ._modules import carry_requires_grad
+from ._modules import carry_requires_grad, carry_resized
 from .data_aware import DATA_AWARE_OPTIONS, resolve_statistics
 from .errors import UnsupportedLayerError
 from .fit import Fit
@@ -103,7 +103,8 @@ def decompose(layer, method: str = "svd", *, rank=None, energy=None, tol=None, r
     entry = get_method(method, context)
     if factors is not None:
         _check_kind(entry, kind, label)
-        return carry_requires_grad(layer, _from_factors(entry, kind, layer, factors, spec_given, options, context))
+        return carry_resized(layer, carry_requires_grad(layer, _from_factors(entry, kind, layer, factors, spec_given,
+                                                                             options, context)))
     speed = {k: options.pop(k) for k in SPEED_OPTIONS if k in options}
     supported = kind in entry.builders and kind not in entry.unsupported
     check_options(entry, options, kind if supported else None, context)
@@ -124,8 +125,9 @@ def decompose(layer, method: str = "svd", *, rank=None, energy=None, tol=None, r
 
     def rebuild(rank):  # optimize="speed": the same request at a rank the kernels like
         return build(parse_spec(entry, dict(rank=rank), context))
-    return carry_requires_grad(layer, optimize_for_speed(build(spec), standard, **speed, context=context,
-                                                         rebuild=rebuild if "rank" in entry.spec_kinds else None))
+    built = optimize_for_speed(build(spec), standard, **speed, context=context,
+                               rebuild=rebuild if "rank" in entry.spec_kinds else None)
+    return carry_resized(layer, carry_requires_grad(layer, built))
 
 
 def _check_kind(entry, kind, label):

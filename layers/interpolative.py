@@ -249,13 +249,15 @@ def pair_profile(model, pair, gram, total, rows, fisher=None, min_rank=None, mul
 
 
 def _resized(layer, inputs: int, outputs: int, bias: bool):
-    """A layer of ``layer``'s kind and configuration with ``inputs`` / ``outputs`` units."""
+    """A layer of ``layer``'s kind and configuration with ``inputs`` / ``outputs`` units, marked ``resized``."""
     kw = dict(bias=bias, device=layer.weight.device, dtype=layer.weight.dtype)
     if isinstance(layer, nn.Linear):
-        return carry_requires_grad(layer, nn.Linear(inputs, outputs, **kw))
-    return carry_requires_grad(layer, type(layer)(inputs, outputs, layer.kernel_size, stride=layer.stride,
-                                                  padding=layer.padding, dilation=layer.dilation,
-                                                  padding_mode=layer.padding_mode, **kw))
+        new = nn.Linear(inputs, outputs, **kw)
+    else:
+        new = type(layer)(inputs, outputs, layer.kernel_size, stride=layer.stride, padding=layer.padding,
+                          dilation=layer.dilation, padding_mode=layer.padding_mode, **kw)
+    new.resized = True   # fewer units than the model it came from (layers._modules.carry_resized)
+    return carry_requires_grad(layer, new)
 
 
 def slice_producer(layer, indices: torch.Tensor):

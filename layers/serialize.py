@@ -185,7 +185,7 @@ def _manifest_entries(model) -> tuple:
         where = f"{names[0]} ({type(module).__name__})"
         modules.append({"name": names[0], "aliases": names[1:], "class": type(module).__name__,
                         "module": type(module).__module__, "config": _to_json(dict(module.config), where),
-                        "buffers": _buffer_specs(module)})
+                        "buffers": _buffer_specs(module), "resized": bool(getattr(module, "resized", False))})
     for names, module in _plain_modules(model, factorized):
         where = f"{names[0]} ({type(module).__name__})"
         plain.append({"name": names[0], "aliases": names[1:], "class": type(module).__name__,
@@ -370,8 +370,9 @@ def build_base(manifest: dict, directory) -> nn.Module:
 
 # --------------------------------------------------------------------------- loading
 
-def _check_fits(base_module, replacement, where):
-    """The base model's module at this name must be the dense layer the replacement stands for."""
+def _check_fits(base_module, replacement, where, resized=False):
+    """The base model's module at this name must be the dense layer the replacement stands for; ``resized`` (a
+    layer pruned by hidden-unit compression, then factorized): that layer or one with more units."""
     if isinstance(base_module, FactorizedLayer):
         if type(base_module) is type(replacement):
             return
@@ -381,7 +382,9 @@ def _check_fits(base_module, replacement, where):
         return
     have = dense_config(standard_layer(base_module))
     want = replacement.dense_config
-    diff = [k for k in SHAPE_KEYS if k in want and _norm(have.get(k)) != _norm(want[k])]
+    diff = [k for k in SHAPE_KEYS if k in want and (
+        not (type(want[k]) is int and 0 < want[k] <= (have.get(k) or 0)) if resized and k in UNIT_KEYS
+        else _norm(have.get(k)) != _norm(want[k]))]
     if diff:
         raise CompressedModelError(f"{where}: the base model's layer has " + ", ".join(
             f"{k}={have.get(k)!r}" for k in diff) + " but the saved one has " + ", ".join(
@@ -477,11 +480,16 @@ def _replacements(model, manifest, directory) -> list:
         if kind == "modules":
             module = _built_factorized(entry, where)
             for name, (_, _, base_module) in zip(names, located):
-                _check_fits(base_module, module, f"{where} at {name!r}")
+                _check_fits(base_module, module, f"{where} at {name!r}", resized=entry.get("resized", False))
+            if entry.get("resized"):
+                module.resized = True
         else:
             module = _plain_replacement(entry, [base for _, _, base in located], where)
             if module is None:
                 continue
+            base_view = _plain_view(located[0][2], PLAIN_CLASSES[entry["family"]], entry, where)
+            if any(_plain_config(module).get(k) != _plain_config(base_view).get(k) for k in UNIT_KEYS):
+                module.resized = True   # fewer units than the base model's layer (it may be factorized later)
         _restore_buffers(module, entry.get("buffers", []), located[0][2], where)
         top = []
         for name, (container, relative, _) in zip(names, located):

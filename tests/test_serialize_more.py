@@ -225,3 +225,25 @@ def test_a_version_1_manifest_still_loads(tmp_path):
             entry.pop("buffers")
     _edit_manifest(tmp_path / "m", as_version_1)
     _assert_same(load_compressed(tmp_path / "m", model=_mlp()), small, torch.randn(3, 64))
+
+
+def test_a_pruned_then_factorized_model_round_trips_and_a_wider_saved_layer_is_still_refused(tmp_path):
+    def mlp():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 16)).eval()
+
+    x = torch.randn(128, 16, generator=torch.Generator().manual_seed(1))
+    pruned, _ = compress_sequential(mlp(), x, ratio=0.5, pairs="auto", blocks=[""], progress=False)
+    stacked, _ = compress(pruned, method="svd", ratio=0.5, include=["0"], progress=False, time_layers=False)
+    assert isinstance(stacked[0], LowRankLinear) and stacked[0].expand.out_features == 32
+    save_compressed(stacked, tmp_path / "stacked")
+    back = load_compressed(tmp_path / "stacked", mlp())
+    assert torch.equal(back(x), stacked(x))
+    again, _ = compress(back, method="svd", ratio=0.5, include=["2"], progress=False, time_layers=False)
+    save_compressed(again, tmp_path / "again")                     # a reloaded pruned layer stays resized
+    assert torch.equal(load_compressed(tmp_path / "again", mlp())(x), again(x))
+    dense, _ = compress(mlp(), method="svd", ratio=0.5, progress=False, time_layers=False)
+    save_compressed(dense, tmp_path / "dense")
+    narrower = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16))
+    with pytest.raises(CompressedModelError, match=r"out_features=32 but the saved one has out_features=64"):
+        load_compressed(tmp_path / "dense", narrower)
