@@ -66,6 +66,7 @@ import copy
 import fnmatch
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -80,7 +81,7 @@ from ._modules import set_submodule as _set_submodule
 from .batchnorm import prepare_batchnorm
 from .kinds import is_candidate, kind_of, registered_kind, standard_layer
 from .calibrate import (attention_mask, drop_padding, gram_and_sum, gram_signature, iter_batches,
-                        model_call, pad_input, unfold_patches)
+                        model_call, pad_input, shrink_gram, shrinkage_weight, unfold_patches)
 from .errors import UnsupportedLayerError
 from .distributed import is_distributed as _distributed
 from .fisher import fisher_weighted_spectrum, output_fisher
@@ -246,17 +247,28 @@ class PairPlan:
 
 
 @torch.no_grad()
-def fit_layer(layer, stats: FitStatistics, rank: int, context: str = "", compare: bool = True):
+def fit_layer(layer, stats: FitStatistics, rank: int, context: str = "", compare: bool = True, shrinkage=None):
     """``(module, Fit)``: the low-rank replacement of ``layer`` fitted on ``stats`` at ``rank``.
 
     ``compare``: also evaluate the non-sequential (whitened) fit of the same rank on the same
-    objective (``fit.diagnostics["nonsequential"]``; NaN when not compared)."""
+    objective (``fit.diagnostics["nonsequential"]``; NaN when not compared). ``shrinkage``: the rule of
+    :func:`layers.calibrate.shrinkage_weight` (``"auto"``: OAS when the rows are fewer than the inputs, from
+    ``X'^T X'``) for a weight ``w``; the fit then runs on the three statistics shrunk alike, ``(1 - w) S + w
+    tr(S)/p I`` for ``S`` in ``X^T X, X'^T X', X'^T X`` (with ``w = 1``: the plain truncated SVD of the weight,
+    rescaled), so that directions the data never excited keep their weight error in the objective
+    (``fit.diagnostics["shrinkage"]``). ``error`` is always the output error on the calibration data
+    measured from the unshrunk statistics; ``error_bound`` is (2) of :mod:`decomp.asymmetric` without
+    shrinkage and, with it, that same measured error."""
     gram, gram_in, cross, mean, mean_in = stats.resolved()
     centered = layer.bias is not None
     if centered:
         gram, gram_in, cross = centered_statistics(gram, gram_in, cross, mean, mean_in, stats.count)
     W = weight_matrix(layer).detach()
-    fit = asymmetric_svd(W.double(), gram, gram_in, cross, rank, context=context)
+    weight = shrinkage_weight(gram_in, stats.count, shrinkage)
+    w = 0.0 if weight is None else float(weight.max())
+    shrunk = [shrink_gram(S, torch.tensor([w], dtype=S.dtype)) if w else S for S in (gram, gram_in, cross)]
+    fit = asymmetric_svd(W.double(), *shrunk, rank, context=context)
+    error = fit.error_bound if not w else sequential_objective(W.double(), fit.to_tensor(), gram, gram_in, cross)
     nonsequential = math.nan
     if compare:
         plain = whitened_svd(W.double(), gram, rank=rank, context=context).to_tensor()
@@ -266,11 +278,11 @@ def fit_layer(layer, stats: FitStatistics, rank: int, context: str = "", compare
         shift = W.double() @ mean - fit.to_tensor() @ mean_in
         module.expand.bias.copy_(layer.bias.detach() + shift.to(layer.bias.dtype).reshape(module.expand.bias.shape))
     weight_error = float((W.double() - fit.to_tensor()).norm())
-    module.fit = Fit(method="svd-sequential", ranks=rank, error=fit.error, error_bound=fit.error_bound,
-                     error_kind="output", norm=fit.norm, weight_error=weight_error,
-                     weight_norm=float(W.double().norm()),
+    module.fit = Fit(method="svd-sequential", ranks=rank, error=fit.error if not w else error,
+                     error_bound=fit.error_bound if not w else error, error_kind="output", norm=fit.norm,
+                     weight_error=weight_error, weight_norm=float(W.double().norm()),
                      diagnostics=dict(nonsequential=nonsequential, refit_floor=fit.refit_floor, jitter=fit.jitter,
-                                      whitening=fit.whitening))
+                                      whitening=fit.whitening, shrinkage=w, rows=stats.count, inputs=W.shape[1]))
     return module, module.fit
 
 
@@ -335,6 +347,35 @@ def select_targets(model, include=("*",), exclude=()) -> list:
     if not names:
         raise ValueError(f"compress_sequential: include={include!r} / exclude={exclude!r} select no Linear/Conv layer")
     return names
+
+
+FEW_ROWS = 4   # calibration rows per input entry below which a layer's fit is flagged in the report
+
+
+def _note_few_rows(report):
+    """Note (and warn) the layers fitted on fewer than :data:`FEW_ROWS` calibration rows per input entry: their
+    output error on the calibration data says little about new inputs."""
+    few = [(name, d["rows"], d["rows"] / d["inputs"]) for name, d in
+           ((name, fit.diagnostics) for name, fit in report.fits.items())
+           if "rows" in d and d["rows"] < FEW_ROWS * d["inputs"]]
+    if not few:
+        return
+    listed = ", ".join(f"{name} ({rows:g} rows, {per:.1f} per input)" for name, rows, per in few[:8])
+    more = f" and {len(few) - 8} more" if len(few) > 8 else ""
+    text = (f"fitted on fewer than {FEW_ROWS} calibration rows per input entry: {listed}{more}; the errors on the "
+            f"calibration data may not hold on new inputs: pass more data, or shrinkage='oas' (or a weight in "
+            f"[0, 1]) to shrink those layers' input Grams")
+    report.notes.append(text)
+    warnings.warn(f"compress_sequential: {text}", stacklevel=3)
+
+
+def _check_shrinkage(shrinkage):
+    if shrinkage is None or shrinkage in ("auto", "oas"):
+        return
+    if isinstance(shrinkage, str) or isinstance(shrinkage, bool) or not isinstance(shrinkage, (int, float)) \
+            or not 0 <= shrinkage <= 1:
+        raise ValueError(f"compress_sequential: shrinkage={shrinkage!r}: pass 'auto' (OAS where a layer has fewer "
+                         f"calibration rows than inputs), 'oas' (always), a weight in [0, 1] or None")
 
 
 def _check_request(ratio, ranks, budget, pair_units, pair_multiple=None):
@@ -596,12 +637,12 @@ def _collect_stage(block, unfitted, stream, reference, device, masks=None):
     return members, stats, key_of
 
 
-def _fit_owned(layer, stats, rank, index, name, compare):
+def _fit_owned(layer, stats, rank, index, name, compare, shrinkage=None):
     """Fit on the owning rank (``index % world``) and broadcast the factors to the others."""
     me, world = _world()
     owner = index % world
     if me == owner:
-        module, record = fit_layer(layer, stats, rank, context=name, compare=compare)
+        module, record = fit_layer(layer, stats, rank, context=name, compare=compare, shrinkage=shrinkage)
     else:
         module = _lowrank_module(layer, torch.zeros(weight_matrix(layer).shape[0], rank),
                                  torch.zeros(rank, weight_matrix(layer).shape[1]), rank)
@@ -616,7 +657,8 @@ def _fit_owned(layer, stats, rank, index, name, compare):
     return module, record
 
 
-def _compress_block(block, block_name, ranks, stream, reference, device, report, counter, compare=False, masks=None):
+def _compress_block(block, block_name, ranks, stream, reference, device, report, counter, compare=False, masks=None,
+                    shrinkage=None):
     """Fit every layer of ``block`` with a rank, stage by stage (see module docstring); ``masks``: the
     attention mask ``(B, T)`` (or None) of each microbatch of ``stream``."""
     local = [n for n in reference if ranks.get(_full(block_name, n)) is not None]
@@ -636,7 +678,8 @@ def _compress_block(block, block_name, ranks, stream, reference, device, report,
             if isinstance(ranks[full], PairPlan):
                 module, fit = _fit_pair_in_block(block, block_name, ranks[full], stats[key_of[name]], report)
             else:
-                module, fit = _fit_owned(layer, stats[key_of[name]], ranks[full], counter[0], full, compare)
+                module, fit = _fit_owned(layer, stats[key_of[name]], ranks[full], counter[0], full, compare,
+                                         shrinkage)
             report.timings["fits"] = report.timings.get("fits", 0.0) + time.perf_counter() - started
             counter[0] += 1
             _set_submodule(block, name, module)
@@ -706,7 +749,7 @@ def stream_blocks(model, blocks, batches, per_block, forward=None, device=None):
 def compress_sequential(model, data, *, ratio=None, ranks=None, budget=None, include=("*",), exclude=(),
                         blocks=None, batch_size=8, forward=None, loss=None, min_rank=None, device=None,
                         compare=False, bn_aware=True, fold_bn=False, inplace=False, progress=True, pairs=None,
-                        pair_units="fraction", pair_multiple=None, example_input=None):
+                        pair_units="fraction", pair_multiple=None, example_input=None, shrinkage="auto"):
     """Sequential (asymmetric) low-rank compression of ``model``; returns ``(model, SequentialReport)``.
 
     ``data``: calibration batches (a tensor split into ``batch_size`` rows, or an iterable
@@ -741,9 +784,13 @@ def compress_sequential(model, data, *, ratio=None, ranks=None, budget=None, inc
     ``pair_multiple``: kept units rounded to a multiple of it (module docstring, "Pairs").
     ``example_input``: one input (as for
     ``compress``); the report's records then hold each layer's MACs before and after
-    (``report.totals()["flops_before"/"flops_after"]``).
+    (``report.totals()["flops_before"/"flops_after"]``). ``shrinkage``: how each rank fit's statistics are
+    shrunk towards their scaled identity (:func:`fit_layer`; ``"auto"``: OAS for a layer with fewer
+    calibration rows than input entries, ``"oas"``: always, a weight in [0, 1], None: never); a layer fitted
+    on fewer than :data:`FEW_ROWS` rows per input entry is named in a note and a warning either way.
     """
     _check_request(ratio, ranks, budget, pair_units, pair_multiple)
+    _check_shrinkage(shrinkage)
     target = model if inplace else copy.deepcopy(model)
     report = SequentialReport(model_params_before=count_params(model), notes=[SEQUENTIAL_NOTE])
     # fits on the running statistics (a train-mode model's BNs are not updated), blocks re-run without a cache
@@ -765,24 +812,34 @@ def compress_sequential(model, data, *, ratio=None, ranks=None, budget=None, inc
         plan = _planned_with_pairs(target, targets, pair_list, ratio, ranks, budget, batches, blocks, per_block,
                                    forward, loss, min_rank, device, report, pair_units, pair_multiple)
         report.timings["allocate"] = time.perf_counter() - start
-        start = time.perf_counter()
-        counter, bar = [0], _progress(len(blocks), progress)
-
-        def per_block_fn(name, block, reference, original, compressed):
-            local = [t[len(name) + 1:] if name else t for t in per_block[name] if plan.get(t) is not None]
-            inputs, following = _reference_pass(reference, original, local)
-            if local:
-                _compress_block(block, name, plan, compressed, inputs, device, report, counter, compare, masks)
-            del inputs
-            bar.update(1)
-            return following, bool(local)
-
-        stream_blocks(target, blocks, batches, per_block_fn, forward, device)
-        bar.close()
-        report.timings["compress"] = time.perf_counter() - start
+        _fit_blocks(target, blocks, batches, per_block, plan, report, forward=forward, device=device,
+                    compare=compare, masks=masks, shrinkage=shrinkage, progress=progress)
         _restore_kept(target, originals, plan)
         _fill_report(report, before, target, targets, plan, skipped, example_input)
+        _note_few_rows(report)
     return target, report
+
+
+def _fit_blocks(target, blocks, batches, per_block, plan, report, *, forward, device, compare, masks, shrinkage,
+                progress):
+    """Stream the calibration batches through ``blocks``, fitting each block's planned layers in turn (timed as
+    ``report.timings["compress"]``)."""
+    start = time.perf_counter()
+    counter, bar = [0], _progress(len(blocks), progress)
+
+    def per_block_fn(name, block, reference, original, compressed):
+        local = [t[len(name) + 1:] if name else t for t in per_block[name] if plan.get(t) is not None]
+        inputs, following = _reference_pass(reference, original, local)
+        if local:
+            _compress_block(block, name, plan, compressed, inputs, device, report, counter, compare, masks,
+                            shrinkage)
+        del inputs
+        bar.update(1)
+        return following, bool(local)
+
+    stream_blocks(target, blocks, batches, per_block_fn, forward, device)
+    bar.close()
+    report.timings["compress"] = time.perf_counter() - start
 
 
 def _batch_list(data, batch_size) -> list:
