@@ -13,7 +13,8 @@ A factorized layer is an ``nn.Module`` with the call signature of the layer it r
 * ``fit``             the :class:`~layers.fit.Fit` record of the factorization that built it
                       (None for a module built directly from its constructor).
 
-It has no ``weight``: reading it raises an AttributeError that says so (and marks the layer
+The dense layer's configuration reads as on the dense layer (``layer.in_features``, ``conv.stride``:
+``dense_config``). It has no ``weight``: reading it raises an AttributeError that says so (and marks the layer
 ``weight_read``, which ``compress`` uses to keep dense the layers a model's own code reads the
 weight of).
 """
@@ -38,6 +39,9 @@ class FactorizedLayer(nn.Module, metaclass=abc.ABCMeta):
     fit = None
 
     def __getattr__(self, name):   # only reached when ordinary lookup fails (parameters, submodules, ...)
+        dense = self.__dict__.get("dense_config", {})
+        if name in dense:   # the dense layer's configuration (``conv.stride``, ``linear.in_features``) holds
+            return dense[name]
         if name != "weight" or any(name in self.__dict__.get(store, ()) for store in
                                    ("_parameters", "_buffers", "_modules")):
             return super().__getattr__(name)

@@ -110,8 +110,8 @@ def _check_roles(pairs):
 def find_pairs(model, targets) -> list:
     """The pairs of ``model`` among ``targets``: the channel-wise chains of its fx graph, or of its submodules
     that trace (:func:`layers._chains.channel_chains`), then the MLPs named as in :data:`KNOWN_PAIRS` (the first
-    pattern whose layers all exist decides; if one of them is not targeted the MLP is left alone). A chain whose
-    widths do not agree is not a pair."""
+    pattern whose layers all exist decides; if one of them is not targeted or not a plain layer the MLP is left
+    to the rank fits). A chain whose widths do not agree is not a pair."""
     found, modules = [], dict(model.named_modules())
     for producers, consumer, between in channel_chains(model, targets):
         if all(_outputs(modules[n]) == _inputs(modules[consumer]) for n in producers):
@@ -125,13 +125,23 @@ def find_pairs(model, targets) -> list:
             names = tuple(prefix + p for p in producers)
             if not all(n in modules for n in names):
                 continue
-            if all(n in targets and n not in taken for n in names + (consumer,)):
-                pair = Pair(names, consumer)
-                _check_pair_layers(model, pair, targets)
+            pair = Pair(names, consumer)
+            if all(n in targets and n not in taken for n in pair.names) and _pairable(model, pair, targets):
                 found.append(pair)
                 taken.update(pair.names)
             break
     return found
+
+
+def _pairable(model, pair, targets) -> bool:
+    """Whether a pair found by name can be compressed by hidden units (its layers are plain ``nn.Linear`` /
+    ungrouped convs of agreeing widths; Falcon's ``FalconLinear``, a subclass, is not): else its layers are
+    left to the rank fits."""
+    try:
+        _check_pair_layers(model, pair, targets)
+    except (ValueError, UnsupportedLayerError):
+        return False
+    return True
 
 
 def _check_pair_layers(model, pair, targets):

@@ -457,10 +457,13 @@ def _assign_blocks(targets, blocks):
     owner = {}
     for t in targets:
         hits = [b for b in blocks if b == "" or t == b or t.startswith(b + ".")]
-        if not hits:
-            raise ValueError(f"compress_sequential: layer {t!r} lies in none of the blocks {blocks[:4]}...; "
-                             f"exclude it or pass blocks= covering it")
-        owner[t] = max(hits, key=len)
+        if hits:
+            owner[t] = max(hits, key=len)
+    outside = [t for t in targets if t not in owner]
+    if outside:
+        raise ValueError(f"compress_sequential: {len(outside)} layer(s) lie in none of the blocks {blocks[:4]}"
+                         f"{'...' if len(blocks) > 4 else ''}: {outside}; exclude them (exclude={tuple(outside)!r}) "
+                         f"or pass blocks= covering them")
     return {b: [t for t in targets if owner[t] == b] for b in blocks}
 
 
@@ -484,11 +487,11 @@ def _first(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def capture_block_inputs(model, first_block, batches, forward=None, check_block=None) -> list:
+def capture_block_inputs(model, first_block, batches, forward=None, check_blocks=()) -> list:
     """``[(args, kwargs)]`` the first block receives, one per microbatch (the forward stops there).
 
-    ``check_block``: the second block; its input is captured once to check that it is the
-    first block's output (the chain the streaming relies on).
+    ``check_blocks``: the following blocks, in order; their inputs are captured once to check that each is the
+    previous block's output (the chain the streaming relies on).
     """
     captured = []
 
@@ -504,8 +507,8 @@ def capture_block_inputs(model, first_block, batches, forward=None, check_block=
                 _run_until_stop(model, batch, forward)
     finally:
         handle.remove()
-    if check_block is not None and captured:
-        _check_chain(model, first_block, check_block, batches[0], forward, captured[0])
+    if check_blocks and captured:
+        _check_chain(model, [first_block] + list(check_blocks), batches[0], forward, captured[0])
     return captured
 
 
@@ -527,24 +530,36 @@ def _run_until_stop(model, batch, forward):
     raise RuntimeError("compress_sequential: the model's forward finished without reaching the block")
 
 
-def _check_chain(model, first_block, second_block, batch, forward, first_inputs):
-    seen = []
+def _check_chain(model, blocks, batch, forward, first_inputs):
+    """Each block's input on ``batch`` must be the previous block's output (computed from the previous block's
+    own input and the first block's other arguments: the streams carry them); ValueError naming the first
+    pair that is not. ``blocks``: the modules in order."""
+    seen = {}
 
-    def grab(module, args):
-        seen.append(args[0].detach())
-        raise _StopBlock
+    def grab(module, args, index):
+        seen.setdefault(index, args[0].detach())
+        if index == len(blocks) - 1:
+            raise _StopBlock
 
-    handle = second_block.register_forward_pre_hook(grab)
+    handles = [block.register_forward_pre_hook(lambda m, a, i=i: grab(m, a, i)) for i, block in
+               enumerate(blocks) if i > 0]
     try:
         with torch.no_grad():
             _run_until_stop(model, batch, forward)
             args, kwargs = first_inputs
-            expected = _first(first_block(*args, **kwargs))
+            for i in range(1, len(blocks)):
+                given = args if i == 1 else (seen.get(i - 1),) + tuple(args[1:])
+                if i not in seen or given[0] is None:
+                    raise ValueError(f"compress_sequential: blocks[{i}] did not run on the first batch; "
+                                     f"pass blocks= naming modules the forward runs, in order")
+                expected = _first(blocks[i - 1](*given, **kwargs))
+                if seen[i].shape != expected.shape or not torch.allclose(seen[i], expected, rtol=1e-4, atol=1e-5):
+                    raise ValueError(f"compress_sequential: the blocks do not form a chain: the input of blocks[{i}] "
+                                     f"is not the output of blocks[{i - 1}] (something runs between them); pass "
+                                     f"blocks= naming modules that do, or compress the two parts in two calls")
     finally:
-        handle.remove()
-    if seen[0].shape != expected.shape or not torch.allclose(seen[0], expected, rtol=1e-4, atol=1e-5):
-        raise ValueError("compress_sequential: the blocks do not form a chain (the second block's input is not "
-                         "the first block's output); pass blocks= naming modules that do")
+        for h in handles:
+            h.remove()
 
 
 __all__ = ["compress_sequential", "SequentialReport", "FitStatistics", "fit_layer", "find_blocks",
@@ -585,7 +600,9 @@ def _reference_pass(original, stream, names):
     for name, seen in inputs.items():
         if len(seen) != len(stream):
             raise UnsupportedLayerError(name, f"it ran {len(seen)} times for {len(stream)} microbatches; the "
-                                              f"sequential fit needs every layer to run once per forward")
+                                              f"sequential fit needs every layer to run once per forward (a "
+                                              f"layer shared by several blocks, as in ALBERT, or run in a loop: "
+                                              f"exclude it, or compress the model with compress())")
     return inputs, following
 
 
@@ -722,8 +739,7 @@ def stream_blocks(model, blocks, batches, per_block, forward=None, device=None):
     its copy and what ``per_block`` keeps are alive at a time.
     """
     modules = [model.get_submodule(b) if b else model for b in blocks]
-    original = capture_block_inputs(model, modules[0], batches, forward,
-                                    check_block=modules[1] if len(modules) > 1 else None)
+    original = capture_block_inputs(model, modules[0], batches, forward, check_blocks=modules[1:])
     compressed, shared = original, True
     for name, block in zip(blocks, modules):
         home = next((p.device for p in block.parameters()), None)

@@ -190,3 +190,25 @@ def test_compress_sequential_keeps_dense_the_layers_whose_weight_the_model_reads
                                     progress=False)
     assert (paired.inner.out_features, paired.out.in_features) == (32, 32)   # a pair's consumer stays a plain layer
     paired(x)
+
+
+class _ReadsConfig(nn.Module):
+    """A model whose forward reads its layers' configuration, as transformers' Whisper encoder reads
+    ``conv1.stride``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.fc = nn.Conv1d(8, 16, 3, stride=2, padding=1), nn.Linear(16, 4)
+
+    def forward(self, x):
+        assert x.shape[-1] % self.conv.stride[0] == 0 and self.fc.in_features == self.conv.out_channels
+        return self.fc(self.conv(x).mean(-1))
+
+
+def test_a_factorized_layer_reads_its_dense_configuration():
+    model, x = _ReadsConfig().eval(), torch.randn(4, 8, 12)
+    small, report = compress(model, method="svd", ratio=0.5, example_input=x, progress=False, time_layers=False)
+    assert all(r.replaced for r in report.layers)
+    assert (small.conv.stride, small.conv.kernel_size, small.fc.in_features) == ((2,), (3,), 16)
+    assert small(x).shape == (4, 4)

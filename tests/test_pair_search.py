@@ -129,3 +129,60 @@ def test_the_pair_check_leaves_a_blocks_tuple_output_alone():
     small, report = compress_sequential(net, data, ratio=0.5, pairs="auto", batch_size=16, progress=False)
     assert sorted(report.units) == [f"blocks.{i}.mlp.{n}" for i in (0, 1) for n in ("down", "up")]
     assert small(data).shape == data.shape
+
+
+class _SubclassedLinear(nn.Linear):
+    """A Linear subclass with its own forward (as transformers' FalconLinear)."""
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+class _FalconLikeMlp(nn.Module):
+    def __init__(self, d=12):
+        super().__init__()
+        self.dense_h_to_4h, self.dense_4h_to_h = _SubclassedLinear(d, 4 * d), _SubclassedLinear(4 * d, d)
+
+    def forward(self, x):
+        return x + self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x)))
+
+
+def test_a_named_mlp_of_linear_subclasses_is_left_to_the_rank_fits():
+    net = nn.Sequential()
+    net.add_module("mlp", _FalconLikeMlp())
+    assert _pairs(net) == []
+    data = torch.randn(64, 12, generator=torch.Generator().manual_seed(0))
+    small, report = compress_sequential(net, data, ratio=0.5, pairs="auto", blocks=[""], batch_size=32,
+                                        progress=False)
+    assert not report.units and all(r.replaced for r in report.layers)
+    assert report.model_params_after == sum(p.numel() for p in small.parameters())
+
+
+def test_layers_outside_the_blocks_are_all_named_with_the_exclude_to_pass():
+    net = nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 8)), nn.Linear(8, 8))
+    with pytest.raises(ValueError, match=r"2 layer\(s\) lie in none of the blocks \['1'\]: \['0', '2'\]; "
+                                         r"exclude them \(exclude=\('0', '2'\)\)"):
+        compress_sequential(net, torch.randn(16, 8), ratio=0.5, blocks=["1"], progress=False)
+
+
+class _TwoStacks(nn.Module):
+    """Two stacks of blocks with a module between them (an encoder, a projection, a decoder)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+        self.mid = nn.Linear(8, 8)
+        self.dec = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+
+    def forward(self, x):
+        return self.dec(torch.tanh(self.mid(self.enc(x))))
+
+
+def test_blocks_that_do_not_chain_are_refused_beyond_the_first_two():
+    net = _TwoStacks().eval()
+    with pytest.raises(ValueError, match=r"the input of blocks\[2\] is not the output of blocks\[1\]"):
+        compress_sequential(net, torch.randn(32, 8), ratio=0.5, blocks=["enc.0", "enc.1", "dec.0", "dec.1"],
+                            exclude=("mid",), progress=False)
+    small, _ = compress_sequential(net, torch.randn(32, 8), ratio=0.5, blocks=[""], progress=False)
+    assert small(torch.randn(2, 8)).shape == (2, 8)
