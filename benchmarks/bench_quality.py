@@ -204,8 +204,9 @@ def craft_sequential(dense, fraction, calibration, example, args, allocation=Non
     return model, report
 
 
-# the prune-seq rows: plain; every BN folded into its conv first; each chain's kept channels rounded to multiples of 8
-PRUNE_VARIANTS = {"": {}, " fold_bn": dict(fold_bn=True), " pair_multiple=8": dict(pair_multiple=8)}
+# the prune-seq rows: plain; every BN folded into its conv first; each chain's kept channels rounded to multiples of 8 or 16
+PRUNE_VARIANTS = {"": {}, " fold_bn": dict(fold_bn=True), " pair_multiple=8": dict(pair_multiple=8),
+                  " pair_multiple=16": dict(pair_multiple=16)}
 
 
 def prune_rows(args, run, dense, example):
