@@ -1,6 +1,7 @@
 """Module-tree plumbing shared by the adapters."""
 from __future__ import annotations
 
+import fnmatch
 from contextlib import contextmanager
 
 
@@ -8,6 +9,20 @@ def set_submodule(root, name: str, module):
     """Put ``module`` at the dotted ``name`` inside ``root`` (``""``: not allowed, the root cannot be replaced)."""
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def check_patterns(names, where, **patterns):
+    """Every fnmatch pattern of each keyword (``include=[...]``, ``exclude=[...]``) must match one of ``names``
+    (a pattern that matches nothing is a request that would be silently dropped): ValueError naming it and
+    the layers; a bare string instead of a list is a TypeError."""
+    for label, given in patterns.items():
+        if isinstance(given, str):
+            raise TypeError(f"{where}: {label}= takes a list of fnmatch patterns, got the string {given!r}; "
+                            f"pass [{given!r}]")
+        for pattern in given:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                raise ValueError(f"{where}: {label} pattern {pattern!r} matches no layer; layers: {names[:12]}"
+                                 f"{' ...' if len(names) > 12 else ''}")
 
 
 @contextmanager

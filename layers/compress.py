@@ -30,7 +30,7 @@ import torch.nn as nn
 from decomp_toolkit.decomp._backend import all_finite
 
 from ._accounting import layer_macs
-from ._modules import eval_mode, set_submodule
+from ._modules import check_patterns, eval_mode, set_submodule
 from .decompose import decompose
 from .errors import UnsupportedLayerError
 from .kinds import (check_dense_equivalent, is_candidate, kind_of, legacy_reparametrization, plain_copy,
@@ -243,20 +243,9 @@ def _check_settings(settings, where, require_spec=True):
         check_options(entry, options, None, where)
 
 
-def _check_patterns(names, include, exclude, policy):
-    for label, patterns in (("include", include), ("exclude", exclude), ("policy", list((policy or {}).keys()))):
-        if isinstance(patterns, str):
-            raise TypeError(f"compress: {label}= takes a list of fnmatch patterns, got the string {patterns!r}; "
-                            f"pass [{patterns!r}]")
-        for pattern in patterns:
-            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-                raise ValueError(f"compress: {label} pattern {pattern!r} matches no layer; layers: {names[:12]}"
-                                 f"{' ...' if len(names) > 12 else ''}")
-
-
 def _check_request(targets, default, policy, budget, include, exclude, example_input):
     names = [n for t in targets for n in t.names]
-    _check_patterns(names, include, exclude, policy)
+    check_patterns(names, "compress", include=include, exclude=exclude, policy=list((policy or {}).keys()))
     has_spec = any(default.get(k) is not None for k in SPEC_NAMES)
     if budget is not None:
         _check_budget_request(default, policy, budget, example_input)

@@ -76,7 +76,7 @@ from decomp_toolkit.decomp.asymmetric import asymmetric_svd, centered_statistics
 from decomp_toolkit.decomp.whitened import whitened_svd
 
 from ._accounting import CONV_TYPES, count_params, layer_macs
-from ._modules import carry_requires_grad, eval_mode, is_kv_cache, kv_cache_off, weight_readers
+from ._modules import carry_requires_grad, check_patterns, eval_mode, is_kv_cache, kv_cache_off, weight_readers
 from ._modules import set_submodule as _set_submodule
 from .batchnorm import prepare_batchnorm
 from .kinds import is_candidate, kind_of, registered_kind, standard_layer
@@ -332,18 +332,15 @@ def find_blocks(model, targets) -> list:
 def select_targets(model, include=("*",), exclude=()) -> list:
     """Names of the Linear / ConvNd layers (and registered kinds, e.g. transformers' ``Conv1D``; unsupported kinds
     such as transposed convs are returned too, and kept dense with their reason) matching ``include`` and not
-    ``exclude`` (fnmatch)."""
+    ``exclude`` (fnmatch; a pattern that matches no such layer is a ValueError naming it)."""
     if isinstance(include, str):
         include = (include,)
     if isinstance(exclude, str):
         exclude = (exclude,)
-    names = []
-    for name, module in model.named_modules():
-        if not name or not is_candidate(module):
-            continue
-        if any(fnmatch.fnmatchcase(name, p) for p in include) and not any(fnmatch.fnmatchcase(name, p)
-                                                                         for p in exclude):
-            names.append(name)
+    candidates = [name for name, module in model.named_modules() if name and is_candidate(module)]
+    check_patterns(candidates, "compress_sequential", include=list(include), exclude=list(exclude))
+    names = [name for name in candidates if any(fnmatch.fnmatchcase(name, p) for p in include)
+             and not any(fnmatch.fnmatchcase(name, p) for p in exclude)]
     if not names:
         raise ValueError(f"compress_sequential: include={include!r} / exclude={exclude!r} select no Linear/Conv layer")
     return names

@@ -151,8 +151,12 @@ def test_rank_requests_are_validated():
     with pytest.raises(ValueError, match=r"ranks\['model.layers.0.mlp.up_proj'\]=99"):
         compress_sequential(model, ids, ranks={"model.layers.0.mlp.up_proj": 99}, include="model.layers.*",
                             progress=False)
-    with pytest.raises(ValueError, match="select no"):
+    with pytest.raises(ValueError, match="include pattern 'nothing\\*' matches no layer"):
         compress_sequential(model, ids, ratio=0.5, include="nothing*", progress=False)
+    with pytest.raises(ValueError, match="exclude pattern 'model.layer.0.\\*' matches no layer"):   # a typo
+        compress_sequential(model, ids, ratio=0.5, exclude=("model.layer.0.*",), progress=False)
+    with pytest.raises(ValueError, match="select no"):
+        compress_sequential(model, ids, ratio=0.5, include="model.*", exclude=("model.*",), progress=False)
 
 
 # ----------------------------------------------------------------------------- attention masks (padding rows)
