@@ -11,6 +11,31 @@ def set_submodule(root, name: str, module):
     setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
+def owners_of_parameters(model) -> dict:
+    """``{id(parameter): [(module, "dotted.param.name"), ...]}`` over every name of every module."""
+    owners = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for param_name, param in module.named_parameters(recurse=False):
+            full = f"{module_name}.{param_name}" if module_name else param_name
+            owners.setdefault(id(param), []).append((module, full))
+    return owners
+
+
+def tied_names(module, owners) -> list:
+    """Names of parameters outside ``module`` that are the very tensors ``module`` holds (``owners``:
+    :func:`owners_of_parameters` of the model)."""
+    inside = {id(m) for m in module.modules()}
+    tied = []
+    for param in module.parameters():
+        tied += [full for owner, full in owners.get(id(param), []) if id(owner) not in inside and full not in tied]
+    return tied
+
+
+def tied_reason(tied) -> str:
+    """Why a layer whose weight is tied with the parameters ``tied`` stays dense."""
+    return f"weight tied with {', '.join(tied)}; decomposing one side would untie it and grow the model"
+
+
 def check_patterns(names, where, **patterns):
     """Every fnmatch pattern of each keyword (``include=[...]``, ``exclude=[...]``) must match one of ``names``
     (a pattern that matches nothing is a request that would be silently dropped): ValueError naming it and

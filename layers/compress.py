@@ -30,7 +30,7 @@ import torch.nn as nn
 from decomp_toolkit.decomp._backend import all_finite
 
 from ._accounting import layer_macs
-from ._modules import check_patterns, eval_mode, set_submodule
+from ._modules import check_patterns, eval_mode, owners_of_parameters, set_submodule, tied_names, tied_reason
 from .decompose import decompose
 from .errors import UnsupportedLayerError
 from .kinds import (check_dense_equivalent, is_candidate, kind_of, legacy_reparametrization, plain_copy,
@@ -125,26 +125,7 @@ def unsupported_reason(module) -> str | None:
     return None
 
 
-def _owners_of_parameters(model) -> dict:
-    """``{id(parameter): [(module, "dotted.param.name"), ...]}`` over every name of every module."""
-    owners = {}
-    for module_name, module in model.named_modules(remove_duplicate=False):
-        for param_name, param in module.named_parameters(recurse=False):
-            full = f"{module_name}.{param_name}" if module_name else param_name
-            owners.setdefault(id(param), []).append((module, full))
-    return owners
-
-
-def _tied_names(module, owners) -> list:
-    """Names of parameters outside ``module`` that are the very tensors ``module`` holds."""
-    inside = {id(m) for m in module.modules()}
-    tied = []
-    for param in module.parameters():
-        tied += [full for owner, full in owners.get(id(param), []) if id(owner) not in inside and full not in tied]
-    return tied
-
-
-def _carry_over_reason(module) -> str | None:
+def carry_over_reason(module) -> str | None:
     """Why ``module``'s hooks / extra parameters could not move to a replacement (None when they can)."""
     if module._backward_hooks or module._backward_pre_hooks:
         return "has backward hooks, which a factorized replacement could not reproduce; remove them first"
@@ -190,18 +171,17 @@ def find_targets(model) -> list:
             continue
         by_id[id(module)] = target = Target(module, [name])
         targets.append(target)
-    owners = _owners_of_parameters(model)
+    owners = owners_of_parameters(model)
     for target in targets:
         target.reason = unsupported_reason(target.module)
         if target.reason is not None:
             continue
         _check_weights(target.module, target.name)
-        target.tied_with = _tied_names(target.module, owners)
+        target.tied_with = tied_names(target.module, owners)
         if target.tied_with:
-            target.reason = (f"weight tied with {', '.join(target.tied_with)}; decomposing one side would untie "
-                             f"it and grow the model")
+            target.reason = tied_reason(target.tied_with)
             continue
-        target.reason = _carry_over_reason(target.module)
+        target.reason = carry_over_reason(target.module)
         if target.reason is None:
             target.dense = _dense_equivalent(target.module, f"{target.name} ({type(target.module).__name__})")
     return targets

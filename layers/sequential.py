@@ -76,7 +76,8 @@ from decomp_toolkit.decomp.asymmetric import asymmetric_svd, centered_statistics
 from decomp_toolkit.decomp.whitened import whitened_svd
 
 from ._accounting import CONV_TYPES, count_params, layer_macs
-from ._modules import carry_requires_grad, check_patterns, eval_mode, is_kv_cache, kv_cache_off, weight_readers
+from ._modules import (carry_requires_grad, check_patterns, eval_mode, is_kv_cache, kv_cache_off, owners_of_parameters,
+                       tied_names, tied_reason, weight_readers)
 from ._modules import set_submodule as _set_submodule
 from .batchnorm import prepare_batchnorm
 from .kinds import is_candidate, kind_of, registered_kind, standard_layer
@@ -392,20 +393,30 @@ def _check_request(ratio, ranks, budget, pair_units, pair_multiple=None):
 
 
 def _supported_targets(model, targets) -> tuple:
-    """``(supported targets, {skipped name: reason})``."""
-    skipped = {}
+    """``(supported targets, {skipped name: reason})``: unsupported kinds, grouped convs and layers whose weight is
+    tied with another module's parameter (a language model's head and its embeddings) are skipped."""
+    skipped, owners = {}, owners_of_parameters(model)
     for name in targets:
+        layer = model.get_submodule(name)
         try:
-            _check_supported(name, model.get_submodule(name))
+            _check_supported(name, layer)
         except UnsupportedLayerError as err:
             skipped[name] = err.reason
+            continue
+        tied = tied_names(layer, owners)
+        if tied:
+            skipped[name] = tied_reason(tied)
     return [t for t in targets if t not in skipped], skipped
 
 
 def _check_supported(name, layer):
-    row = kind_of(layer)
-    if row is not None and row.unsupported is not None:
-        raise UnsupportedLayerError(name, row.unsupported)
+    """The layers ``compress`` refuses (:func:`layers.compress.unsupported_reason`: unsupported kinds, a subclass
+    that overrides ``forward``; extra parameters or backward hooks a replacement would drop), and grouped convs."""
+    from .compress import carry_over_reason, unsupported_reason
+
+    reason = unsupported_reason(layer) or carry_over_reason(layer)
+    if reason is not None:
+        raise UnsupportedLayerError(name, reason)
     if isinstance(layer, CONV_TYPES) and layer.groups != 1:
         raise UnsupportedLayerError(name, f"grouped conv (groups={layer.groups}): the sequential fit handles "
                                           f"ungrouped convs only")
