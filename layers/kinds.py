@@ -93,18 +93,23 @@ for _dim, _type in ((1, nn.ConvTranspose1d), (2, nn.ConvTranspose2d), (3, nn.Con
     register_layer_kind(_type, kind=_dim, unsupported="transposed convolutions are not supported")
 
 
+# (module, class, register_layer_kind keywords) of optional packages, added once their module is imported
+OPTIONAL_KINDS = (
+    ("transformers.pytorch_utils", "Conv1D", dict(kind="linear", weight=lambda m: m.weight.T)),   # GPT-2: x @ W + b
+    # Falcon's Linear subclass: its forward is x @ W^T + b, that of nn.Linear
+    ("transformers.models.falcon.modeling_falcon", "FalconLinear", dict(kind="linear", weight=lambda m: m.weight)),
+)
+
+
 def register_optional_kinds() -> None:
-    """Add the kinds of optional packages once they are imported: transformers' ``Conv1D`` (GPT-2)."""
+    """Add the kinds of :data:`OPTIONAL_KINDS` whose module is imported (transformers' ``Conv1D``, Falcon's
+    ``FalconLinear``), each once; a type the user registered keeps its row."""
     import sys
-    if "transformers.pytorch_utils" not in sys.modules or _OPTIONAL_DONE:
-        return
-    from transformers.pytorch_utils import Conv1D
-    _OPTIONAL_DONE.append(Conv1D)
-    if Conv1D not in _KINDS:
-        register_layer_kind(Conv1D, kind="linear", name="Conv1D", weight=lambda m: m.weight.T)
-
-
-_OPTIONAL_DONE: list = []
+    for module_name, class_name, options in OPTIONAL_KINDS:
+        module = sys.modules.get(module_name)
+        cls = getattr(module, class_name, None) if module is not None else None
+        if cls is not None and cls not in _KINDS:
+            register_layer_kind(cls, name=class_name, **options)
 
 
 def kind_of(module) -> LayerKind | None:

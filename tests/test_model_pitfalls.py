@@ -244,3 +244,23 @@ def test_compress_sequential_keeps_a_linear_subclass_with_its_own_forward_dense(
     records = {r.name: r for r in report.layers}
     assert records["0"].replaced and not records["2"].replaced
     assert "overrides forward()" in records["2"].status and type(small[2]) is _ScaledLinear
+
+
+def test_falcon_linear_layers_are_compressed_by_both_entry_points():
+    """Falcon's ``FalconLinear`` overrides ``forward`` with what nn.Linear computes: a registered kind (it was
+    kept dense by ``compress``, and its MLP pair raised)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=64,
+                                    new_decoder_architecture=True, num_kv_heads=2)
+    model = transformers.FalconForCausalLM(cfg).eval()
+    ids = torch.randint(1, 64, (8, 12), generator=torch.Generator().manual_seed(1))
+    small, report = compress(model, method="svd", ratio=0.5, example_input=dict(input_ids=ids), progress=False,
+                             time_layers=False)
+    assert {r.name for r in report.layers if r.replaced} >= {f"transformer.h.{i}.mlp.dense_4h_to_h" for i in (0, 1)}
+    paired, seq_report = compress_sequential(model, [dict(input_ids=ids)], ratio=0.5, pairs="auto",
+                                             exclude=("lm_head",), progress=False)
+    assert sorted(seq_report.units)[:2] == ["transformer.h.0.mlp.dense_4h_to_h", "transformer.h.0.mlp.dense_h_to_4h"]
+    assert seq_report.model_params_after == sum(p.numel() for p in paired.parameters())
+    with torch.no_grad():
+        assert torch.isfinite(paired(input_ids=ids).logits).all() and torch.isfinite(small(input_ids=ids).logits).all()
