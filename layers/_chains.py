@@ -79,9 +79,14 @@ def _family(layer):
     return None
 
 
+def _node_arguments(node) -> list:
+    """The Node arguments of ``node`` (the tensors it reads), positional then keyword."""
+    return [a for a in list(node.args) + list(node.kwargs.values()) if isinstance(a, torch.fx.Node)]
+
+
 def _only_node_argument(node):
     """The node's one Node argument (the tensor it transforms), or None when it reads more than one."""
-    nodes = [a for a in list(node.args) + list(node.kwargs.values()) if isinstance(a, torch.fx.Node)]
+    nodes = _node_arguments(node)
     return nodes[0] if len(nodes) == 1 else None
 
 
@@ -102,7 +107,7 @@ class _ChainReader:
     """Walks one graph backwards from consumers to their producers (see the module docstring)."""
 
     def __init__(self, prefix, root, graph, targets):
-        self.prefix, self.graph = prefix, graph
+        self.prefix = prefix
         self.modules = dict(root.named_modules())
         calls = [n.target for n in graph.nodes if n.op == "call_module"]
         self.called_once = {t for t in calls if calls.count(t) == 1}
@@ -121,7 +126,7 @@ class _ChainReader:
             return ((node,), ()) if self.layers[node] == family else None
         if not _channelwise(node, self.modules, family):
             return None
-        branches = [a for a in list(node.args) + list(node.kwargs.values()) if isinstance(a, torch.fx.Node)]
+        branches = _node_arguments(node)
         if node.op == "call_function" and node.target in PRODUCTS and len(branches) == 2:
             left, right = (self.producers(b, family) for b in branches)
             return None if left is None or right is None else (left[0] + right[0], left[1] + right[1])

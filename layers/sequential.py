@@ -269,7 +269,10 @@ def fit_layer(layer, stats: FitStatistics, rank: int, context: str = "", compare
     w = 0.0 if weight is None else float(weight.max())
     shrunk = [shrink_gram(S, torch.tensor([w], dtype=S.dtype)) if w else S for S in (gram, gram_in, cross)]
     fit = asymmetric_svd(W.double(), *shrunk, rank, context=context)
-    error = fit.error_bound if not w else sequential_objective(W.double(), fit.to_tensor(), gram, gram_in, cross)
+    if w:   # (2) holds for the shrunk statistics only: report the error measured on the calibration data
+        error = error_bound = sequential_objective(W.double(), fit.to_tensor(), gram, gram_in, cross)
+    else:
+        error, error_bound = fit.error, fit.error_bound
     nonsequential = math.nan
     if compare:
         plain = whitened_svd(W.double(), gram, rank=rank, context=context).to_tensor()
@@ -279,9 +282,8 @@ def fit_layer(layer, stats: FitStatistics, rank: int, context: str = "", compare
         shift = W.double() @ mean - fit.to_tensor() @ mean_in
         module.expand.bias.copy_(layer.bias.detach() + shift.to(layer.bias.dtype).reshape(module.expand.bias.shape))
     weight_error = float((W.double() - fit.to_tensor()).norm())
-    module.fit = Fit(method="svd-sequential", ranks=rank, error=fit.error if not w else error,
-                     error_bound=fit.error_bound if not w else error, error_kind="output", norm=fit.norm,
-                     weight_error=weight_error, weight_norm=float(W.double().norm()),
+    module.fit = Fit(method="svd-sequential", ranks=rank, error=error, error_bound=error_bound, error_kind="output",
+                     norm=fit.norm, weight_error=weight_error, weight_norm=float(W.double().norm()),
                      diagnostics=dict(nonsequential=nonsequential, refit_floor=fit.refit_floor, jitter=fit.jitter,
                                       whitening=fit.whitening, shrinkage=w, rows=stats.count, inputs=W.shape[1]))
     return module, module.fit
@@ -353,9 +355,9 @@ FEW_ROWS = 4   # calibration rows per input entry below which a layer's fit is f
 def _note_few_rows(report):
     """Note (and warn) the layers fitted on fewer than :data:`FEW_ROWS` calibration rows per input entry: their
     output error on the calibration data says little about new inputs."""
-    few = [(name, d["rows"], d["rows"] / d["inputs"]) for name, d in
-           ((name, fit.diagnostics) for name, fit in report.fits.items())
-           if "rows" in d and d["rows"] < FEW_ROWS * d["inputs"]]
+    counts = {name: (fit.diagnostics["rows"], fit.diagnostics["inputs"]) for name, fit in report.fits.items()
+              if "rows" in fit.diagnostics}
+    few = [(name, rows, rows / inputs) for name, (rows, inputs) in counts.items() if rows < FEW_ROWS * inputs]
     if not few:
         return
     listed = ", ".join(f"{name} ({rows:g} rows, {per:.1f} per input)" for name, rows, per in few[:8])

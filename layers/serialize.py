@@ -487,9 +487,6 @@ def _replacements(model, manifest, directory) -> list:
             module = _plain_replacement(entry, [base for _, _, base in located], where)
             if module is None:
                 continue
-            base_view = _plain_view(located[0][2], PLAIN_CLASSES[entry["family"]], entry, where)
-            if any(_plain_config(module).get(k) != _plain_config(base_view).get(k) for k in UNIT_KEYS):
-                module.resized = True   # fewer units than the base model's layer (it may be factorized later)
         _restore_buffers(module, entry.get("buffers", []), located[0][2], where)
         top = []
         for name, (container, relative, _) in zip(names, located):
@@ -517,7 +514,8 @@ def _plain_view(base, family, entry, where):
 def _plain_replacement(entry, bases, where):
     """The layer to put at a plain entry's names (``bases``: the modules there now), or None where the base model
     already has the saved layer (same class, configuration and buffers). A rebuilt layer has the saved
-    configuration, which may have fewer units than the base model's (hidden-unit pruning), never more."""
+    configuration, which may have fewer units than the base model's (hidden-unit pruning; it is then marked
+    ``resized``), never more."""
     family = PLAIN_CLASSES[entry["family"]]
     config = _from_json(entry["config"], where)
     specs = entry.get("buffers", [])
@@ -539,6 +537,8 @@ def _plain_replacement(entry, bases, where):
     if _plain_family(module) is not family or _plain_config(module) != config:
         raise CompressedModelError(f"{where}: {entry['class']}(**config) does not build a {family.__name__} of "
                                    f"the saved configuration {config!r}")
+    if any(config.get(k) != _plain_config(views[0]).get(k) for k in UNIT_KEYS):
+        module.resized = True   # fewer units than the base model's layer (it may be factorized later)
     return module
 
 
