@@ -126,6 +126,12 @@ def eval_mode(model):
             module.training = restored[name]
 
 
+def carry_marks(original, replacement):
+    """``replacement`` with the marks of the ``original`` layer it replaces: its parameters' ``requires_grad``
+    (:func:`carry_requires_grad`) and ``resized`` (:func:`carry_resized`). Returns ``replacement``."""
+    return carry_resized(original, carry_requires_grad(original, replacement))
+
+
 def carry_resized(original, replacement):
     """Mark ``replacement`` ``resized`` when ``original`` is: a layer whose units hidden-unit pruning cut
     (:func:`layers.interpolative.slice_producer`), so that a saved model rebuilds it, factorized or not, at its

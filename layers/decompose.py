@@ -13,7 +13,7 @@ import torch
 from decomp_toolkit.decomp import Factorization, from_tensorly
 from decomp_toolkit.decomp.rank import InfeasibleRankError, parse_rank_spec
 
-from ._modules import carry_requires_grad, carry_resized
+from ._modules import carry_marks
 from .data_aware import DATA_AWARE_OPTIONS, resolve_statistics
 from .errors import UnsupportedLayerError
 from .fit import Fit
@@ -103,8 +103,7 @@ def decompose(layer, method: str = "svd", *, rank=None, energy=None, tol=None, r
     entry = get_method(method, context)
     if factors is not None:
         _check_kind(entry, kind, label)
-        return carry_resized(layer, carry_requires_grad(layer, _from_factors(entry, kind, layer, factors, spec_given,
-                                                                             options, context)))
+        return carry_marks(layer, _from_factors(entry, kind, layer, factors, spec_given, options, context))
     speed = {k: options.pop(k) for k in SPEED_OPTIONS if k in options}
     supported = kind in entry.builders and kind not in entry.unsupported
     check_options(entry, options, kind if supported else None, context)
@@ -127,7 +126,7 @@ def decompose(layer, method: str = "svd", *, rank=None, energy=None, tol=None, r
         return build(parse_spec(entry, dict(rank=rank), context))
     built = optimize_for_speed(build(spec), standard, **speed, context=context,
                                rebuild=rebuild if "rank" in entry.spec_kinds else None)
-    return carry_resized(layer, carry_requires_grad(layer, built))
+    return carry_marks(layer, built)
 
 
 def _check_kind(entry, kind, label):

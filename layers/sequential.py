@@ -76,7 +76,7 @@ from decomp_toolkit.decomp.asymmetric import asymmetric_svd, centered_statistics
 from decomp_toolkit.decomp.whitened import whitened_svd
 
 from ._accounting import CONV_TYPES, count_params, layer_macs
-from ._modules import (carry_requires_grad, check_patterns, eval_mode, is_kv_cache, kv_cache_off, owners_of_parameters,
+from ._modules import (carry_marks, check_patterns, eval_mode, is_kv_cache, kv_cache_off, owners_of_parameters,
                        tied_names, tied_reason, weight_readers)
 from ._modules import set_submodule as _set_submodule
 from .batchnorm import prepare_batchnorm
@@ -302,7 +302,7 @@ def _lowrank_module(layer, A, B, rank):
     with torch.no_grad():
         module.reduce.weight.copy_(B.reshape(module.reduce.weight.shape))
         module.expand.weight.copy_(A.reshape(module.expand.weight.shape))
-    return carry_requires_grad(layer, module)
+    return carry_marks(layer, module)
 
 
 def rank_for_ratio(layer, ratio: float, name: str = "") -> int | None:

@@ -242,6 +242,9 @@ def test_a_pruned_then_factorized_model_round_trips_and_a_wider_saved_layer_is_s
     again, _ = compress(back, method="svd", ratio=0.5, include=["2"], progress=False, time_layers=False)
     save_compressed(again, tmp_path / "again")                     # a reloaded pruned layer stays resized
     assert torch.equal(load_compressed(tmp_path / "again", mlp())(x), again(x))
+    refit, _ = compress_sequential(pruned, x, ratio=0.5, blocks=[""], include=["0"], progress=False)
+    save_compressed(refit, tmp_path / "refit")                     # a pruned layer refitted by rank stays resized
+    assert torch.equal(load_compressed(tmp_path / "refit", mlp())(x), refit(x))
     dense, _ = compress(mlp(), method="svd", ratio=0.5, progress=False, time_layers=False)
     save_compressed(dense, tmp_path / "dense")
     narrower = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16))
