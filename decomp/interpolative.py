@@ -146,12 +146,29 @@ def interpolative_fit(gram: torch.Tensor, target_cross: torch.Tensor, target_ene
         energy = gram.diagonal().reshape(-1, group).sum(1).clone()
         energy[indices] = -1.0
         indices = torch.cat([indices, torch.argsort(energy, descending=True)[: k - independent].cpu()]).sort().values
-    columns = (indices[:, None] * group + torch.arange(group)).reshape(-1).to(gram.device)
+    columns = group_columns(indices, group).to(gram.device)
     kept, cross = gram.double()[columns][:, columns], target_cross.double()[columns]
     penalty = max(ridge_penalty(gram, ridge), PIVOT_FLOOR * float(gram.diagonal().max().clamp(min=0)))
     solution = torch.linalg.solve(kept + penalty * torch.eye(len(columns), dtype=torch.float64, device=gram.device),
                                   cross)                                          # (k * group, m)
-    energy = float(target_energy) - 2 * float((solution * cross).sum()) + float((solution * (kept @ solution)).sum())
-    error = max(energy, 0.0) ** 0.5
-    return InterpolativeFit(indices=indices, weight=solution.T.contiguous(), error=error,
+    weight = solution.T.contiguous()
+    return InterpolativeFit(indices=indices, weight=weight,
+                            error=selection_error(gram, target_cross, target_energy, indices, weight, group),
                             norm=max(float(target_energy), 0.0) ** 0.5, independent=independent)
+
+
+def group_columns(indices: torch.Tensor, group: int = 1) -> torch.Tensor:
+    """The columns ``(k * group,)`` of the column groups ``indices (k,)`` (``group`` consecutive columns each)."""
+    return (indices[:, None] * group + torch.arange(group, device=indices.device)).reshape(-1)
+
+
+def selection_error(gram: torch.Tensor, target_cross: torch.Tensor, target_energy: float, indices: torch.Tensor,
+                    weight: torch.Tensor, group: int = 1) -> float:
+    """``||Y - X_S W'^T||_F`` for any ``weight = W' (m, k * group)`` on the kept groups ``indices``, from the
+    statistics ``gram = X^T X``, ``target_cross = X^T Y`` and ``target_energy = ||Y||_F^2`` (the identity of the
+    module docstring; clamped at 0 against rounding)."""
+    columns = group_columns(indices, group).to(gram.device)
+    B = weight.double().T
+    kept, cross = gram.double()[columns][:, columns], target_cross.double()[columns]
+    energy = float(target_energy) - 2 * float((B * cross).sum()) + float((B * (kept @ B)).sum())
+    return max(energy, 0.0) ** 0.5

@@ -31,7 +31,7 @@ import torch
 from ._backend import as_compute_tensor, make_generator, times_power_of_two, unit_scale
 from ._kernels import fold, left_basis, mode_product, prefers_gram, unfold
 from .formats.tucker import TuckerFactors, tucker_params
-from .rank import check_rank, parse_rank_spec, rank_for_energy, rank_for_tol, tail_errors, vbmf_rank
+from .rank import InfeasibleRankError, check_rank, parse_rank_spec, rank_for_energy, rank_for_tol, tail_errors, vbmf_rank
 
 ALGORITHMS = ("hooi", "sthosvd", "hosvd")
 
@@ -214,8 +214,9 @@ def _ratio_ranks(spectra, shape, modes, budget, context):
     sizes = [shape[n] for n in modes]
     ones = [1] * len(modes)
     if tucker_params(ones, shape, modes) > budget:
-        raise ValueError(f"{context}: even ranks {tuple(ones)} need {tucker_params(ones, shape, modes)} "
-                         f"parameters, more than the budget of {budget:.0f}; pass a larger ratio=")
+        reason = (f"even ranks {tuple(ones)} need {tucker_params(ones, shape, modes)} parameters, more than the "
+                  f"budget of {budget:.0f}; pass a larger ratio=")
+        raise InfeasibleRankError(f"{context}: {reason}", reason)
     energy2 = [np.square(np.asarray(s, dtype=np.float64)) for s in spectra]
 
     def ranks_at(level):

@@ -5,9 +5,11 @@ CHANNEL-WISE function of the producers' outputs and nothing else reads them. Rea
 
 * every node from a producer to the consumer has exactly one user;
 * the nodes between are element-wise activations / dropout (``nn.ReLU``, ``F.gelu``, ``x.sigmoid()``,
-  multiplication by a constant, transformers' activation modules), BatchNorms (kept in ``between``:
-  their entries are sliced with the units) and, between two convs only, per-channel spatial ops
-  (pooling, upsampling);
+  multiplication by a constant, transformers' activation modules), BatchNorms and, between two convs
+  only, per-channel spatial ops (pooling, upsampling) and depthwise convs of the same dimension (one
+  filter per channel: MobileNet's ``1x1 -> depthwise 3x3 -> 1x1``); the BatchNorms and depthwise convs
+  hold per-unit state and are kept in ``between`` (:func:`is_per_unit`: their entries are sliced with
+  the units);
 * or a product of two such branches (the gated MLP ``down(act(gate(x)) * up(x))``: two producers);
 * producers and consumer are targeted plain layers of one family (``nn.Linear`` to ``nn.Linear``,
   ungrouped ``nn.ConvNd`` to ``nn.ConvNd`` of the same dimension), each called once in the graph.
@@ -70,6 +72,17 @@ def traced_graphs(model, prefix: str = "") -> list:
     return found
 
 
+def is_depthwise(module) -> bool:
+    """A depthwise conv: one filter per channel (``groups == in_channels == out_channels > 1``)."""
+    return (type(module) in CONV_TYPES and module.groups > 1
+            and module.groups == module.in_channels == module.out_channels)
+
+
+def is_per_unit(module) -> bool:
+    """A channel-wise module with per-unit state, sliced with a pair's units: a BatchNorm or a depthwise conv."""
+    return isinstance(module, BN_TYPES) or is_depthwise(module)
+
+
 def _family(layer):
     """``"linear"``, the conv type, or None for layers a pair cannot take."""
     if type(layer) is nn.Linear:
@@ -96,7 +109,8 @@ def _channelwise(node, modules, family) -> bool:
     if node.op == "call_module":
         module = modules[node.target]
         return (isinstance(module, ELEMENTWISE_MODULES + BN_TYPES) or _is_activation_module(module)
-                or (spatial_ok and isinstance(module, SPATIAL_MODULES)))
+                or (spatial_ok and (isinstance(module, SPATIAL_MODULES)
+                                    or (is_depthwise(module) and type(module) is family))))
     if node.op == "call_function":
         return (node.target in ELEMENTWISE_FUNCTIONS or node.target in PRODUCTS
                 or (spatial_ok and node.target in SPATIAL_FUNCTIONS))
@@ -134,10 +148,10 @@ class _ChainReader:
         found = self.producers(source, family) if source is not None else None
         if found is None:
             return None
-        bn = node.op == "call_module" and isinstance(self.modules[node.target], BN_TYPES)
-        if bn and node.target not in self.called_once:   # its entries are sliced: no other call may read them
+        sliced = node.op == "call_module" and is_per_unit(self.modules[node.target])
+        if sliced and node.target not in self.called_once:   # its entries are sliced: no other call may read them
             return None
-        return found[0], found[1] + ((node,) if bn else ())
+        return found[0], found[1] + ((node,) if sliced else ())
 
     def pairs(self):
         """``[(producer names, consumer name, between names)]`` of this graph, in graph order."""

@@ -128,8 +128,9 @@ def eval_mode(model):
 
 def carry_marks(original, replacement):
     """``replacement`` with the marks of the ``original`` layer it replaces: its parameters' ``requires_grad``
-    (:func:`carry_requires_grad`) and ``resized`` (:func:`carry_resized`). Returns ``replacement``."""
-    return carry_resized(original, carry_requires_grad(original, replacement))
+    (:func:`carry_requires_grad`), ``resized`` (:func:`carry_resized`) and its train / eval mode (submodules
+    included). Returns ``replacement``."""
+    return carry_resized(original, carry_requires_grad(original, replacement)).train(original.training)
 
 
 def carry_resized(original, replacement):

@@ -124,12 +124,12 @@ def _pair_candidates(model) -> list:
     counts = {}
     for _, module in model.named_modules(remove_duplicate=False):
         counts[id(module)] = counts.get(id(module), 0) + 1
-    modules = dict(model.named_modules())
+    module = model.get_submodule   # a shared module may be named here by any of its names
     out = []
     for conv, bn, reason in candidates:
-        shared = [n for n in (conv, bn) if counts[id(modules[n])] > 1]
+        shared = [n for n in (conv, bn) if counts[id(module(n))] > 1]
         if reason is None and shared:
-            reason = f"{shared[0]} is shared (it appears {counts[id(modules[shared[0]])]} times in the module tree)"
+            reason = f"{shared[0]} is shared (it appears {counts[id(module(shared[0]))]} times in the module tree)"
         out.append((conv, bn, reason))
     return out
 
@@ -170,9 +170,8 @@ def fold_batchnorm(model, pairs=None) -> list:
     The conv gets a bias when it had none; the BN becomes ``nn.Identity``. Exact in eval mode.
     """
     pairs = conv_bn_pairs(model) if pairs is None else list(pairs)
-    modules = dict(model.named_modules())
     for conv_name, bn_name in pairs:
-        conv, bn = modules[conv_name], modules[bn_name]
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
         s = _bn_scale(bn)
         shift = (bn.bias.detach().double() if bn.affine else torch.zeros_like(s)) - s * bn.running_mean.double()
         bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(s)
@@ -189,9 +188,8 @@ def fold_batchnorm(model, pairs=None) -> list:
 def scale_for_batchnorm(model, pairs=None) -> list:
     """Move each BN's scale magnitude into its conv (see module docstring), in place; returns the pairs."""
     pairs = conv_bn_pairs(model) if pairs is None else list(pairs)
-    modules = dict(model.named_modules())
     for conv_name, bn_name in pairs:
-        conv, bn = modules[conv_name], modules[bn_name]
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
         var = bn.running_var.double()
         c = torch.maximum(_bn_scale(bn).abs(), torch.sqrt(2 * bn.eps / (var + bn.eps)))
         conv.weight.copy_((conv.weight.double() * _view_channels(c, conv)).to(conv.weight.dtype))

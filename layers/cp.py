@@ -215,7 +215,7 @@ class CPConv(SelectableForward, FactorizedLayer):
 
 @register("cp", [1, 2, 3], "CP: 1x1, one depthwise conv per spatial axis, 1x1 (Lebedev et al. 2015)",
           spec_kinds=("rank", "tol", "ratio"), no_data_aware_reason=NO_DATA_AWARE,
-          spec_refusal="{kind}= is not supported by CP (it has no spectrum to keep a fraction of); pass rank=, "
+          spec_refusal="{kind} is not supported by CP (it has no spectrum to keep a fraction of); pass rank= (an int), "
                        "tol= or ratio=",
           unsupported={"linear": "CP needs a 3-way or higher kernel, but a Linear weight is a matrix, whose CP "
                                  "decomposition is its (truncated) SVD; use method='svd' for that, or method='tt' "

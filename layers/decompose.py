@@ -8,6 +8,8 @@ this layer" raises :class:`~layers.errors.UnsupportedLayerError`.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from decomp_toolkit.decomp import Factorization, from_tensorly
@@ -39,7 +41,8 @@ def parse_spec(entry, spec: dict, context: str = ""):
     prefix = f"{context}: " if context else ""
     refused = [k for k in given if _kind_of(k, given[k]) not in entry.spec_kinds]
     if refused and entry.spec_refusal:
-        raise ValueError(prefix + entry.spec_refusal.format(kind=refused[0], given="/".join(f"{k}=" for k in given)))
+        kind = "rank='vbmf'" if _kind_of(refused[0], given[refused[0]]) == "vbmf" else f"{refused[0]}="
+        raise ValueError(prefix + entry.spec_refusal.format(kind=kind, given="/".join(f"{k}=" for k in given)))
     if not given and not entry.spec_required:
         return None
     return parse_rank_spec(**given, allowed=entry.spec_kinds, allow_tuple=entry.rank_tuples, context=context)
@@ -126,7 +129,18 @@ def decompose(layer, method: str = "svd", *, rank=None, energy=None, tol=None, r
         return build(parse_spec(entry, dict(rank=rank), context))
     built = optimize_for_speed(build(spec), standard, **speed, context=context,
                                rebuild=rebuild if "rank" in entry.spec_kinds else None)
+    if worse_than_zero(built.fit):
+        warnings.warn(f"{context}: {worse_than_zero(built.fit)}", stacklevel=2)
     return carry_marks(layer, built)
+
+
+def worse_than_zero(fit) -> str | None:
+    """Why ``fit`` is worse than no layer at all (a relative error >= 1: a zero weight does as well), or None."""
+    relative = fit.relative_error
+    if relative is None or relative < 1.0:
+        return None
+    return (f"the fit's relative {fit.error_kind} error is {relative:.3g} >= 1, worse than a zero weight (the "
+            f"method cannot represent this layer at this size)")
 
 
 def _check_kind(entry, kind, label):

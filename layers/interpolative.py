@@ -3,7 +3,7 @@
 A transformer MLP ``down(act(up(x)))`` (or the gated ``down(act(gate(x)) * up(x))``), or two
 chained convs ``conv2(relu(bn(conv1(x))))``, is shrunk by keeping ``k`` of its ``n`` hidden units
 (channels): the producers keep the rows (output channels) of those units, the channel-wise
-modules between them (``between``: BatchNorms) keep their entries, and the consumer keeps their
+modules between them (``between``: BatchNorms and depthwise convs) keep their entries, and the consumer keeps their
 columns (input channels), refitted by least squares so that it reproduces the original model's
 outputs from the inputs it really receives (:mod:`decomp.interpolative`; a conv's input channel
 is the group of its ``kh * kw`` im2col columns). The result is smaller plain ``nn.Linear`` /
@@ -31,12 +31,13 @@ import torch
 import torch.nn as nn
 
 from decomp_toolkit.decomp.asymmetric import centered_statistics
-from decomp_toolkit.decomp.interpolative import greedy_columns, interpolative_fit
+from decomp_toolkit.decomp.interpolative import greedy_columns, group_columns, interpolative_fit, selection_error
 
-from ._chains import channel_chains
+from ._chains import channel_chains, is_depthwise, is_per_unit
 from ._modules import carry_requires_grad, set_submodule
 from ._accounting import CONV_TYPES
 from .batchnorm import BN_TYPES
+from .calibrate import shrink_gram, shrinkage_weight
 from .errors import UnsupportedLayerError
 from .fit import Fit
 
@@ -61,7 +62,8 @@ PAIR_RIDGE = 1e-4
 @dataclass(frozen=True)
 class Pair:
     """``producers`` (dotted names of the layers whose outputs make the hidden units), ``consumer`` (the layer
-    reading them) and ``between`` (channel-wise modules with per-unit state between them: BatchNorms)."""
+    reading them) and ``between`` (channel-wise modules with per-unit state between them, sliced with the units:
+    BatchNorms, depthwise convs)."""
 
     producers: tuple
     consumer: str
@@ -72,17 +74,18 @@ class Pair:
         return self.producers + (self.consumer,)
 
 
-def as_pairs(pairs, model, targets) -> list:
+def as_pairs(pairs, model, targets, sliceable=None) -> list:
     """``[Pair]`` from ``"auto"`` (:func:`find_pairs`), or a list of :class:`Pair` or ``(producer or [producers],
-    consumer[, [batchnorms between]])``; every name must be a targeted ``nn.Linear`` or ungrouped conv and the
-    widths must agree (ValueError naming the pair)."""
+    consumer[, [per-unit modules between]])``; every name must be a targeted ``nn.Linear`` or ungrouped conv, every
+    ``between`` entry a BatchNorm or depthwise conv, and the widths must agree (ValueError naming the pair).
+    ``sliceable``: the names of the depthwise convs ``"auto"`` may slice (default: ``targets``)."""
     if pairs is None:
         return []
     if isinstance(pairs, str):
         if pairs != "auto":
             raise ValueError(f"compress_sequential: pairs={pairs!r}: pass 'auto', None or a list of "
                              f"(producer(s), consumer) names")
-        return find_pairs(model, targets)
+        return find_pairs(model, targets, sliceable)
     found = []
     for item in pairs:
         if isinstance(item, Pair):
@@ -90,7 +93,7 @@ def as_pairs(pairs, model, targets) -> list:
             continue
         if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
             raise ValueError(f"compress_sequential: pairs entry {item!r}: pass (producer or [producers], consumer) "
-                             f"or (producer(s), consumer, [batchnorms between])")
+                             f"or (producer(s), consumer, [batchnorms / depthwise convs between])")
         producers = (item[0],) if isinstance(item[0], str) else tuple(item[0])
         found.append(Pair(producers, item[1], tuple(item[2]) if len(item) == 3 else ()))
     for pair in found:
@@ -107,14 +110,20 @@ def _check_roles(pairs):
             raise ValueError(f"compress_sequential: pairs= makes {twice} the {role} of two pairs")
 
 
-def find_pairs(model, targets) -> list:
+def find_pairs(model, targets, sliceable=None) -> list:
     """The pairs of ``model`` among ``targets``: the channel-wise chains of its fx graph, or of its submodules
     that trace (:func:`layers._chains.channel_chains`), then the MLPs named as in :data:`KNOWN_PAIRS` (the first
     pattern whose layers all exist decides; if one of them is not targeted or not a plain layer the MLP is left
-    to the rank fits). A chain whose widths do not agree is not a pair."""
-    found, modules = [], dict(model.named_modules())
+    to the rank fits). A chain whose widths do not agree, that runs through a depthwise conv not in
+    ``sliceable`` (default: ``targets``; an excluded layer is not changed) or through a BatchNorm / depthwise
+    conv shared with another part of the model (slicing it would untie it), is not a pair."""
+    found, module = [], model.get_submodule   # a module shared by two blocks is read under either name
+    sliceable = set(targets if sliceable is None else sliceable)
+    shared = _shared_modules(model)
     for producers, consumer, between in channel_chains(model, targets):
-        if all(_outputs(modules[n]) == _inputs(modules[consumer]) for n in producers):
+        if (all(_outputs(module(n)) == _inputs(module(consumer)) for n in producers)
+                and all(n in sliceable for n in between if is_depthwise(module(n)))
+                and not any(id(module(n)) in shared for n in between)):   # slicing would untie a shared module
             found.append(Pair(producers, consumer, between))
     taken = {n for p in found for n in p.names}
     for consumer in targets:
@@ -123,7 +132,7 @@ def find_pairs(model, targets) -> list:
                 continue
             prefix = consumer[: len(consumer) - len(tail)]
             names = tuple(prefix + p for p in producers)
-            if not all(n in modules for n in names):
+            if not all(_exists(model, n) for n in names):
                 continue
             pair = Pair(names, consumer)
             if all(n in targets and n not in taken for n in pair.names) and _pairable(model, pair, targets):
@@ -131,6 +140,22 @@ def find_pairs(model, targets) -> list:
                 taken.update(pair.names)
             break
     return found
+
+
+def _shared_modules(model) -> set:
+    """The ids of the modules reachable under more than one name."""
+    seen, shared = set(), set()
+    for _, m in model.named_modules(remove_duplicate=False):
+        (shared if id(m) in seen else seen).add(id(m))
+    return shared
+
+
+def _exists(model, name) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def _pairable(model, pair, targets) -> bool:
@@ -156,9 +181,14 @@ def _check_pair_layers(model, pair, targets):
                                               f"{type(layer).__name__}" + (f" (groups={layer.groups})"
                                                                            if hasattr(layer, 'groups') else ""))
     for name in pair.between:
-        if not isinstance(model.get_submodule(name), BN_TYPES):
+        module = model.get_submodule(name)
+        if not is_per_unit(module):
             raise ValueError(f"compress_sequential: pair {pair.producers} -> {pair.consumer!r}: between entry "
-                             f"{name!r} must be a BatchNorm (the channel-wise modules whose entries are sliced)")
+                             f"{name!r} ({type(module).__name__}) must be a BatchNorm or a depthwise conv (groups == "
+                             f"in_channels == out_channels): the channel-wise modules whose entries are sliced")
+        if _units_of(module) != units(model, pair):
+            raise ValueError(f"compress_sequential: pair {pair.producers} -> {pair.consumer!r}: between entry "
+                             f"{name!r} has {_units_of(module)} channels but the consumer reads {units(model, pair)}")
     width = units(model, pair)
     for name in pair.producers:
         out = _outputs(model.get_submodule(name))
@@ -173,6 +203,11 @@ def _inputs(layer) -> int:
 
 def _outputs(layer) -> int:
     return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+
+
+def _units_of(module) -> int:
+    """The channels of a per-unit module (:func:`layers._chains.is_per_unit`)."""
+    return module.num_features if isinstance(module, BN_TYPES) else module.out_channels
 
 
 def _taps(layer) -> int:
@@ -204,8 +239,8 @@ def paired_params(model, pairs, kept: dict) -> tuple:
         fraction_in, fraction_out = keep_in.get(name, 1.0), keep_out.get(name, 1.0)
         for pname, param in layer.named_parameters(recurse=False):
             before += param.numel()
-            # a bias (and a BatchNorm's entries) follows the output units; a consumer-only layer keeps all of them
-            scale = fraction_out if (pname == "bias" or isinstance(layer, BN_TYPES)) else fraction_out * fraction_in
+            # a bias (and a per-unit module's entries) follows the output units; a consumer-only layer keeps all
+            scale = fraction_out if (pname == "bias" or is_per_unit(layer)) else fraction_out * fraction_in
             after += round(param.numel() * scale)
     return before, after
 
@@ -218,7 +253,8 @@ def pair_params(model, pair, kept: int) -> int:
         layer = model.get_submodule(name)
         total += kept * _inputs(layer) * _taps(layer) + (kept if layer.bias is not None else 0)
     for name in pair.between:
-        total += kept * sum(1 for _ in model.get_submodule(name).parameters(recurse=False))
+        module = model.get_submodule(name)
+        total += kept * sum(p.numel() for p in module.parameters(recurse=False)) // _units_of(module)
     consumer = model.get_submodule(pair.consumer)
     return total + kept * _outputs(consumer) * _taps(consumer) + (_outputs(consumer) if consumer.bias is not None
                                                                    else 0)
@@ -281,12 +317,33 @@ def slice_producer(layer, indices: torch.Tensor):
     return new
 
 
+def slice_per_unit(module, indices: torch.Tensor):
+    """A per-unit module between a pair's layers (a BatchNorm or a depthwise conv) keeping the channels ``indices``."""
+    return slice_batchnorm(module, indices) if isinstance(module, BN_TYPES) else slice_depthwise(module, indices)
+
+
+def slice_depthwise(conv, indices: torch.Tensor):
+    """A depthwise conv (:func:`layers._chains.is_depthwise`) keeping only the channels ``indices``, marked ``resized``."""
+    k = len(indices)
+    new = type(conv)(k, k, conv.kernel_size, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                     groups=k, bias=conv.bias is not None, padding_mode=conv.padding_mode, device=conv.weight.device,
+                     dtype=conv.weight.dtype)
+    rows = indices.to(conv.weight.device)
+    with torch.no_grad():
+        new.weight.copy_(conv.weight[rows])
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias[rows])
+    new.resized = True
+    return carry_requires_grad(conv, new.train(conv.training))
+
+
 def slice_batchnorm(bn, indices: torch.Tensor):
     """``bn`` keeping only the channels ``indices`` (parameters and running statistics)."""
+    like = next((t for t in (bn.weight, bn.running_mean) if t is not None), None)
     new = type(bn)(len(indices), eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-                   track_running_stats=bn.track_running_stats, device=bn.running_mean.device
-                   if bn.running_mean is not None else None)
-    rows = indices.to(new.weight.device if bn.affine else indices.device)
+                   track_running_stats=bn.track_running_stats, device=like.device if like is not None else None,
+                   dtype=like.dtype if like is not None else None)
+    rows = indices.to(like.device if like is not None else indices.device)
     with torch.no_grad():
         for name in ("weight", "bias", "running_mean", "running_var"):
             source = getattr(bn, name)
@@ -294,7 +351,7 @@ def slice_batchnorm(bn, indices: torch.Tensor):
                 getattr(new, name).copy_(source[rows])
         if bn.num_batches_tracked is not None:
             new.num_batches_tracked.copy_(bn.num_batches_tracked)
-    return new.train(bn.training)
+    return carry_requires_grad(bn, new.train(bn.training))
 
 
 def consumer_on(layer, indices: torch.Tensor, weight: torch.Tensor, bias):
@@ -309,14 +366,19 @@ def consumer_on(layer, indices: torch.Tensor, weight: torch.Tensor, bias):
 
 
 @torch.no_grad()
-def fit_pair(consumer: nn.Linear, stats, kept: int, context: str = "", ridge: float = PAIR_RIDGE) -> tuple:
+def fit_pair(consumer: nn.Linear, stats, kept: int, context: str = "", ridge: float = PAIR_RIDGE,
+             shrinkage=None) -> tuple:
     """``(indices, new consumer, Fit)``: keep ``kept`` hidden units of the consumer's input.
 
     ``stats``: the consumer's :class:`layers.sequential.FitStatistics` (``X`` its inputs in the
     original model, ``X'`` in the partly compressed one). Objective ``||W X^T - W' X'_S^T||_F`` over
     the calibration rows, centered when the consumer has a bias (the bias then absorbs the mean
-    shift); ``Fit.error`` is that objective's exact value (:func:`decomp.interpolative.interpolative_fit`).
+    shift); ``Fit.error`` is that objective's exact value (:func:`decomp.interpolative.selection_error`).
     ``ridge``: relative ridge of the selection and of the least-squares refit (:data:`PAIR_RIDGE`).
+    ``shrinkage``: as :func:`layers.sequential.fit_layer` (the rule of :func:`layers.calibrate.shrinkage_weight`
+    on ``X'^T X'`` and the rows): the units are chosen and the consumer refitted on the three statistics
+    shrunk alike towards their scaled identity, which pulls the refit towards the consumer's own weights on
+    the directions the calibration rows do not excite; ``Fit.error`` stays the unshrunk objective.
     """
     gram, gram_in, cross, mean, mean_in = stats.resolved()
     centered = consumer.bias is not None
@@ -324,17 +386,24 @@ def fit_pair(consumer: nn.Linear, stats, kept: int, context: str = "", ridge: fl
         gram, gram_in, cross = centered_statistics(gram, gram_in, cross, mean, mean_in, stats.count)
     W = consumer.weight.detach().double().reshape(_outputs(consumer), -1)
     taps = _taps(consumer)
+    weight = shrinkage_weight(gram_in, stats.count, shrinkage)
+    w = 0.0 if weight is None else float(weight.max())
+    shrunk = [shrink_gram(S, torch.tensor([w], dtype=S.dtype)) if w else S for S in (gram, gram_in, cross)]
+    fit = interpolative_fit(shrunk[1], shrunk[2] @ W.T, float((W @ shrunk[0] * W).sum()), kept, context=context,
+                            group=taps, ridge=ridge)
     target_energy = float((W @ gram * W).sum())                  # ||W X^T||_F^2
-    fit = interpolative_fit(gram_in, cross @ W.T, target_energy, kept, context=context, group=taps, ridge=ridge)
+    error = selection_error(gram_in, cross @ W.T, target_energy, fit.indices, fit.weight, taps) if w else fit.error
     indices = fit.indices.to(consumer.weight.device)
     bias = None
     if centered:
-        columns = (indices[:, None] * taps + torch.arange(taps, device=indices.device)).reshape(-1)
+        columns = group_columns(indices, taps)
         bias = consumer.bias.detach().double() + W @ mean - fit.weight @ mean_in[columns]
     module = consumer_on(consumer, indices, fit.weight, bias)
-    module.fit = Fit(method="interpolative-sequential", ranks=kept, error=fit.error, error_bound=fit.error,
-                     error_kind="output", norm=fit.norm, weight_error=None, weight_norm=float(W.norm()),
-                     diagnostics=dict(units_before=W.shape[1] // taps, independent=fit.independent))
+    module.fit = Fit(method="interpolative-sequential", ranks=kept, error=error, error_bound=error,
+                     error_kind="output", norm=max(target_energy, 0.0) ** 0.5, weight_error=None,
+                     weight_norm=float(W.norm()),
+                     diagnostics=dict(units_before=W.shape[1] // taps, independent=fit.independent, shrinkage=w,
+                                      rows=stats.count, inputs=W.shape[1]))
     return indices, module, module.fit
 
 
@@ -370,7 +439,7 @@ def check_pairs(model, pairs, run, blocks=(), seed: int = 0):
         for name in pair.producers:
             set_submodule(sliced, name, slice_producer(sliced.get_submodule(name), keep))
         for name in pair.between:
-            set_submodule(sliced, name, slice_batchnorm(sliced.get_submodule(name), keep))
+            set_submodule(sliced, name, slice_per_unit(sliced.get_submodule(name), keep))
     consumers = [p.consumer for p in pairs]
     gaps = _output_gaps(zeroed, sliced, consumers + [b for b in blocks if b not in consumers], run, kept_outputs)
     for pair in pairs:
@@ -417,7 +486,7 @@ def _output_gaps(zeroed, sliced, names, run, kept_outputs=None) -> dict:
             raise UnsupportedLayerError(names[0], f"the model fails with the hidden units of its pairs sliced "
                                                   f"({err}): a layer between or beside the pair has the hidden width "
                                                   f"built in (a norm over the units, a producer or a BatchNorm left "
-                                                  f"out): pass (producers, consumer, [batchnorms between]) in "
+                                                  f"out): pass (producers, consumer, [per-unit modules between]) in "
                                                   f"pairs=, or leave the pair out") from err
         finally:
             for h in hooks:

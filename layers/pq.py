@@ -16,8 +16,11 @@ and runs the ordinary matmul/conv: in training mode the weight is decoded on eve
 (gradients reach the codebooks); in eval mode it is decoded once and **cached** (a dense
 copy of the weight, detached, so eval-mode forwards do not back-propagate into the
 codebooks). The cache is dropped on ``train()``/``eval()``, ``load_state_dict``,
-``.to()``/``.half()`` etc. and whenever the codebooks or codes are modified in place (their
-version counters are checked), or by ``release_cache()``. ``forward="lut"`` (Linear
+``.to()``/``.half()`` etc., whenever the codebooks or codes are modified in place (their
+version counters are checked) or given new storage (``param.data = ...``, as
+``torch.nn.utils.vector_to_parameters`` does), or by ``release_cache()``; an in-place edit
+through ``param.data`` bypasses the version counter: call ``release_cache()`` after one.
+Under ``torch.compile`` / ``torch.export`` / ``torch.jit.trace`` nothing is cached. ``forward="lut"`` (Linear
 only, Q-CNN style) never builds the weight: per call it forms the table
 ``LUT[b, s, c] = <x_b[s-th block], codebook_c>`` and sums ``LUT[b, s, codes[o, s]]`` over
 sub-spaces with one ``embedding_bag``; it is faster than a dense matmul only when the
@@ -62,6 +65,11 @@ from .kinds import conv_config, functional, linear_config, pad_input, standard_t
 from .registry import register
 
 FORWARD_MODES = ("decode", "lut")
+
+
+def _tracing() -> bool:
+    """Whether ``torch.compile``, ``torch.export`` or ``torch.jit.trace`` is tracing this call."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
 class _PQLayer(CodeAccounting, FactorizedLayer):
@@ -136,16 +144,17 @@ class _PQLayer(CodeAccounting, FactorizedLayer):
 
     # -- cache -------------------------------------------------------------------------------
     def _cache_key(self):
-        # identity + version counters, not data_ptr(): export/compile trace with tensors that have no storage
-        return (id(self.codebooks), self.codebooks._version, id(self.codes), self.codes._version,
-                self.codebooks.dtype, self.codebooks.device)
+        # identity, version counter and storage address of each tensor: an in-place update bumps the version, a
+        # ``param.data = ...`` assignment (``vector_to_parameters``, optimizers' swaps) moves the storage
+        return tuple((id(t), t._version, t.data_ptr()) for t in (self.codebooks, self.codes)) + (
+            self.codebooks.dtype, self.codebooks.device)
 
     def release_cache(self):
         """Drop the cached decoded weight (it is rebuilt on the next eval-mode forward)."""
         self._cache = None
 
     def weight_for_forward(self) -> torch.Tensor:
-        if self.training:
+        if self.training or _tracing():   # traced tensors have no storage; the decode is part of the graph
             return self.dense_weight()
         key = self._cache_key()
         if self._cache is None or self._cache[0] != key:
@@ -196,8 +205,8 @@ class PQLinear(_PQLayer):
 
     def _lut_index(self):
         """``(out, n_sub)`` flat indices ``s * k + codes[o, s]`` into the flattened LUT (cached)."""
-        key = (id(self.codes), self.codes._version, self.codes.device)
-        cached = getattr(self, "_lut_index_cache", None)
+        key = (id(self.codes), self.codes._version, self.codes.data_ptr(), self.codes.device)
+        cached = getattr(self, "_lut_index_cache", None) if not _tracing() else None
         if cached is None or cached[0] != key:
             offsets = torch.arange(self.n_sub, device=self.codes.device) * self.n_centroids
             self._lut_index_cache = (key, self.codes.long() + offsets)
@@ -289,7 +298,7 @@ def _build(cls, layer, spec, groups, *, context, block_size, n_centroids, bits, 
 
 
 PQ_SPECS = dict(spec_kinds=("tol",), spec_required=False, data_aware=True,
-                spec_refusal="{kind}= is not a product-quantization parameter; pass bits= (code bits per weight), "
+                spec_refusal="{kind} is not a product-quantization parameter; pass bits= (code bits per weight), "
                              "n_centroids= (with block_size=) or tol= (relative Frobenius error of the weight)")
 
 

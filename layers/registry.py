@@ -52,7 +52,7 @@ class MethodEntry:
     spec_kinds: tuple = ("rank", "energy", "tol", "ratio", "vbmf")
     rank_tuples: bool = False
     spec_required: bool = True
-    spec_refusal: str = ""          # sentence for a refused spec kind; "{kind}" is replaced by the kind
+    spec_refusal: str = ""          # sentence for a refused spec kind; "{kind}" becomes e.g. "energy=" or "rank='vbmf'"
     data_aware: bool = False
     no_data_aware_reason: str = ""  # why a method without a data-aware variant has none
     unsupported: dict = field(default_factory=dict)

@@ -542,14 +542,22 @@ def _plain_replacement(entry, bases, where):
     return module
 
 
+def _depthwise_config(config, at_least=1) -> bool:
+    """A depthwise conv's configuration (one filter per channel: its groups are its units), with at least
+    ``at_least`` groups (a depthwise conv pruned to one channel has one)."""
+    groups = config.get("groups", 1)
+    return groups >= at_least and groups == config.get("in_channels") == config.get("out_channels")
+
+
 def _check_resized(have, want, where):
     """A saved plain layer may differ from the base model's only in having fewer units (and in its bias, eps,
     momentum): pruning never adds units, and a layer of another shape is another architecture."""
     if set(have) != set(want):
         raise CompressedModelError(f"{where}: the saved configuration has the keys {sorted(want)}, a layer of "
                                    f"this kind has {sorted(have)}")
+    units = UNIT_KEYS + (("groups",) if _depthwise_config(have, at_least=2) and _depthwise_config(want) else ())
     diff = [k for k in want if k not in FREE_KEYS and (
-        not (type(want[k]) is int and 0 < want[k] <= have[k]) if k in UNIT_KEYS else _norm(want[k]) != _norm(have[k]))]
+        not (type(want[k]) is int and 0 < want[k] <= have[k]) if k in units else _norm(want[k]) != _norm(have[k]))]
     if diff:
         raise CompressedModelError(f"{where}: the base model's layer has " + ", ".join(
             f"{k}={have[k]!r}" for k in diff) + " but the saved one has " + ", ".join(

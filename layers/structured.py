@@ -231,7 +231,7 @@ def _circulant_linear(layer, spec, *, context, block_size=None):
 
 @register("ldr", ["linear"], "Toeplitz-like low displacement rank, FFT forward (Sindhwani et al. 2015)",
           spec_kinds=("rank", "energy", "ratio"),
-          spec_refusal="{kind}= is not supported by method='ldr': its tol= would bound the displacement, not the "
+          spec_refusal="{kind} is not supported by method='ldr': its tol= would bound the displacement, not the "
                        "weight error, so it certifies nothing about the layer; pass rank=, energy= or ratio=, or use "
                        "a method whose tol= is certified ('svd', 'tucker', 'tt')")
 def _ldr_linear(layer, spec, *, context):

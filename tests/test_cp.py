@@ -126,6 +126,14 @@ def test_energy_refused_with_message():
         cp(torch.randn(3, 3, 3), energy=0.9)
 
 
+@pytest.mark.parametrize("spec, named", [(dict(energy=0.9), "energy="), (dict(rank="vbmf"), "rank='vbmf'")])
+def test_the_layer_refusal_names_the_spec_kind_refused(spec, named):
+    from decomp_toolkit.layers import decompose
+
+    with pytest.raises(ValueError, match=f": {named} is not supported by CP.*pass rank= \\(an int\\), tol= or ratio="):
+        decompose(torch.nn.Conv2d(6, 8, 3), method="cp", **spec)
+
+
 @pytest.mark.parametrize("bad, exc, match", [
     (torch.randn(5), ValueError, "at least 3 dimensions"),
     (torch.randn(4, 5), ValueError, "decomp.svd"),

@@ -117,3 +117,19 @@ def test_device_kept_on_cuda(method, make, shape):
     x = torch.randn(shape, dtype=torch.float64, device="cuda")
     with torch.no_grad():
         torch.testing.assert_close(module(x), module.to_dense()(x), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("method, make, shape", CASES)
+def test_the_layers_train_or_eval_mode_is_kept(method, make, shape, training):
+    torch.manual_seed(0)
+    module = _builder(method)(make(torch.float64).train(training))
+    assert {m.training for m in module.modules()} == {training}
+
+
+@pytest.mark.parametrize("method", sorted(m for m, e in available_methods().items() if "ratio" in e.spec_kinds))
+def test_a_ratio_below_the_smallest_factorization_is_an_unsupported_layer_error(method):
+    entry = available_methods()[method]
+    kind = next(k for k in entry.builders if k not in entry.unsupported)
+    with pytest.raises(UnsupportedLayerError, match=rf"method={method!r}"):
+        decompose(LAYERS[kind][0][1](torch.float64), method, ratio=1e-9)

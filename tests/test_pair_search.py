@@ -183,3 +183,143 @@ def test_blocks_that_do_not_chain_are_refused_beyond_the_first_two():
                             exclude=("mid",), progress=False)
     small, _ = compress_sequential(net, torch.randn(32, 8), ratio=0.5, blocks=[""], progress=False)
     assert small(torch.randn(2, 8)).shape == (2, 8)
+
+
+class _InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expand -> BN -> ReLU6 -> depthwise 3x3 -> BN -> ReLU6 -> 1x1 project -> BN (+ x)."""
+
+    def __init__(self, c=6, hidden=24, stride=1, bias=False):
+        super().__init__()
+        self.expand, self.bn1 = nn.Conv2d(c, hidden, 1, bias=bias), nn.BatchNorm2d(hidden)
+        self.dw = nn.Conv2d(hidden, hidden, 3, stride, padding=1, groups=hidden, bias=bias)
+        self.bn2, self.project, self.bn3 = nn.BatchNorm2d(hidden), nn.Conv2d(hidden, c, 1, bias=bias), nn.BatchNorm2d(c)
+        self.stride = stride
+
+    def forward(self, x):
+        h = F.relu6(self.bn2(self.dw(F.relu6(self.bn1(self.expand(x))))))
+        y = self.bn3(self.project(h))
+        return x + y if self.stride == 1 else y
+
+
+def _trained_like_bn(net, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.2, generator=generator)
+            m.running_var.uniform_(0.5, 2.0, generator=generator)
+            m.weight.data.uniform_(0.5, 1.5, generator=generator)
+    return net.eval()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_depthwise_conv_between_two_pointwise_convs_is_sliced_with_the_pair(bias, tmp_path):
+    from decomp_toolkit.layers import load_compressed, save_compressed
+
+    net = _trained_like_bn(nn.Sequential(_InvertedResidual(bias=bias), _InvertedResidual(stride=2, bias=bias)))
+    assert _pairs(net) == [((f"{i}.expand",), f"{i}.project", (f"{i}.bn1", f"{i}.dw", f"{i}.bn2")) for i in (0, 1)]
+    data = torch.randn(16, 6, 8, 8, generator=torch.Generator().manual_seed(1))
+    small, report = compress_sequential(net, data, ratio=0.5, pairs="auto", batch_size=8, progress=False)
+    for i in (0, 1):
+        dw = small[i].dw
+        assert (dw.in_channels, dw.out_channels, dw.groups, dw.weight.shape[0]) == (12, 12, 12, 12)
+        assert small[i].expand.out_channels == small[i].bn1.num_features == small[i].project.in_channels == 12
+        assert small[i].dw.stride == net[i].dw.stride and (small[i].dw.bias is not None) == bias
+    assert report.model_params_after == sum(p.numel() for p in small.parameters())
+    records = {r.name: r for r in report.layers}
+    assert records["0.dw"].method == "interpolative-sequential" and records["0.dw"].rank == 12
+    assert records["0.dw"].params_after == sum(p.numel() for p in small[0].dw.parameters())
+    assert all(not (r.status or "").startswith("skipped") for r in report.layers)
+    # the kept units of the depthwise conv are the expand conv's kept rows: slicing = zeroing the other columns
+    with torch.no_grad():
+        assert torch.isfinite(small(data)).all()
+    save_compressed(small, tmp_path / "m", report=report)
+    loaded = load_compressed(tmp_path / "m", model=_trained_like_bn(
+        nn.Sequential(_InvertedResidual(bias=bias), _InvertedResidual(stride=2, bias=bias))))
+    with torch.no_grad():
+        assert torch.equal(loaded(data), small(data))
+
+
+def test_an_excluded_depthwise_conv_keeps_its_chain_out_of_the_pairs():
+    net = _trained_like_bn(nn.Sequential(_InvertedResidual(), _InvertedResidual()))
+    targets = select_targets(net, exclude=["0.dw"])
+    found = find_pairs(net, [t for t in targets if net.get_submodule(t).groups == 1], sliceable=targets)
+    assert [p.consumer for p in found] == ["1.project"]
+    data = torch.randn(8, 6, 8, 8, generator=torch.Generator().manual_seed(1))
+    small, _ = compress_sequential(net, data, ratio=0.5, pairs="auto", exclude=["0.dw"], progress=False)
+    assert small[0].dw.groups == 24 and small[1].dw.groups == 12
+    assert torch.equal(small[0].dw.weight, net[0].dw.weight)
+
+
+@pytest.mark.parametrize("shrinkage", [None, "auto", "oas", 1.0])
+def test_a_pair_fit_is_shrunk_on_request_and_reports_its_unshrunk_error(shrinkage):
+    net = _trained_like_bn(nn.Sequential(_InvertedResidual(hidden=48)))
+    data = torch.randn(2, 6, 4, 4, generator=torch.Generator().manual_seed(2))   # 32 rows for 48 inputs
+    small, report = compress_sequential(net, data, ratio=0.5, pairs="auto", batch_size=4, progress=False,
+                                        shrinkage=shrinkage)
+    fit = report.fits["0.project"]
+    assert (fit.diagnostics["shrinkage"] > 0) == (shrinkage not in (None, "auto"))   # "auto": the pair's ridge
+    outputs = {}
+    for label, model in (("dense", net), ("pruned", small)):
+        # bn_aware: the fit is in the scale of the BatchNorm after the consumer, i.e. on what the next layer sees
+        model[0].bn3.register_forward_hook(lambda m, a, y, label=label: outputs.setdefault(label, y))
+        with torch.no_grad():
+            model(data)
+    measured = float((outputs["dense"] - outputs["pruned"]).double().norm())
+    assert fit.error == pytest.approx(measured, rel=1e-4)
+    if shrinkage == 1.0:   # the statistics become scaled identities (X' = X here): the consumer keeps its own columns
+        bn = net[0].bn3        # in the scale of its BatchNorm (bn_aware: the compressed model's conv holds that scale)
+        in_bn_scale = net[0].project.weight.flatten(1) * (bn.weight.abs() / (bn.running_var + bn.eps).sqrt())[:, None]
+        columns = in_bn_scale.norm(dim=0).argsort(descending=True)[:24].sort().values
+        assert torch.allclose(small[0].project.weight.flatten(1), in_bn_scale[:, columns], rtol=1e-3, atol=1e-5)
+
+
+def test_a_between_entry_that_is_not_per_unit_or_of_another_width_says_what_to_pass():
+    net = _trained_like_bn(nn.Sequential(_InvertedResidual(), _InvertedResidual()))
+    data = torch.randn(8, 6, 8, 8, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match=r"between entry '0.bn3' has 6 channels but the consumer reads 24"):
+        compress_sequential(net, data, ratio=0.5, pairs=[("0.expand", "0.project", ["0.bn1", "0.dw", "0.bn3"])])
+    net[0].act = nn.ReLU()
+    with pytest.raises(ValueError, match=r"'0.act' \(ReLU\) must be a BatchNorm or a depthwise conv"):
+        compress_sequential(net, data, ratio=0.5, pairs=[("0.expand", "0.project", ["0.act"])])
+
+
+def test_sliced_batchnorms_keep_the_dtype_and_the_frozen_flags_and_one_kept_channel_reloads(tmp_path):
+    from decomp_toolkit.layers import load_compressed, save_compressed
+
+    net = _trained_like_bn(nn.Sequential(_InvertedResidual())).double()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    data = torch.randn(8, 6, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    small, report = compress_sequential(net, data, ranks={"0.project": 1}, pairs="auto", progress=False)
+    block = small[0]
+    assert block.dw.groups == block.bn1.num_features == block.bn2.num_features == 1
+    assert {p.dtype for p in small.parameters()} == {torch.float64}
+    assert not any(p.requires_grad for p in small.parameters())
+    assert report.units["0.bn1"] == report.units["0.dw"] == (1, 24)
+    save_compressed(small, tmp_path / "m", report=report)
+    loaded = load_compressed(tmp_path / "m", model=_trained_like_bn(nn.Sequential(_InvertedResidual())).double())
+    with torch.no_grad():
+        assert torch.equal(loaded(data), small(data))
+
+
+class _SharedBatchNorm(nn.Module):
+    """Two blocks sharing one BatchNorm; a shape check keeps fx from tracing the whole model."""
+
+    def __init__(self):
+        super().__init__()
+        shared = nn.BatchNorm2d(12)
+        self.b0 = nn.Sequential(nn.Conv2d(6, 12, 1), shared, nn.ReLU(), nn.Conv2d(12, 6, 1))
+        self.b1 = nn.Sequential(nn.Conv2d(6, 12, 1), shared, nn.ReLU(), nn.Conv2d(12, 6, 1))
+
+    def forward(self, x):
+        if x.shape[1] != 6:
+            raise ValueError("expected 6 channels")
+        return self.b1(self.b0(x))
+
+
+def test_a_batchnorm_shared_by_two_blocks_is_not_sliced():
+    net = _trained_like_bn(_SharedBatchNorm())
+    assert _pairs(net) == []
+    data = torch.randn(8, 6, 4, 4, generator=torch.Generator().manual_seed(1))
+    small, _ = compress_sequential(net, data, ratio=0.5, pairs="auto", progress=False)
+    assert small.b0[1] is small.b1[1] and small.b0[1].num_features == 12

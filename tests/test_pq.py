@@ -249,6 +249,20 @@ def test_decode_cache_and_invalidation():
     assert m.float().codebooks.dtype == torch.float32 and m._cache is None
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_new_storage_for_the_codebooks_rebuilds_the_cached_weight(kind):
+    from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+    torch.manual_seed(4)
+    layer, x = ((nn.Linear(16, 8), torch.randn(3, 16)) if kind == "linear"
+                else (nn.Conv2d(4, 6, 3), torch.randn(2, 4, 5, 5)))
+    m = decompose(layer, "pq", bits=2).eval()
+    with torch.no_grad():
+        m(x)                                           # fills the cache
+        vector_to_parameters(2 * parameters_to_vector(m.parameters()), m.parameters())   # param.data = new storage
+        torch.testing.assert_close(m(x), m.to_dense()(x))
+
+
 def test_train_mode_gradients_reach_codebooks():
     m = decompose(nn.Linear(8, 4), "pq", block_size=2, n_centroids=4).train()
     m(torch.randn(3, 8)).sum().backward()

@@ -243,3 +243,19 @@ def test_structured_methods_registered_and_refuse_convs():
         decompose(nn.Linear(6, 4), "ldr", rank=9)
     with pytest.raises(ValueError, match=r"tol= is not supported by method='ldr'.*certifies nothing"):
         decompose(nn.Linear(6, 4), "ldr", tol=0.5)
+
+
+def test_a_fit_worse_than_a_zero_weight_warns_and_compress_keeps_the_layer_dense():
+    from decomp_toolkit.layers import compress
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(32, 32)   # random weights: far from any low displacement rank matrix
+    with pytest.warns(UserWarning, match="worse than a zero weight"):
+        fitted = decompose(layer, method="ldr", rank=2)
+    assert fitted.fit.relative_error >= 1
+    model = torch.nn.Sequential(layer, torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    small, report = compress(model, method="ldr", rank=2, progress=False)
+    first = next(r for r in report.layers if r.name == "0")
+    assert not first.replaced and first.status.startswith("skipped: the fit's relative weight error")
+    assert small[0] is not layer and type(small[0]) is torch.nn.Linear and torch.equal(small[0].weight, layer.weight)
+    assert report.model_params_after == sum(p.numel() for p in small.parameters())
