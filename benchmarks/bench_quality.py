@@ -352,11 +352,11 @@ class MiniLMCalibrations:
 
 
 def minilm_sequential(dense, batches, forward, fraction, min_rank=0.1, allocation=None, use_mask=False, pairs=None,
-                      pair_units="fraction", pair_multiple=None):
+                      pair_units="fraction", pair_multiple=None, shrinkage="auto"):
     """``compress_sequential`` of MiniLM: its own loss-aware budget (``layer_params=fraction``, ``min_rank``
     floors), or the ranks of ``allocation()`` (a ``compress`` call returning ``(model, report)``). ``use_mask``:
     the ``(ids, mask)`` batches go as dicts (``model(**batch)``), so the fit sees the attention mask and leaves
-    the padding rows out of its statistics. ``pairs``, ``pair_units``, ``pair_multiple``: passed on (``"auto"``: the MLPs are
+    the padding rows out of its statistics. ``pairs``, ``pair_units``, ``pair_multiple``, ``shrinkage``: passed on (``"auto"``: the MLPs are
     compressed by keeping hidden units, :mod:`layers.interpolative`; ``"fraction"``: each keeps ``fraction``
     of them, ``"loss"``: their units are allocated with the other ranks)."""
     from decomp_toolkit.layers.sequential import compress_sequential
@@ -366,7 +366,7 @@ def minilm_sequential(dense, batches, forward, fraction, min_rank=0.1, allocatio
     if allocation is None:
         return compress_sequential(dense, batches, budget=dict(layer_params=fraction), min_rank={"*": min_rank},
                                    forward=forward, progress=False, pairs=pairs, pair_units=pair_units,
-                                   pair_multiple=pair_multiple)
+                                   pair_multiple=pair_multiple, shrinkage=shrinkage)
     return compress_sequential(dense, batches, ranks=allocation()[1], forward=forward, progress=False)
 
 
@@ -428,9 +428,11 @@ def minilm_rows(args, emit):
                                 example_input=example, calibration=calibrated_with(use_mask, fisher=True),
                                 progress=False, **kw)
 
-    def sequential(fraction, allocation=None, use_mask=False, pairs=None, pair_units="fraction", pair_multiple=None):
+    def sequential(fraction, allocation=None, use_mask=False, pairs=None, pair_units="fraction", pair_multiple=None,
+                   shrinkage="auto"):
         return lambda: minilm_sequential(dense, batches, forward, fraction, allocation=allocation, use_mask=use_mask,
-                                         pairs=pairs, pair_units=pair_units, pair_multiple=pair_multiple)
+                                         pairs=pairs, pair_units=pair_units, pair_multiple=pair_multiple,
+                                         shrinkage=shrinkage)
 
     held_out, held_out_masked, probe_cosine = minilm_probe(dense, args)
 
@@ -451,6 +453,8 @@ def minilm_rows(args, emit):
         run(f"svd-seq@{fraction:g} layer_params min_rank=0.1 masked", sequential(fraction, use_mask=True))
         run(f"svd-seq@{fraction:g} layer_params min_rank=0.1 masked pairs=auto",
             sequential(fraction, use_mask=True, pairs="auto"))
+        run(f"svd-seq@{fraction:g} layer_params min_rank=0.1 masked pairs=auto shrinkage=oas",
+            sequential(fraction, use_mask=True, pairs="auto", shrinkage="oas"))
         run(f"svd-seq@{fraction:g} layer_params min_rank=0.1 masked pairs=auto pair_units=loss",
             sequential(fraction, use_mask=True, pairs="auto", pair_units="loss"))
         run(f"svd-seq@{fraction:g} layer_params min_rank=0.1 masked pairs=auto pair_units=loss pair_multiple=8",
