@@ -81,7 +81,7 @@ from ._modules import (carry_marks, check_patterns, eval_mode, is_kv_cache, kv_c
                        tied_names, tied_reason, weight_readers)
 from ._modules import set_submodule as _set_submodule
 from .batchnorm import prepare_batchnorm
-from .kinds import is_candidate, kind_of, registered_kind, standard_layer
+from .kinds import is_candidate, registered_kind, standard_layer
 from .calibrate import (attention_mask, drop_padding, gram_and_sum, gram_signature, iter_batches,
                         model_call, pad_input, shrink_gram, shrinkage_weight, unfold_patches)
 from .errors import UnsupportedLayerError
