@@ -428,11 +428,8 @@ def minilm_rows(args, emit):
                                 example_input=example, calibration=calibrated_with(use_mask, fisher=True),
                                 progress=False, **kw)
 
-    def sequential(fraction, allocation=None, use_mask=False, pairs=None, pair_units="fraction", pair_multiple=None,
-                   shrinkage="auto"):
-        return lambda: minilm_sequential(dense, batches, forward, fraction, allocation=allocation, use_mask=use_mask,
-                                         pairs=pairs, pair_units=pair_units, pair_multiple=pair_multiple,
-                                         shrinkage=shrinkage)
+    def sequential(fraction, allocation=None, **options):   # use_mask, pairs, pair_units, pair_multiple, shrinkage
+        return lambda: minilm_sequential(dense, batches, forward, fraction, allocation=allocation, **options)
 
     held_out, held_out_masked, probe_cosine = minilm_probe(dense, args)
 
