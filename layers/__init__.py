@@ -6,7 +6,7 @@ from .btd import BlockTermConv
 from .calibrate import Calibration, calibrate
 from .compress import compress
 from .cp import CPConv
-from .decompose import check_request, decompose
+from .decompose import WorseThanZeroWarning, check_request, decompose
 from .errors import UnsupportedLayerError
 from .finetune import finetune
 from .recover import recover
@@ -41,9 +41,9 @@ decompose.__doc__ = decompose.__doc__.replace("{methods}", "\n    ".join(method_
 __all__ = [
     "decompose", "compress", "save_compressed", "load_compressed", "load_report", "CompressedModelError",
     "calibrate", "Calibration", "finetune", "compress_sequential", "recover", "Report", "LayerRecord",
-    "available_methods", "register", "register_budget_profile", "SlowerThanDenseWarning", "MethodEntry",
-    "method_table", "check_request", "UnsupportedLayerError", "Fit", "LayerKind", "register_layer_kind", "kind_of",
-    "layer_kind", "count_params", "layer_macs",
+    "available_methods", "register", "register_budget_profile", "SlowerThanDenseWarning", "WorseThanZeroWarning",
+    "MethodEntry", "method_table", "check_request", "UnsupportedLayerError", "Fit", "LayerKind", "register_layer_kind",
+    "kind_of", "layer_kind", "count_params", "layer_macs",
     "FactorizedLayer", "FactorizedChain", "LowRankLinear", "LowRankConv", "SpatialLowRankConv", "TuckerConv",
     "CPConv", "TTLinear", "BlockTermConv", "PQLinear", "PQConv", "ToeplitzLinear", "CirculantLinear", "LDRLinear",
 ]

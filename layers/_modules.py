@@ -11,6 +11,14 @@ def set_submodule(root, name: str, module):
     setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
+def name_counts(model) -> dict:
+    """``{id(module): number of names}`` over ``model``'s module tree (a module shared by two blocks has 2)."""
+    counts = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        counts[id(module)] = counts.get(id(module), 0) + 1
+    return counts
+
+
 def owners_of_parameters(model) -> dict:
     """``{id(parameter): [(module, "dotted.param.name"), ...]}`` over every name of every module."""
     owners = {}

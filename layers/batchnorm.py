@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ._modules import set_submodule as _set_submodule
+from ._modules import name_counts, set_submodule as _set_submodule
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -121,9 +121,7 @@ def _pair_candidates(model) -> list:
         candidates = _fx_candidates(model)
     except Exception:  # noqa: BLE001 - any model fx cannot trace: fall back to Sequential adjacency
         candidates = _sequential_candidates(model)
-    counts = {}
-    for _, module in model.named_modules(remove_duplicate=False):
-        counts[id(module)] = counts.get(id(module), 0) + 1
+    counts = name_counts(model)
     module = model.get_submodule   # a shared module may be named here by any of its names
     out = []
     for conv, bn, reason in candidates:

@@ -768,6 +768,16 @@ def shrink_gram(gram, weight):
     return out if gram.ndim == 3 else out[0]
 
 
+def shrunk_alike(statistics, rows, rule) -> tuple:
+    """``(w, shrunk)``: the one weight ``w`` of ``rule`` (:func:`shrinkage_weight` on ``statistics[1]`` and ``rows``;
+    the largest over blocks; 0.0 for none) and every matrix of ``statistics`` shrunk by it (:func:`shrink_gram`;
+    unchanged when ``w`` is 0). A sequential fit's ``X^T X``, ``X'^T X'`` and ``X'^T X`` are shrunk alike, so
+    that the objective they define stays one objective."""
+    weight = shrinkage_weight(statistics[1], rows, rule)
+    w = 0.0 if weight is None else float(weight.max())
+    return w, [shrink_gram(S, torch.tensor([w], dtype=S.dtype)) if w else S for S in statistics]
+
+
 # --------------------------------------------------------------------------- compress(calibration=)
 
 OUTPUT_BOUND_NOTE = ("data-aware (calibrated) layers: rel_error_bound is the relative OUTPUT error "

@@ -32,7 +32,7 @@ from decomp_toolkit.decomp._backend import all_finite
 
 from ._accounting import layer_macs
 from ._modules import check_patterns, eval_mode, owners_of_parameters, set_submodule, tied_names, tied_reason
-from .decompose import decompose, worse_than_zero
+from .decompose import WorseThanZeroWarning, decompose, worse_than_zero
 from .errors import UnsupportedLayerError
 from .kinds import (check_dense_equivalent, is_candidate, kind_of, legacy_reparametrization, plain_copy,
                     registered_kinds)
@@ -452,13 +452,14 @@ def _factorize(target, settings, input_shape, record, time_layers=True):
     settings = _speed_settings({k: v for k, v in settings.items() if v is not None}, input_shape, target.name)
     try:
         with warnings.catch_warnings():   # a fit worse than zero is kept dense below, and said in the report
-            warnings.filterwarnings("ignore", message=".*worse than a zero weight")
+            warnings.simplefilter("ignore", WorseThanZeroWarning)
             factorized = decompose(target.dense, name=target.name, **settings)
     except UnsupportedLayerError as err:  # this method cannot factorize this layer: kept dense, say why
         record.status = "skipped: " + err.reason
         return None
-    if worse_than_zero(factorized.fit):
-        record.status = "skipped: " + worse_than_zero(factorized.fit)
+    reason = worse_than_zero(factorized.fit)
+    if reason is not None:
+        record.status = "skipped: " + reason
         return None
     bits_after = _module_bits(factorized)
     if hasattr(factorized, "size_bits"):

@@ -129,9 +129,14 @@ def decompose(layer, method: str = "svd", *, rank=None, energy=None, tol=None, r
         return build(parse_spec(entry, dict(rank=rank), context))
     built = optimize_for_speed(build(spec), standard, **speed, context=context,
                                rebuild=rebuild if "rank" in entry.spec_kinds else None)
-    if worse_than_zero(built.fit):
-        warnings.warn(f"{context}: {worse_than_zero(built.fit)}", stacklevel=2)
+    reason = worse_than_zero(built.fit)
+    if reason is not None:
+        warnings.warn(f"{context}: {reason}", WorseThanZeroWarning, stacklevel=2)
     return carry_marks(layer, built)
+
+
+class WorseThanZeroWarning(UserWarning):
+    """A factorized layer whose fit is worse than a zero weight (relative error >= 1)."""
 
 
 def worse_than_zero(fit) -> str | None:

@@ -34,10 +34,10 @@ from decomp_toolkit.decomp.asymmetric import centered_statistics
 from decomp_toolkit.decomp.interpolative import greedy_columns, group_columns, interpolative_fit, selection_error
 
 from ._chains import channel_chains, is_depthwise, is_per_unit
-from ._modules import carry_requires_grad, set_submodule
+from ._modules import carry_requires_grad, name_counts, set_submodule
 from ._accounting import CONV_TYPES
 from .batchnorm import BN_TYPES
-from .calibrate import shrink_gram, shrinkage_weight
+from .calibrate import shrunk_alike
 from .errors import UnsupportedLayerError
 from .fit import Fit
 
@@ -119,11 +119,11 @@ def find_pairs(model, targets, sliceable=None) -> list:
     conv shared with another part of the model (slicing it would untie it), is not a pair."""
     found, module = [], model.get_submodule   # a module shared by two blocks is read under either name
     sliceable = set(targets if sliceable is None else sliceable)
-    shared = _shared_modules(model)
+    counts = name_counts(model)
     for producers, consumer, between in channel_chains(model, targets):
         if (all(_outputs(module(n)) == _inputs(module(consumer)) for n in producers)
                 and all(n in sliceable for n in between if is_depthwise(module(n)))
-                and not any(id(module(n)) in shared for n in between)):   # slicing would untie a shared module
+                and all(counts[id(module(n))] == 1 for n in between)):   # slicing would untie a shared module
             found.append(Pair(producers, consumer, between))
     taken = {n for p in found for n in p.names}
     for consumer in targets:
@@ -140,14 +140,6 @@ def find_pairs(model, targets, sliceable=None) -> list:
                 taken.update(pair.names)
             break
     return found
-
-
-def _shared_modules(model) -> set:
-    """The ids of the modules reachable under more than one name."""
-    seen, shared = set(), set()
-    for _, m in model.named_modules(remove_duplicate=False):
-        (shared if id(m) in seen else seen).add(id(m))
-    return shared
 
 
 def _exists(model, name) -> bool:
@@ -294,21 +286,25 @@ def pair_profile(model, pair, gram, total, rows, fisher=None, min_rank=None, mul
                        rank_costs=multiple_rank_costs(n, step, fixed, multiple) if rounded else None)
 
 
-def _resized(layer, inputs: int, outputs: int, bias: bool):
-    """A layer of ``layer``'s kind and configuration with ``inputs`` / ``outputs`` units, marked ``resized``."""
+def _resized(layer, inputs: int, outputs: int, bias: bool, groups: int = 1):
+    """A layer of ``layer``'s kind, configuration and train / eval mode with ``inputs`` / ``outputs`` units (and
+    ``groups``, for a conv), marked ``resized``."""
     kw = dict(bias=bias, device=layer.weight.device, dtype=layer.weight.dtype)
     if isinstance(layer, nn.Linear):
         new = nn.Linear(inputs, outputs, **kw)
     else:
         new = type(layer)(inputs, outputs, layer.kernel_size, stride=layer.stride, padding=layer.padding,
-                          dilation=layer.dilation, padding_mode=layer.padding_mode, **kw)
+                          dilation=layer.dilation, groups=groups, padding_mode=layer.padding_mode, **kw)
     new.resized = True   # fewer units than the model it came from (layers._modules.carry_resized)
-    return carry_requires_grad(layer, new)
+    return carry_requires_grad(layer, new.train(layer.training))
 
 
 def slice_producer(layer, indices: torch.Tensor):
-    """``layer`` (a Linear or ungrouped conv) keeping only the output units (rows) ``indices``."""
-    new = _resized(layer, _inputs(layer), len(indices), layer.bias is not None)
+    """``layer`` (a Linear, an ungrouped conv or a depthwise conv, :func:`layers._chains.is_depthwise`) keeping only
+    the output units (rows) ``indices``; a depthwise conv keeps the same input channels (its groups)."""
+    k = len(indices)
+    depthwise = is_depthwise(layer)
+    new = _resized(layer, k if depthwise else _inputs(layer), k, layer.bias is not None, groups=k if depthwise else 1)
     rows = indices.to(layer.weight.device)
     with torch.no_grad():
         new.weight.copy_(layer.weight[rows])
@@ -319,22 +315,7 @@ def slice_producer(layer, indices: torch.Tensor):
 
 def slice_per_unit(module, indices: torch.Tensor):
     """A per-unit module between a pair's layers (a BatchNorm or a depthwise conv) keeping the channels ``indices``."""
-    return slice_batchnorm(module, indices) if isinstance(module, BN_TYPES) else slice_depthwise(module, indices)
-
-
-def slice_depthwise(conv, indices: torch.Tensor):
-    """A depthwise conv (:func:`layers._chains.is_depthwise`) keeping only the channels ``indices``, marked ``resized``."""
-    k = len(indices)
-    new = type(conv)(k, k, conv.kernel_size, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-                     groups=k, bias=conv.bias is not None, padding_mode=conv.padding_mode, device=conv.weight.device,
-                     dtype=conv.weight.dtype)
-    rows = indices.to(conv.weight.device)
-    with torch.no_grad():
-        new.weight.copy_(conv.weight[rows])
-        if conv.bias is not None:
-            new.bias.copy_(conv.bias[rows])
-    new.resized = True
-    return carry_requires_grad(conv, new.train(conv.training))
+    return slice_batchnorm(module, indices) if isinstance(module, BN_TYPES) else slice_producer(module, indices)
 
 
 def slice_batchnorm(bn, indices: torch.Tensor):
@@ -386,9 +367,7 @@ def fit_pair(consumer: nn.Linear, stats, kept: int, context: str = "", ridge: fl
         gram, gram_in, cross = centered_statistics(gram, gram_in, cross, mean, mean_in, stats.count)
     W = consumer.weight.detach().double().reshape(_outputs(consumer), -1)
     taps = _taps(consumer)
-    weight = shrinkage_weight(gram_in, stats.count, shrinkage)
-    w = 0.0 if weight is None else float(weight.max())
-    shrunk = [shrink_gram(S, torch.tensor([w], dtype=S.dtype)) if w else S for S in (gram, gram_in, cross)]
+    w, shrunk = shrunk_alike((gram, gram_in, cross), stats.count, shrinkage)
     fit = interpolative_fit(shrunk[1], shrunk[2] @ W.T, float((W @ shrunk[0] * W).sum()), kept, context=context,
                             group=taps, ridge=ridge)
     target_energy = float((W @ gram * W).sum())                  # ||W X^T||_F^2

@@ -83,7 +83,7 @@ from ._modules import set_submodule as _set_submodule
 from .batchnorm import prepare_batchnorm
 from .kinds import is_candidate, registered_kind, standard_layer
 from .calibrate import (attention_mask, drop_padding, gram_and_sum, gram_signature, iter_batches,
-                        model_call, pad_input, shrink_gram, shrinkage_weight, unfold_patches)
+                        model_call, pad_input, shrunk_alike, unfold_patches)
 from .errors import UnsupportedLayerError
 from .distributed import is_distributed as _distributed
 from .fisher import fisher_weighted_spectrum, output_fisher
@@ -268,9 +268,7 @@ def fit_layer(layer, stats: FitStatistics, rank: int, context: str = "", compare
     if centered:
         gram, gram_in, cross = centered_statistics(gram, gram_in, cross, mean, mean_in, stats.count)
     W = weight_matrix(layer).detach()
-    weight = shrinkage_weight(gram_in, stats.count, shrinkage)
-    w = 0.0 if weight is None else float(weight.max())
-    shrunk = [shrink_gram(S, torch.tensor([w], dtype=S.dtype)) if w else S for S in (gram, gram_in, cross)]
+    w, shrunk = shrunk_alike((gram, gram_in, cross), stats.count, shrinkage)
     fit = asymmetric_svd(W.double(), *shrunk, rank, context=context)
     if w:   # (2) holds for the shrunk statistics only: report the error measured on the calibration data
         error = error_bound = sequential_objective(W.double(), fit.to_tensor(), gram, gram_in, cross)

@@ -383,8 +383,7 @@ def _check_fits(base_module, replacement, where, resized=False):
     have = dense_config(standard_layer(base_module))
     want = replacement.dense_config
     diff = [k for k in SHAPE_KEYS if k in want and (
-        not (type(want[k]) is int and 0 < want[k] <= (have.get(k) or 0)) if resized and k in UNIT_KEYS
-        else _norm(have.get(k)) != _norm(want[k]))]
+        not _fewer_units(want[k], have.get(k)) if resized and k in UNIT_KEYS else _norm(have.get(k)) != _norm(want[k]))]
     if diff:
         raise CompressedModelError(f"{where}: the base model's layer has " + ", ".join(
             f"{k}={have.get(k)!r}" for k in diff) + " but the saved one has " + ", ".join(
@@ -542,6 +541,12 @@ def _plain_replacement(entry, bases, where):
     return module
 
 
+def _fewer_units(saved, base) -> bool:
+    """Whether a saved unit count (``in_features``, ``out_channels``, ...) is a pruned one of the base model's:
+    an int in ``[1, base]``."""
+    return type(saved) is int and 0 < saved <= (base or 0)
+
+
 def _depthwise_config(config, at_least=1) -> bool:
     """A depthwise conv's configuration (one filter per channel: its groups are its units), with at least
     ``at_least`` groups (a depthwise conv pruned to one channel has one)."""
@@ -557,7 +562,7 @@ def _check_resized(have, want, where):
                                    f"this kind has {sorted(have)}")
     units = UNIT_KEYS + (("groups",) if _depthwise_config(have, at_least=2) and _depthwise_config(want) else ())
     diff = [k for k in want if k not in FREE_KEYS and (
-        not (type(want[k]) is int and 0 < want[k] <= have[k]) if k in units else _norm(want[k]) != _norm(have[k]))]
+        not _fewer_units(want[k], have[k]) if k in units else _norm(want[k]) != _norm(have[k]))]
     if diff:
         raise CompressedModelError(f"{where}: the base model's layer has " + ", ".join(
             f"{k}={have[k]!r}" for k in diff) + " but the saved one has " + ", ".join(
