@@ -7,8 +7,8 @@ seconds, 1 torch thread by default):
 
 * ``calibrate(model, cal, include=LINEARS, batch_size=8)``
 * ``compress(model, method="svd", ratio=R, calibration=..., include=[LINEARS])`` (whitened SVD)
-* the same two with ``calibrate(..., gram_precision="float32")`` (float32 products, float64 sums;
-  SVD-LLM's own profiling is all float32)
+* the same two with ``calibrate(..., gram_precision="float32")`` (float32 products over blocks of
+  ``GRAM_BLOCK_ROWS`` = 2048 rows, float64 sums; SVD-LLM's own profiling is all float32)
 * with ``--sequential``: ``compress_sequential(model, cal, ratio=R, ...)`` and
   ``compress_sequential(model, cal, budget=dict(layer_params=R), min_rank={"*": 0.05}, ...)``
 * with ``--svdllm DIR`` (a checkout of SVD-LLM's code): its own profiling and truncation on the

@@ -123,22 +123,39 @@ def _blas_for(*tensors):
     return _blas()
 
 
-def symmetric_gram(R: torch.Tensor) -> torch.Tensor:
-    """``R^T R`` of ``R (N, P)`` in ``R``'s dtype, exactly symmetric.
+def symmetric_gram(R: torch.Tensor, of_rows: bool = False) -> torch.Tensor:
+    """``R^T R`` of ``R (N, P)`` (``R R^T`` with ``of_rows=True``) in ``R``'s dtype, exactly symmetric.
 
     On the CPU (float32/float64) the symmetric rank-N update (BLAS ``syrk``: one triangle, half
     the multiplications of a general product, on ``torch.get_num_threads()`` BLAS threads),
-    mirrored; elsewhere a matmul.
+    mirrored; elsewhere a matmul, symmetrized.
     """
+    if _blas_for(R) is None:
+        H = R @ R.T if of_rows else R.T @ R
+        return 0.5 * (H + H.T)
+    return mirror_upper(gram_upper_triangle(R, of_rows))
+
+
+def gram_upper_triangle(R: torch.Tensor, of_rows: bool = False) -> torch.Tensor:
+    """The upper triangle of ``R^T R`` ``(P, P)`` of ``R (N, P)`` (of ``R R^T`` ``(N, N)`` with
+    ``of_rows=True``) in ``R``'s dtype, its strict lower part zero.
+
+    On the CPU (float32/float64) BLAS ``syrk`` (half the multiplications of a general product);
+    elsewhere the upper triangle of a matmul. :func:`mirror_upper` makes the full Gram of it, so
+    sums of several triangles are mirrored once."""
     access = _blas_for(R)
     if access is None:
-        return R.T @ R
+        return torch.triu(R @ R.T if of_rows else R.T @ R)
     blas, threads = access
     syrk = blas.dsyrk if R.dtype == torch.float64 else blas.ssyrk
     R = R.contiguous()
-    with threads.limit(limits=torch.get_num_threads()):
-        upper = torch.from_numpy(syrk(1.0, R.numpy().T, trans=0))   # (P, N) Fortran view: R^T R
-    full = upper + upper.T            # the strict lower triangle of syrk's result is zero
+    with threads.limit(limits=torch.get_num_threads()):   # (P, N) Fortran view A = R^T: A A^T, or A^T A
+        return torch.from_numpy(syrk(1.0, R.numpy().T, trans=int(of_rows)))
+
+
+def mirror_upper(upper: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle is ``upper`` (P, P) (its strict lower part must be zero)."""
+    full = upper + upper.T
     full.diagonal().mul_(0.5)         # 2 d -> d: exact in binary floating point
     return full
 

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from ._backend import all_finite, as_compute_tensor, times_power_of_two, unit_scale
-from ._kernels import times_lower_triangular
+from ._kernels import symmetric_gram, times_lower_triangular
 from .formats.svd import WhitenedSVDFactors, svd_num_params
 from .rank import parse_rank_spec, select_rank, tail_errors
 
@@ -209,8 +209,8 @@ def gram_route(M):
     if M.dtype != torch.float64 or min(M.shape[-2:]) == 0:
         return None
     wide = M.shape[-2] <= M.shape[-1]
-    H = M @ M.transpose(-2, -1) if wide else M.transpose(-2, -1) @ M
-    values, vectors = torch.linalg.eigh(0.5 * (H + H.transpose(-2, -1)))
+    H = torch.stack([symmetric_gram(block, of_rows=wide) for block in M.reshape(-1, *M.shape[-2:])])
+    values, vectors = torch.linalg.eigh(H.reshape(*M.shape[:-2], *H.shape[-2:]))
     return values.flip(-1).clamp_min(0.0), vectors.flip(-1), wide
 
 

@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from decomp_toolkit.decomp._backend import all_finite
-from decomp_toolkit.decomp._kernels import symmetric_gram
+from decomp_toolkit.decomp._kernels import gram_upper_triangle, mirror_upper, symmetric_gram
 
 from ._accounting import CONV_TYPES
 from ._modules import eval_mode
@@ -42,7 +42,7 @@ from .sample_size import row_correlation
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 22  # 4M float64 numbers = 32 MiB of patches at a time
 GRAM_PRECISIONS = ("float64", "float32")
-GRAM_BLOCK_ROWS = 512  # rows per float32 product block (each block's sum is then added in float64)
+GRAM_BLOCK_ROWS = 2048  # rows per float32 product block (each block's sum is then added in float64)
 
 
 @dataclass
@@ -224,9 +224,10 @@ def calibrate(model, data, max_batches=None, include=None, progress=True, *, exc
 
     ``gram_precision``: the precision of the Gram's products (sums are always float64;
     :func:`gram_of`): ``"float64"`` (default: exact products of float32 inputs) or
-    ``"float32"`` (float32 products over blocks of ``GRAM_BLOCK_ROWS`` rows: about 2x faster,
-    each entry within ``~ 512 * 6e-8 * sum |x_i x_j|`` (typically its square root), the order of
-    the rounding already in float32 activations; the centered covariance ``G/N - mean mean^T``
+    ``"float32"`` (float32 products over blocks of ``GRAM_BLOCK_ROWS`` = 2048 rows: 1.5-2x faster
+    on the CPU, each entry within ``~ 2048 * 6e-8 * sum |x_i x_j|`` at worst, typically
+    ``sqrt(2048) * 6e-8 = 3e-6`` of it, as SVD-LLM's all-float32 profiling; the centered
+    covariance ``G/N - mean mean^T``
     of a channel whose mean is ``c`` times its standard deviation then loses ``~ c^2`` times
     more, so keep float64 when centering inputs with large means).
 
@@ -357,7 +358,8 @@ def _accumulate(result, name, module, gram_module, G, rows, S, masked):
         result.sums[name] += S.to("cpu")
         result.samples[name] += rows
     else:
-        result.grams[name], result.sums[name] = G.to("cpu", copy=True), S.to("cpu", copy=True)
+        result.grams[name], result.sums[name] = (t.to("cpu", copy=True, memory_format=torch.contiguous_format)
+                                                 for t in (G, S))
         result.samples[name] = rows
         result.weight_shapes[name] = tuple(gram_module.weight.shape)
         result._modules[name] = weakref.ref(module)
@@ -552,7 +554,8 @@ def gram_of(rows: torch.Tensor, products=torch.float64) -> torch.Tensor:
     first). ``products=torch.float32``: the rows are converted to float32, each block of
     ``GRAM_BLOCK_ROWS`` rows is multiplied in float32 and the blocks are summed in float64;
     entry ``(i, j)`` is then within ``~ GRAM_BLOCK_ROWS * 6e-8 * sum_r |x_ri x_rj|`` of the
-    float64 product (typically ``sqrt`` of that), and 2x faster. On the CPU the symmetric
+    float64 product (typically ``sqrt(GRAM_BLOCK_ROWS) * 6e-8`` of that sum), and 1.5-2x faster
+    (the blocks' triangles are summed and mirrored once). On the CPU the symmetric
     rank-N update (BLAS ``dsyrk`` / ``ssyrk``: one triangle, half the multiplications of a
     general product, run on ``torch.get_num_threads()`` BLAS threads) is used and mirrored;
     elsewhere a matmul.
@@ -580,11 +583,15 @@ def gram_and_sum(rows: torch.Tensor, products=torch.float64) -> tuple:
 
 
 def _blocked_gram(R: torch.Tensor) -> torch.Tensor:
-    """float64 sum over blocks of ``GRAM_BLOCK_ROWS`` rows of the float32 Grams of a float32 ``R (N, P)``."""
-    total = torch.zeros(R.shape[1], R.shape[1], dtype=torch.float64, device=R.device)
-    for start in range(0, R.shape[0], GRAM_BLOCK_ROWS):
-        total += symmetric_gram(R[start:start + GRAM_BLOCK_ROWS])
-    return total
+    """float64 sum over blocks of ``GRAM_BLOCK_ROWS`` rows of the float32 Grams of a float32 ``R (N, P)``
+    (the blocks' upper triangles are summed, the sum mirrored once; one block is mirrored in float32,
+    exactly, then converted)."""
+    if R.shape[0] <= GRAM_BLOCK_ROWS:
+        return mirror_upper(gram_upper_triangle(R)).to(torch.float64)
+    total = gram_upper_triangle(R[:GRAM_BLOCK_ROWS]).to(torch.float64)
+    for start in range(GRAM_BLOCK_ROWS, R.shape[0], GRAM_BLOCK_ROWS):
+        total += gram_upper_triangle(R[start:start + GRAM_BLOCK_ROWS])
+    return mirror_upper(total)
 
 
 def input_gram(layer, x, chunk_elements=DEFAULT_CHUNK_ELEMENTS, with_sum=False, products=torch.float64):
@@ -592,18 +599,17 @@ def input_gram(layer, x, chunk_elements=DEFAULT_CHUNK_ELEMENTS, with_sum=False, 
 
     ``with_sum=True`` returns ``(G, rows, S)`` with ``S (groups, P)`` the sum of the rows.
     Sums are float64, products in ``products`` (:func:`gram_of`), over chunks of at most
-    ``chunk_elements`` numbers.
+    ``chunk_elements`` numbers. ``G`` and ``S`` may be views of one buffer (copy before storing).
     """
     if isinstance(layer, nn.Linear):
         rows = x.detach().reshape(-1, x.shape[-1])
-        G = torch.zeros(1, rows.shape[1], rows.shape[1], dtype=torch.float64, device=x.device)
-        S = torch.zeros(1, rows.shape[1], dtype=torch.float64, device=x.device)
         step = max(1, chunk_elements // max(rows.shape[1], 1))
-        for start in range(0, rows.shape[0], step):
+        G, S = gram_and_sum(rows[:step], products)
+        for start in range(step, rows.shape[0], step):
             gram, total = gram_and_sum(rows[start:start + step], products)
-            G[0] += gram
-            S[0] += total
-        return (G, rows.shape[0], S) if with_sum else (G, rows.shape[0])
+            G += gram
+            S += total
+        return (G[None], rows.shape[0], S[None]) if with_sum else (G[None], rows.shape[0])
     if isinstance(layer, CONV_TYPES):
         G, rows, S = _conv_gram(layer, x.detach(), chunk_elements, products)
         return (G, rows, S) if with_sum else (G, rows)

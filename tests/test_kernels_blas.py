@@ -34,12 +34,15 @@ def test_times_lower_triangular_off_the_blas_path_is_a_matmul():
 
 
 @settings(max_examples=20)
-@given(rows=st.integers(0, 60), cols=st.integers(1, 30), float32=st.booleans(), seed=st.integers(0, 2 ** 16))
-def test_symmetric_gram_is_the_exactly_symmetric_product(rows, cols, float32, seed):
+@given(rows=st.integers(0, 60), cols=st.integers(1, 30), float32=st.booleans(), seed=st.integers(0, 2 ** 16),
+       of_rows=st.booleans())
+def test_symmetric_gram_is_the_exactly_symmetric_product(rows, cols, float32, seed, of_rows):
+    """R^T R (or R R^T with of_rows=True): exactly symmetric, each entry within the dot products' rounding bound."""
     dtype = torch.float32 if float32 else torch.float64
     R = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-    G = symmetric_gram(R)
+    G = symmetric_gram(R, of_rows=of_rows)
+    A = R.double().T if of_rows else R.double()       # G = A^T A
     u = 2.0 ** -24 if float32 else 2.0 ** -53
-    bound = 2 * max(rows, 1) * u * (R.double().abs().T @ R.double().abs()) + 1e-300
-    assert G.dtype == dtype and torch.equal(G, G.T)
-    assert bool(((G.double() - R.double().T @ R.double()).abs() <= bound).all())
+    bound = 2 * max(A.shape[0], 1) * u * (A.abs().T @ A.abs()) + 1e-300
+    assert G.dtype == dtype and G.shape == (A.shape[1], A.shape[1]) and torch.equal(G, G.T)
+    assert bool(((G.double() - A.T @ A).abs() <= bound).all())
