@@ -54,6 +54,21 @@ def conv_macs(conv, input_shape):
     return macs, (batch, conv.out_channels, *out_spatial)
 
 
+def conv_transpose_macs(conv, input_shape):
+    """``(macs, output_shape)`` of one nn.ConvTransposeNd on ``input_shape`` (kept dense: every
+    input entry is multiplied by the ``out_channels / groups`` x kernel weights it scatters to)."""
+    dims = conv_dims(conv)
+    batch, (channels, *spatial) = _split_batch(input_shape, dims + 1)
+    if channels != conv.in_channels:
+        raise ValueError(f"input_shape {tuple(input_shape)} has {channels} channels, the transposed conv "
+                         f"expects {conv.in_channels}")
+    out_spatial = tuple((size - 1) * s - 2 * p + d * (k - 1) + extra + 1 for size, k, s, p, d, extra in
+                        zip(spatial, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.output_padding))
+    per_input = (conv.out_channels // conv.groups) * math.prod(conv.kernel_size)
+    macs = batch * conv.in_channels * math.prod(spatial) * per_input
+    return macs, (batch, conv.out_channels, *out_spatial)
+
+
 def linear_macs(linear, input_shape):
     """``(macs, output_shape)`` of one nn.Linear on ``input_shape`` (..., in_features)."""
     shape = tuple(int(d) for d in input_shape)
@@ -64,13 +79,15 @@ def linear_macs(linear, input_shape):
 
 
 def layer_macs(module, input_shape):
-    """``(macs, output_shape)`` of a dense Linear/ConvNd or of any factorized layer."""
+    """``(macs, output_shape)`` of a dense Linear/ConvNd/ConvTransposeNd or of any factorized layer."""
     if hasattr(module, "flops_and_shape"):
         return module.flops_and_shape(input_shape)
     if isinstance(module, nn.Linear):
         return linear_macs(module, input_shape)
     if isinstance(module, CONV_TYPES):
         return conv_macs(module, input_shape)
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return conv_transpose_macs(module, input_shape)
     if is_supported(module):  # a registered layer kind: count its dense equivalent
         return layer_macs(standard_layer(module), input_shape)
     raise TypeError(f"no FLOP formula for {type(module).__name__}")

@@ -141,6 +141,19 @@ def carry_marks(original, replacement):
     return carry_resized(original, carry_requires_grad(original, replacement)).train(original.training)
 
 
+def carry_hooks(original, replacement, consumed=None):
+    """Give ``replacement`` the forward and forward-pre hooks of the ``original`` layer it replaces (plain,
+    with-kwargs and always-called ones, under their handles' ids), except ``consumed`` (a legacy weight
+    reparametrization hook whose effect the replacement's weights already hold). Returns ``replacement``."""
+    for store in ("_forward_pre_hooks", "_forward_hooks"):
+        for key, hook in getattr(original, store).items():
+            if hook is not consumed:
+                getattr(replacement, store)[key] = hook
+    for store in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+        getattr(replacement, store).update(getattr(original, store, {}))
+    return replacement
+
+
 def carry_resized(original, replacement):
     """Mark ``replacement`` ``resized`` when ``original`` is: a layer whose units hidden-unit pruning cut
     (:func:`layers.interpolative.slice_producer`), so that a saved model rebuilds it, factorized or not, at its

@@ -2,8 +2,7 @@
 
 ``BlockTermConv`` (Conv1d/2d/3d): the kernel ``K (N, C, *k)`` is a sum of ``n_blocks``
 Tucker blocks ``G_b ×_0 U_b ×_1 V_b`` (:func:`decomp.btd.btd` with block ranks
-``(R_out, R_in, *k)``: the spatial modes are kept whole, or absorbed into the cores when
-``ratio=`` truncates them), and the layer is
+``(R_out, R_in, *k)``: the spatial modes are kept whole), and the layer is
 
 * ``first``  1x1 conv C -> n_blocks*R_in (the stacked ``V_b^T``);
 * ``core``   grouped k x k conv, groups = n_blocks (block b maps its R_in channels to its
@@ -16,7 +15,8 @@ One block is :class:`~layers.tucker.TuckerConv`; many small blocks trade the cor
 MACs ``C B R_in H W + k^2 B R_in R_out H'W' + N B R_out H'W'``.
 
 Ranks: ``n_blocks=`` (default 4) and ``rank=R`` (R_out = R_in = R) or ``(R_out, R_in)``
-(the same for every block), or ``ratio=`` (uniform blocks, :func:`decomp.btd.btd`); no
+(the same for every block), or ``ratio=`` (the largest uniform channel rank whose layer fits:
+:func:`ranks_within_ratio`; spatial modes whole); no
 ``energy=``/``tol=`` (no spectrum, ranks not nested). Grouped convs: one BTD per group,
 the stages become grouped convs (first/last groups=g, core groups=g*n_blocks); depthwise
 convs are refused. ``fit.error`` is the exact a-posteriori error of the fit (root sum
@@ -27,9 +27,12 @@ defaults are ``n_iter_max=50``, ``n_init=2`` (decomp's: 100 and 4); both are pas
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from decomp_toolkit.decomp import btd as btd_decomp
+from decomp_toolkit.decomp.rank import largest_rank_within
 
 from ._tensor import group_kernels, pair_rank, probe_config, refuse_depthwise
 from .base import FactorizedChain
@@ -61,9 +64,10 @@ class BlockTermConv(FactorizedChain):
     def from_dense(cls, conv, spec, *, context="", n_blocks=4, n_iter_max=50, n_init=2, random_state=None):
         """One BTD per group (:func:`decomp.btd.btd`, spatial modes kept whole) for RankSpec ``spec``."""
         refuse_depthwise(conv, context, "btd")
-        results = [btd_decomp(K, **_block_spec(spec, conv, context), n_blocks=n_blocks, n_iter_max=n_iter_max,
-                              n_init=n_init, random_state=random_state, compute_dtype=torch.float64,
-                              context=context) for K in group_kernels(conv)]
+        block_spec = _block_spec(spec, conv, n_blocks, context)
+        results = [btd_decomp(K, **block_spec, n_blocks=n_blocks, n_iter_max=n_iter_max, n_init=n_init,
+                              random_state=random_state, compute_dtype=torch.float64, context=context)
+                   for K in group_kernels(conv)]
         blocks = [_absorb_spatial(f.blocks, len(conv.kernel_size)) for f in results]
         r_out, r_in = blocks[0][0][0].shape[:2]
         module = cls(**conv_config(conv), rank=(int(r_out), int(r_in)), n_blocks=n_blocks, bias=conv.bias is not None,
@@ -98,8 +102,11 @@ class BlockTermConv(FactorizedChain):
         return f"n_blocks={self.n_blocks}, rank={self.rank}"
 
 
-def _block_spec(spec, conv, context):
-    """The decomp.btd rank spec: a channel-rank pair becomes the block rank ``(R_out, R_in, *k)``."""
+def _block_spec(spec, conv, n_blocks, context):
+    """The decomp.btd rank spec: a channel-rank pair (given, or the largest within ``ratio=``:
+    :func:`ranks_within_ratio`) becomes the block rank ``(R_out, R_in, *k)``."""
+    if spec.kind == "ratio":
+        return {"rank": ranks_within_ratio(spec.value, conv, n_blocks, context) + tuple(conv.kernel_size)}
     if spec.kind != "rank":
         return spec_kwargs(spec)
     rank = pair_rank(spec.value) if isinstance(spec.value, int) else spec.value
@@ -107,6 +114,23 @@ def _block_spec(spec, conv, context):
         raise ValueError(f"{context}: rank={spec.value!r}: pass rank=R or rank=(R_out, R_in), the channel ranks "
                          f"of every block (the spatial modes are kept whole)")
     return {"rank": tuple(rank) + tuple(conv.kernel_size)}
+
+
+def ranks_within_ratio(ratio, conv, n_blocks, context="") -> tuple:
+    """``(R_out, R_in)``: the largest uniform channel rank ``R`` (capped at each group's channels) whose layer
+    holds at most ``ratio`` times the dense weight's ``N (C/g) k`` parameters. The layer stores
+    ``B R_in C + g B R_out R_in k + B R_out N`` (``B = n_blocks``, ``k`` the kernel's size, spatial modes
+    whole in the cores). InfeasibleRankError when even ``R = 1`` does not fit."""
+    g, N, C, kk = conv.groups, conv.out_channels, conv.in_channels, math.prod(conv.kernel_size)
+
+    def pair(R):
+        return min(R, N // g), min(R, C // g)
+
+    def params(R):
+        r_out, r_in = pair(R)
+        return n_blocks * (r_in * C + g * r_out * r_in * kk + r_out * N)
+
+    return pair(largest_rank_within(params, ratio * N * (C // g) * kk, max(N // g, C // g), context))
 
 
 def _absorb_spatial(blocks, dims):

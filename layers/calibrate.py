@@ -882,12 +882,24 @@ def calibrated_plan(plan, layers, calibration, report, held_out=False) -> tuple:
         sampling[name], weight = layer_sampling(calibration, name, gram, settings.get("shrinkage", "auto"), held_out)
         new_plan[name] = {**{k: v for k, v in settings.items() if k not in ("center", "shrinkage")},
                           "gram": shrink_gram(gram, weight), "input_mean": mean}
+    _check_calibration_matches(new_plan, sampling, calibration)
     if sampling:
         report.notes.append(OUTPUT_BOUND_NOTE)
     if weight_only:
         report.notes.append("no data-aware variant (decomposed from the weights alone, weight-error bounds): "
                             + ", ".join(weight_only))
     return new_plan, sampling
+
+
+def _check_calibration_matches(plan, sampling, calibration):
+    """ValueError when the calibration holds a Gram for none of the layers that would use one (a calibration of
+    another model, or of other layers): every such layer would be kept dense."""
+    missing = [n for n, v in plan.items() if isinstance(v, str) and v.startswith("skipped: no calibration Gram")]
+    if missing and not sampling:
+        raise ValueError(f"calibration= holds no Gram for any of the {len(missing)} layers to compress (layers: "
+                         f"{missing[:6]}{' ...' if len(missing) > 6 else ''}; calibrated: {calibration.names()[:6]}"
+                         f"{' ...' if len(calibration) > 6 else ''}): was it recorded on another model or with "
+                         f"another include=? Run calibrate(model, data) on this model")
 
 
 def undersampled_note(records) -> str | None:

@@ -31,7 +31,8 @@ import torch.nn as nn
 from decomp_toolkit.decomp._backend import all_finite
 
 from ._accounting import layer_macs
-from ._modules import check_patterns, eval_mode, owners_of_parameters, set_submodule, tied_names, tied_reason
+from ._modules import (carry_hooks, check_patterns, eval_mode, owners_of_parameters, set_submodule, tied_names,
+                       tied_reason)
 from .decompose import WorseThanZeroWarning, decompose, worse_than_zero
 from .errors import UnsupportedLayerError
 from .kinds import (check_dense_equivalent, is_candidate, kind_of, legacy_reparametrization, plain_copy,
@@ -246,7 +247,7 @@ def compress(model, method="svd", *, rank=None, energy=None, tol=None, ratio=Non
     """Factorize the Linear/Conv/Conv1D layers of ``model``; returns ``(compressed_model, Report)``.
 
     ``include``/``exclude``: fnmatch patterns on dotted module names (each must match a
-    layer). ``policy``: an ordered ``{pattern: dict(method=..., rank/energy/tol/ratio=...,
+    layer; ``include=None``: every layer, as in :func:`~layers.calibrate.calibrate`). ``policy``: an ordered ``{pattern: dict(method=..., rank/energy/tol/ratio=...,
     **options)}``; the first matching pattern wins and layers matching none use the
     top-level method and spec (without one they are kept dense, with that reason).
     Options that apply to some layer kinds only (``scheme=`` of svd convs) are passed to
@@ -288,6 +289,7 @@ def compress(model, method="svd", *, rank=None, energy=None, tol=None, ratio=Non
     measurements across calls). Without it the fast energy allocator is used.
     """
     _check_model(model)
+    include = ("*",) if include is None else include
     if not isinstance(time_layers, bool):
         raise TypeError(f"compress: time_layers= must be True or False, got {time_layers!r}")
     default = dict(method=method, rank=rank, energy=energy, tol=tol, ratio=ratio, **options)
@@ -420,8 +422,9 @@ def _process(model, target, settings, shapes, held, time_layers=True, sampling=N
     record.bits_before = _parameter_bits(module)
     record.params_after, record.bits_after = record.params_before, record.bits_before
     input_shape = shapes.get(target.name)
-    counted = dense if dense is not None else module if type(module) in (nn.Linear, nn.Conv1d, nn.Conv2d,
-                                                                          nn.Conv3d) else None
+    plain = type(module) in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d) or isinstance(
+        module, nn.modules.conv._ConvTransposeNd)
+    counted = dense if dense is not None else module if plain else None
     if input_shape is not None and counted is not None:
         record.flops_before = record.flops_after = layer_macs(counted, input_shape)[0]
     if sampling is not None:   # kept dense or not, what the calibration saw of this layer
@@ -560,13 +563,7 @@ def _output_error(dense, factorized, gram):
 def _install(model, target, factorized):
     """Put ``factorized`` at every name of ``target``, with the module's hooks and buffers carried over."""
     module = target.module
-    consumed = legacy_reparametrization(module)
-    for store in ("_forward_pre_hooks", "_forward_hooks"):
-        for key, hook in getattr(module, store).items():
-            if hook is not consumed:
-                getattr(factorized, store)[key] = hook
-    for store in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
-        getattr(factorized, store).update(getattr(module, store, {}))
+    carry_hooks(module, factorized, consumed=legacy_reparametrization(module))
     for name, buffer in module.named_buffers(recurse=False):
         if name not in dict(factorized.named_buffers(recurse=False)):
             factorized.register_buffer(name, buffer, persistent=name not in module._non_persistent_buffers_set)

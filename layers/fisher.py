@@ -10,14 +10,18 @@ comparable across layers of one model, unlike a layer's relative output energy.
 
 The loss (``loss=fn(model, batch) -> scalar``; default :func:`default_sensitivity_loss`):
 
-* a causal LM (integer ``(batch, tokens)`` ids, an output with ``logits`` or a
-  ``(batch, tokens, vocab)`` tensor): its next-token cross-entropy;
+* a language model (integer ``(batch, tokens)`` ids, an output with ``logits`` or a
+  ``(batch, tokens, vocab)`` tensor): the model's own ``loss`` when the batch has ``labels``, else
+  the next-token cross-entropy of the sequence the logits are computed on (``decoder_input_ids``
+  of an encoder-decoder, else ``input_ids``);
 * any other model: ``<v, f(x)>`` with ``v`` a fixed standard-normal direction per batch (seed 0)
   and ``f(x)`` the model's first output tensor. ``E_v[(J^T v)^2] = diag(J^T J)``: the Gauss-Newton
   sensitivity of the model's output to the layer's output, i.e. the curvature of
   ``||f'(x) - f(x)||^2`` (distance to the original outputs), which needs no labels.
 """
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
@@ -43,7 +47,7 @@ def _first_tensor(output):
 
 
 def _is_token_batch(batch) -> bool:
-    ids = batch_input(batch) if not isinstance(batch, dict) else batch.get("input_ids")
+    ids = batch_input(batch) if not isinstance(batch, Mapping) else batch.get("input_ids")
     return isinstance(ids, torch.Tensor) and ids.ndim == 2 and ids.dtype in (torch.int32, torch.int64)
 
 
@@ -67,19 +71,36 @@ class OutputProjectionLoss:
 
 
 class CausalLMLoss:
-    """Next-token cross-entropy of a causal LM; ``forward(model, batch)`` runs a batch (default: ``model(ids)``)."""
+    """Next-token cross-entropy of a (causal or encoder-decoder) LM; ``forward(model, batch)`` runs a
+    batch (default: ``model(ids)``).
+
+    The model's own ``loss`` when it returns one (a batch with ``labels``); else the logits
+    predict the next token of the sequence they were computed on: ``decoder_input_ids`` when the
+    batch has them (encoder-decoder models), else ``input_ids``."""
 
     def __init__(self, forward=None):
         self.forward = forward
 
     def __call__(self, model, batch):
-        ids = batch_input(batch) if not isinstance(batch, dict) else batch["input_ids"]
-        device = next((p.device for p in model.parameters()), None)
         out = self.forward(model, batch) if self.forward is not None else run_model(model, batch, what="layer_fisher")
+        if isinstance(getattr(out, "loss", None), torch.Tensor):
+            return out.loss
+        ids = _target_ids(batch)
         logits = _first_tensor(out)
-        ids = ids.to(logits.device if device is None else device)
+        if logits.ndim != 3 or tuple(logits.shape[:2]) != tuple(ids.shape):
+            raise ValueError(f"layer_fisher: the model's logits have shape {tuple(logits.shape)}, which does not match "
+                             f"the token ids of shape {tuple(ids.shape)} they should predict; pass "
+                             f"loss=fn(model, batch) -> scalar, or labels in the batch")
+        device = next((p.device for p in model.parameters()), logits.device)
         return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                                 ids[:, 1:].reshape(-1))
+                                                 ids.to(device)[:, 1:].reshape(-1))
+
+
+def _target_ids(batch) -> torch.Tensor:
+    """The token ids the logits of ``batch`` are computed on (``decoder_input_ids`` first)."""
+    if not isinstance(batch, Mapping):
+        return batch_input(batch)
+    return batch["decoder_input_ids"] if "decoder_input_ids" in batch else batch["input_ids"]
 
 
 def default_sensitivity_loss(model, batch, forward=None):

@@ -336,7 +336,9 @@ def find_blocks(model, targets) -> list:
 def select_targets(model, include=("*",), exclude=()) -> list:
     """Names of the Linear / ConvNd layers (and registered kinds, e.g. transformers' ``Conv1D``; unsupported kinds
     such as transposed convs are returned too, and kept dense with their reason) matching ``include`` and not
-    ``exclude`` (fnmatch; a pattern that matches no such layer is a ValueError naming it)."""
+    ``exclude`` (fnmatch; a pattern that matches no such layer is a ValueError naming it; ``include=None``: every
+    layer)."""
+    include = ("*",) if include is None else include
     if isinstance(include, str):
         include = (include,)
     if isinstance(exclude, str):

@@ -10,7 +10,8 @@ A folder written by :func:`save_compressed` holds
   class name, ``config``: the constructor keywords that rebuild it, and its own buffers,
   e.g. those carried over from the layer it replaced), every plain Linear / ConvNd /
   BatchNorm (``plain``: class and constructor configuration, so that layers resized by
-  hidden-unit pruning are rebuilt at their saved size), the tied names, what the base
+  hidden-unit pruning are rebuilt at their saved size), the names of its ``nn.Identity`` layers
+  (``identities``: BatchNorms folded by ``fold_bn=True``), the tied names, what the base
   model is, and the compression report if given;
 * ``config.json`` for a ``transformers`` model (``model.config.save_pretrained``), so that
   the folder is also a ``save_pretrained`` folder.
@@ -18,7 +19,9 @@ A folder written by :func:`save_compressed` holds
 :func:`load_compressed` rebuilds the base architecture (or takes ``model=``), puts a module
 of each listed class at each listed name (outer factorized modules before the ones nested
 in them; a plain layer only where the base model's differs from the saved one: a smaller
-one, never a larger one or another kind), and loads the weights strictly. Classes are
+one, never a larger one or another kind; an ``nn.Identity`` over a BatchNorm that ``fold_bn=True``
+folded), carries the base model's forward hooks to the modules it puts in (as ``compress`` does),
+and loads the weights strictly. Classes are
 looked up by NAME among the :class:`~layers.base.FactorizedLayer` subclasses already
 imported (the built-in methods and any the user imported); the manifest never makes
 Python import anything. A manifest that does not parse, names an unknown class, a module
@@ -41,9 +44,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ._modules import carry_hooks
 from ._modules import set_submodule as _set_module
 from .base import FactorizedLayer
-from .kinds import dense_config, kind_of, standard_layer
+from .kinds import dense_config, kind_of, legacy_reparametrization, standard_layer
 
 MANIFEST = "compressed.json"
 WEIGHTS = "model.safetensors"
@@ -194,6 +198,14 @@ def _manifest_entries(model) -> tuple:
     return modules, plain
 
 
+def _identity_names(model) -> list:
+    """Every name of an ``nn.Identity`` outside the factorized modules (where ``fold_bn=True`` put one in place of
+    a BatchNorm: loading puts it back over the base model's BatchNorm)."""
+    inside = tuple(n + "." for names, _ in _factorized_modules(model) for n in names)
+    return [n for names, _ in _module_names(model, lambda m: type(m) is nn.Identity) for n in names
+            if not n.startswith(inside)]
+
+
 def _storage_key(tensor):
     return (tensor.device.type, tensor.untyped_storage().data_ptr())
 
@@ -253,7 +265,8 @@ def save_compressed(model: nn.Module, directory, *, report=None, base=None) -> P
     tensors, tied = _deduplicated(model.state_dict())
     manifest = {"format": FORMAT, "version": VERSION, "base": _describe_base(model, base),
                 "base_class": type(model).__name__, "params": sum(p.numel() for p in model.parameters()),
-                "modules": modules, "plain": plain, "tied": tied, "weights": WEIGHTS,
+                "modules": modules, "plain": plain, "identities": _identity_names(model), "tied": tied,
+                "weights": WEIGHTS,
                 "report": report_to_dict(report) if report is not None else None}
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(directory / WEIGHTS), metadata={"format": "pt"})
@@ -306,6 +319,9 @@ def _check_entries(manifest, path):
                 raise CompressedModelError(f"{str(path)!r}: plain[{i}] ({entry['name']!r}): 'family' must be one "
                                            f"of {', '.join(PLAIN_CLASSES)}; got {entry.get('family')!r}")
             _check_buffer_specs(entry.get("buffers", []), f"{str(path)!r}: {key}[{i}] ({entry['name']!r})")
+    identities = manifest.get("identities", [])
+    if not (isinstance(identities, list) and all(isinstance(n, str) and n for n in identities)):
+        raise CompressedModelError(f"{str(path)!r}: 'identities' must be a list of module names")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
         raise CompressedModelError(f"{str(path)!r}: 'tied' must map names to names")
     base = manifest.get("base")
@@ -499,6 +515,24 @@ def _replacements(model, manifest, directory) -> list:
     return out
 
 
+def _folded_batchnorms(model, manifest, directory) -> list:
+    """``[(names, nn.Identity())]`` for the saved Identity layers where the base model has a BatchNorm (folded into
+    the conv before it by ``fold_bn=True``); an Identity where the base model has another kind of module is
+    refused. ``model`` is not changed."""
+    out = []
+    for name in manifest.get("identities", []):
+        where = f"{str(directory)!r}, module {name!r}"
+        base = _locate(model, {}, name, where)[2]
+        if type(base) is nn.Identity:
+            continue
+        if not isinstance(base, nn.modules.batchnorm._BatchNorm):
+            raise CompressedModelError(f"{where}: the saved model has an Identity here (a BatchNorm folded by "
+                                       f"fold_bn=True), the base model a {type(base).__name__}: is it the "
+                                       f"architecture the folder was saved from?")
+        out.append(([name], nn.Identity()))
+    return out
+
+
 def _plain_view(base, family, entry, where):
     """``base`` as a plain layer of ``family`` (a registered kind such as transformers' ``Conv1D`` through the
     plain layer computing the same: ``compress_sequential`` converts those); another module is refused."""
@@ -654,12 +688,13 @@ def load_compressed(directory, model: nn.Module | None = None) -> nn.Module:
     manifest = read_manifest(directory)
     if model is None:
         model = build_base(manifest, directory)
-    replacements = _replacements(model, manifest, directory)
+    replacements = _replacements(model, manifest, directory) + _folded_batchnorms(model, manifest, directory)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     state = _read_weights(directory, manifest, _expected_state(model, replacements), device)
     for names, module in replacements:
-        for name in names:
-            _set_module(model, name, module)
+        for name in names:   # the base model's hooks are part of its architecture: compress carried them too
+            base = model.get_submodule(name)
+            _set_module(model, name, carry_hooks(base, module, consumed=legacy_reparametrization(base)))
     model.load_state_dict(state, strict=True, assign=True)
     _retie(model, manifest.get("tied", {}))
     return model.eval()

@@ -388,3 +388,18 @@ def test_cli_pq_with_bits_needs_no_rank_spec(capsys, net_file, tmp_path):
                  "-q"])
     assert code == 0 and out.exists()
     assert "PQLinear" in capsys.readouterr().out
+
+
+def test_a_calibration_of_other_layers_is_refused_instead_of_keeping_every_layer_dense():
+    """A Calibration whose names match none of the layers to compress (another model's, or other layers')
+    raised nothing before and returned a model with every layer kept dense; one layer calibrated is enough."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    nested = nn.Sequential(nn.Sequential(nn.Linear(8, 8)), nn.ReLU(), nn.Sequential(nn.Linear(8, 8)))
+    other = calibrate(mlp, torch.randn(64, 8), progress=False)
+    with pytest.raises(ValueError, match=r"no Gram for any of the 2 layers.*'0\.0', '2\.0'.*calibrated: \['0', '2'\]"):
+        compress(nested, ratio=0.5, calibration=other, progress=False)
+    partial = calibrate(mlp, torch.randn(64, 8), include=["0"], progress=False)
+    _, report = compress(mlp, ratio=0.5, calibration=partial, progress=False)
+    status = {r.name: r.status for r in report.layers}
+    assert status["0"] == "replaced" and status["2"].startswith("skipped: no calibration Gram")

@@ -11,6 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from decomp_toolkit.layers import compress, decompose
+from decomp_toolkit.layers._accounting import layer_macs
+from decomp_toolkit.layers.sequential import compress_sequential
 from decomp_toolkit.layers.errors import UnsupportedLayerError
 from decomp_toolkit.layers.kinds import register_layer_kind
 from _unchanged import assert_unchanged, snapshot
@@ -571,3 +573,37 @@ def test_every_method_compresses_a_model_that_exports_with_a_dynamic_batch(metho
     x = torch.randn(3, 4, 6, 6)
     with torch.no_grad():
         torch.testing.assert_close(exported.module()(x), small(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: nn.ConvTranspose2d(8, 6, 3, stride=2, padding=1, output_padding=1), (2, 8, 5, 7)),
+    (lambda: nn.ConvTranspose1d(6, 9, 4, stride=3, dilation=2, groups=3), (6, 11)),
+    (lambda: nn.ConvTranspose3d(4, 2, 2, stride=2), (1, 4, 3, 2, 3)),
+])
+def test_a_transposed_conv_kept_dense_is_counted_as_the_adjoint_of_its_conv(make, shape):
+    """MACs of ConvTransposeNd = MACs of the ConvNd it is the adjoint of, run on its output; the output shape is
+    the module's own. compress and compress_sequential with example_input= count it (they raised before)."""
+    torch.manual_seed(0)
+    up = make()
+    x = torch.randn(shape)
+    macs, out_shape = layer_macs(up, shape)
+    y = up(x)
+    conv = getattr(nn, type(up).__name__.replace("Transpose", ""))(up.out_channels, up.in_channels, up.kernel_size, up.stride, up.padding, up.dilation,
+                                up.groups)
+    assert tuple(out_shape[1:]) == tuple(y.shape[-len(out_shape) + 1:])
+    assert macs == layer_macs(conv, tuple(y.shape))[0]
+    model = nn.Sequential(nn.Identity(), up).eval()
+    for run in (lambda: compress(model, rank=1, example_input=x, progress=False)[1],
+                lambda: compress_sequential(model, [x], ratio=0.5, example_input=x, progress=False)[1]):
+        record = {r.name: r for r in run().layers}["1"]
+        assert not record.replaced and record.flops_before == record.flops_after == macs
+
+
+def test_include_none_means_every_layer_as_in_calibrate():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 6)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    for run in (lambda **kw: compress(model, rank=2, fold_bn=True, progress=False, **kw),
+                lambda **kw: compress_sequential(model, [x], ratio=0.5, progress=False, **kw)):
+        default, given = run()[1], run(include=None)[1]
+        assert [(r.name, r.status, r.rank) for r in given.layers] == [(r.name, r.status, r.rank) for r in default.layers]

@@ -151,3 +151,38 @@ def test_bad_specs(kwargs, exc, match):
 def test_bad_inputs(bad, exc, match):
     with pytest.raises(exc, match=match):
         btd(bad, n_blocks=1, rank=(1, 1, 1))
+
+
+@pytest.mark.parametrize("make, n_blocks", [
+    (lambda: torch.nn.Conv2d(16, 24, 3, padding=1), 4),
+    (lambda: torch.nn.Conv3d(8, 12, 3, padding=1), 4),
+    (lambda: torch.nn.Conv2d(12, 18, 3, groups=3), 2),
+    (lambda: torch.nn.Conv1d(6, 40, 5), 3),
+])
+@pytest.mark.parametrize("ratio", [0.15, 0.5, 0.9])
+def test_the_layers_ratio_keeps_the_largest_channel_rank_whose_layer_fits(make, n_blocks, ratio):
+    """ratio= counts what the layer stores (spatial modes whole in the cores): its weights fit, one more channel
+    rank would not (or the rank is capped at the group's channels); before, the separate spatial factors were
+    counted and the layers landed at 23-37% for ratio 0.5."""
+    from decomp_toolkit.layers import decompose
+    from decomp_toolkit.layers.errors import UnsupportedLayerError
+    torch.manual_seed(0)
+    conv = make()
+
+    def weights(layer):
+        return sum(p.numel() for n, p in layer.named_parameters() if not n.endswith("bias"))
+
+    if weights(decompose(conv, method="btd", rank=1, n_blocks=n_blocks, n_iter_max=1, n_init=1)) > (
+            ratio * conv.weight.numel()):
+        with pytest.raises(UnsupportedLayerError, match=f"ratio={ratio}: even rank 1 needs"):
+            decompose(conv, method="btd", ratio=ratio, n_blocks=n_blocks)
+        return
+    layer = decompose(conv, method="btd", ratio=ratio, n_blocks=n_blocks, n_iter_max=3, n_init=1)
+    assert weights(layer) <= ratio * conv.weight.numel()
+    r_out, r_in = layer.rank
+    g = conv.groups
+    capped = r_out == conv.out_channels // g and r_in == conv.in_channels // g
+    larger = decompose(conv, method="btd", rank=(min(r_out + 1, conv.out_channels // g),
+                                               min(r_in + 1, conv.in_channels // g)), n_blocks=n_blocks,
+                       n_iter_max=1, n_init=1)
+    assert capped or weights(larger) > ratio * conv.weight.numel()

@@ -165,3 +165,37 @@ def test_fisher_follows_the_output_rescaling_of_bn_aware_compression():
     small, report = compress(model, method="svd", budget=dict(params=0.6), calibration=cal, progress=False)
     assert report.budget.met and any("estimated loss increase" in n for n in report.notes)
     assert any(n.startswith("bn_aware") for n in report.notes)
+
+
+def test_the_language_model_loss_follows_the_decoder_ids_of_an_encoder_decoder():
+    """T5: the logits are over decoder positions, so the next-token targets are decoder_input_ids (a shorter
+    sequence than input_ids: the cross-entropy on input_ids raised); with labels the model's own loss is used."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.T5Config(num_layers=1, num_decoder_layers=1, d_model=16, d_ff=32, num_heads=2, d_kv=8,
+                                   vocab_size=40, decoder_start_token_id=0, pad_token_id=0)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    batch = {"input_ids": torch.randint(0, 40, (3, 9)), "decoder_input_ids": torch.randint(0, 40, (3, 5))}
+    with torch.no_grad():
+        loss = default_sensitivity_loss(model, batch)
+        logits = model(**batch).logits
+        expected = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 40), batch["decoder_input_ids"][:, 1:].reshape(-1))
+        assert isinstance(loss, CausalLMLoss)
+        assert torch.allclose(loss(model, batch), expected)
+        labelled = {"input_ids": batch["input_ids"], "labels": batch["decoder_input_ids"]}
+        assert torch.allclose(loss(model, labelled), model(**labelled).loss)
+    fisher = calibrate(model, [batch], progress=False, fisher=True).fisher
+    assert fisher and all(bool(torch.isfinite(f).all()) and float(f.sum()) > 0 for f in fisher.values())
+
+
+def test_logits_that_do_not_match_the_ids_are_refused_with_the_shapes():
+    class Pooled(nn.Module):   # (batch, tokens) ids in, one (batch, 1, vocab) logit row out
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = nn.Embedding(20, 8), nn.Linear(8, 20)
+
+        def forward(self, ids):
+            return self.head(self.embed(ids).mean(1, keepdim=True))
+
+    with pytest.raises(ValueError, match=r"logits have shape \(2, 1, 20\).*token ids of shape \(2, 6\).*loss="):
+        CausalLMLoss()(Pooled(), torch.randint(0, 20, (2, 6)))

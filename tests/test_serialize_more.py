@@ -250,3 +250,59 @@ def test_a_pruned_then_factorized_model_round_trips_and_a_wider_saved_layer_is_s
     narrower = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16))
     with pytest.raises(CompressedModelError, match=r"out_features=32 but the saved one has out_features=64"):
         load_compressed(tmp_path / "dense", narrower)
+
+
+def _conv_bn(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+    with torch.no_grad():
+        for bn in (model[1], model[4]):
+            bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.uniform_(0.5, 2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("spec", [dict(ratio=0.5), dict(rank=12)])
+def test_a_model_compressed_with_folded_batchnorms_reloads_over_the_base_architecture(spec, tmp_path):
+    """fold_bn=True puts Identity where each BN was (and a bias on a conv that had none, also when that conv is
+    kept dense: rank 12 costs more than conv 0); loading over a fresh base model puts them back (it raised
+    'missing 1.bias ...')."""
+    x = torch.randn(2, 3, 8, 8)
+    small, report = compress(_conv_bn(), method="svd", fold_bn=True, progress=False, **spec)
+    assert type(small[1]) is type(small[4]) is nn.Identity
+    assert (type(small[0]) is nn.Conv2d and small[0].bias is not None) == ("rank" in spec)
+    save_compressed(small, tmp_path, report=report)
+    loaded = load_compressed(tmp_path, model=_conv_bn(seed=1))
+    assert type(loaded[1]) is type(loaded[4]) is nn.Identity
+    _assert_same(loaded, small, x)
+
+
+def test_an_identity_over_a_module_that_is_no_batchnorm_is_refused_and_the_model_is_unchanged(tmp_path):
+    small, _ = compress(_conv_bn(), method="svd", ratio=0.5, fold_bn=True, progress=False)
+    save_compressed(small, tmp_path)
+    base = _conv_bn()
+    base[4] = nn.Dropout()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(CompressedModelError, match=r"module '4'.*Identity here.*the base model a Dropout"):
+        load_compressed(tmp_path, model=base)
+    assert type(base[4]) is nn.Dropout and type(base[0]) is nn.Conv2d
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+
+
+def test_the_base_models_forward_hooks_are_carried_to_the_loaded_replacements(tmp_path):
+    """A hook of the base architecture (here: doubling a layer's output) moves to the factorized layer at
+    compress; a fresh base model's own hook moves to it at load too (it was dropped: outputs differed)."""
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 32)).eval()
+        model[0].register_forward_hook(lambda module, args, out: out * 2.0)
+        model[2].register_forward_pre_hook(lambda module, args: (args[0] - 0.5,))
+        return model
+
+    x = torch.randn(4, 32)
+    small, report = compress(build(), method="svd", ratio=0.5, progress=False)
+    assert isinstance(small[0], LowRankLinear) and len(small[0]._forward_hooks) == 1
+    save_compressed(small, tmp_path, report=report)
+    loaded = load_compressed(tmp_path, model=build())
+    assert len(loaded[0]._forward_hooks) == len(loaded[2]._forward_pre_hooks) == 1
+    _assert_same(loaded, small, x)
