@@ -21,6 +21,7 @@ eval mode, e.g. to freeze BatchNorm statistics on small data) and gets its flags
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
@@ -47,17 +48,19 @@ def finetune(student, teacher, data, epochs=1, temperature=4.0, alpha=0.9, lr=1e
              student_train_mode=True, random_state=0, forward=None) -> list:
     """Distil ``teacher`` into ``student`` on ``data``; returns the per-epoch history.
 
-    ``data``: a re-iterable of batches (a tensor, or tuples ``(x,)`` / ``(x, labels)``
+    ``data``: a re-iterable of batches (a tensor, a dict of tensors, or tuples ``(x,)`` / ``(x, labels)``
     with ``labels`` an integer tensor of shape (B,)), or one input tensor (shuffled each
     epoch with ``random_state`` and split into ``batch_size`` batches). ``layer_match``:
     a list of module names present in both models, or ``{student name: teacher name}``.
     ``max_batches`` limits the batches per epoch. Returns a list with one dict per epoch:
     ``epoch, steps, loss, kd`` (mean over the epoch's batches) and ``ce`` / ``match`` /
     ``accuracy`` (student's training accuracy on the labelled batches) where they apply.
-    ``forward(model, x) -> logits`` runs a model on a batch input (default ``model(x)``;
-    e.g. ``lambda m, x: m(*x)`` for models taking several tensors).
+    ``forward(model, x) -> logits`` runs a model on a batch input (default
+    :func:`default_forward`: ``model(x)``, or ``model(**x).logits`` for a dict batch such as
+    ``{"input_ids": ...}`` of a ``transformers`` model; e.g. ``lambda m, x: m(*x)`` for models
+    taking several tensors).
     """
-    run = forward or (lambda model, x: model(x))
+    run = forward or default_forward
     _check(student, teacher, epochs, temperature, alpha, lr)
     _check_finite_number("weight_decay", weight_decay, allow_zero=True)
     _check_finite_number("match_weight", match_weight, allow_zero=True)
@@ -184,7 +187,7 @@ def _untie_from_teacher(student, teacher) -> None:
 
 def _check_batch(x, labels, epoch, index):
     where = f"finetune: epoch {epoch + 1}, batch {index}"
-    tensors = x if isinstance(x, (tuple, list)) else [x]
+    tensors = x if isinstance(x, (tuple, list)) else list(x.values()) if isinstance(x, Mapping) else [x]
     for t in tensors:
         if isinstance(t, torch.Tensor) and t.is_floating_point() and not all_finite(t):
             raise ValueError(f"{where}: the input contains NaN or Inf (shape {tuple(t.shape)}); clean the data")
@@ -259,6 +262,14 @@ def _epoch_batches(data, batch_size, generator):
     return iter_batches(data)
 
 
+def default_forward(model, x):
+    """``model(x)``; for a mapping batch ``model(**x)``, its ``logits`` when the output has them."""
+    if not isinstance(x, Mapping):
+        return model(x)
+    out = model(**x)
+    return out.logits if getattr(out, "logits", None) is not None else out
+
+
 def _split_batch(batch, device):
     labels = None
     if isinstance(batch, (tuple, list)):
@@ -272,6 +283,8 @@ def _split_batch(batch, device):
         x = batch
     if isinstance(x, (tuple, list)):
         return type(x)(t.to(device) if isinstance(t, torch.Tensor) else t for t in x), labels
+    if isinstance(x, Mapping):
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in x.items()}, labels
     return x.to(device), labels
 
 

@@ -4,6 +4,8 @@ Calibration inputs as users have them (dict / BatchEncoding / tuple batches, att
 data), too-small calibration sets (shrinkage), NaN/Inf, memory guard, finetune hyper-parameters and
 labels, and the CLI's answers to invalid or no-op requests. Inputs are checked bit for bit.
 """
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -403,3 +405,18 @@ def test_a_calibration_of_other_layers_is_refused_instead_of_keeping_every_layer
     _, report = compress(mlp, ratio=0.5, calibration=partial, progress=False)
     status = {r.name: r.status for r in report.layers}
     assert status["0"] == "replaced" and status["2"].startswith("skipped: no calibration Gram")
+
+
+def test_finetune_takes_the_dict_batches_calibrate_takes():
+    """{"input_ids": ...} batches of a transformers LM: run as model(**batch).logits (an AttributeError before)."""
+    torch.manual_seed(0)
+    teacher = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=16,
+                                         bos_token_id=0, eos_token_id=0)).eval()
+    batches = [{"input_ids": torch.randint(0, 50, (2, 8))} for _ in range(2)]
+    student, _ = compress(teacher, method="svd", ratio=0.5, progress=False)
+    before, teacher_before = snapshot(student), snapshot(teacher)
+    history = finetune(student, teacher, batches, epochs=1, progress=False)
+    assert history[0]["steps"] == 2 and math.isfinite(history[0]["kd"])
+    assert_unchanged(teacher, teacher_before)
+    with pytest.raises(AssertionError):
+        assert_unchanged(student, before)
