@@ -127,12 +127,9 @@ def symmetric_gram(R: torch.Tensor, of_rows: bool = False) -> torch.Tensor:
     """``R^T R`` of ``R (N, P)`` (``R R^T`` with ``of_rows=True``) in ``R``'s dtype, exactly symmetric.
 
     On the CPU (float32/float64) the symmetric rank-N update (BLAS ``syrk``: one triangle, half
-    the multiplications of a general product, on ``torch.get_num_threads()`` BLAS threads),
-    mirrored; elsewhere a matmul, symmetrized.
+    the multiplications of a general product, on ``torch.get_num_threads()`` BLAS threads);
+    elsewhere a matmul; its upper triangle mirrored (:func:`gram_upper_triangle`).
     """
-    if _blas_for(R) is None:
-        H = R @ R.T if of_rows else R.T @ R
-        return 0.5 * (H + H.T)
     return mirror_upper(gram_upper_triangle(R, of_rows))
 
 

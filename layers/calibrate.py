@@ -587,7 +587,7 @@ def _blocked_gram(R: torch.Tensor) -> torch.Tensor:
     (the blocks' upper triangles are summed, the sum mirrored once; one block is mirrored in float32,
     exactly, then converted)."""
     if R.shape[0] <= GRAM_BLOCK_ROWS:
-        return mirror_upper(gram_upper_triangle(R)).to(torch.float64)
+        return symmetric_gram(R).to(torch.float64)
     total = gram_upper_triangle(R[:GRAM_BLOCK_ROWS]).to(torch.float64)
     for start in range(GRAM_BLOCK_ROWS, R.shape[0], GRAM_BLOCK_ROWS):
         total += gram_upper_triangle(R[start:start + GRAM_BLOCK_ROWS])
@@ -858,7 +858,7 @@ def calibrated_plan(plan, layers, calibration, report, held_out=False) -> tuple:
     if not isinstance(calibration, Calibration):
         raise TypeError(f"calibration= must be a layers.calibrate.Calibration (from decomp_toolkit.layers.calibrate("
                         f"model, data)), got {type(calibration).__name__}")
-    methods, new_plan, weight_only, sampling = available_methods(), dict(plan), [], {}
+    methods, new_plan, weight_only, sampling, missing = available_methods(), dict(plan), [], {}, []
     for name, settings in plan.items():
         if isinstance(settings, str) or name not in layers:
             continue
@@ -872,6 +872,7 @@ def calibrated_plan(plan, layers, calibration, report, held_out=False) -> tuple:
         if name not in calibration:
             why = calibration.skipped.get(name, "it did not run during calibrate(), or was not selected by include=")
             new_plan[name] = f"skipped: no calibration Gram for this layer ({why})"
+            missing.append(name)
             continue
         shape = calibration.weight_shapes.get(name)
         if shape is not None and tuple(shape) != tuple(layer.weight.shape):
@@ -882,7 +883,7 @@ def calibrated_plan(plan, layers, calibration, report, held_out=False) -> tuple:
         sampling[name], weight = layer_sampling(calibration, name, gram, settings.get("shrinkage", "auto"), held_out)
         new_plan[name] = {**{k: v for k, v in settings.items() if k not in ("center", "shrinkage")},
                           "gram": shrink_gram(gram, weight), "input_mean": mean}
-    _check_calibration_matches(new_plan, sampling, calibration)
+    _check_calibration_matches(missing, sampling, calibration)
     if sampling:
         report.notes.append(OUTPUT_BOUND_NOTE)
     if weight_only:
@@ -891,10 +892,10 @@ def calibrated_plan(plan, layers, calibration, report, held_out=False) -> tuple:
     return new_plan, sampling
 
 
-def _check_calibration_matches(plan, sampling, calibration):
-    """ValueError when the calibration holds a Gram for none of the layers that would use one (a calibration of
-    another model, or of other layers): every such layer would be kept dense."""
-    missing = [n for n, v in plan.items() if isinstance(v, str) and v.startswith("skipped: no calibration Gram")]
+def _check_calibration_matches(missing, sampling, calibration):
+    """ValueError when the calibration holds a Gram for none of the layers that would use one (``missing``: the
+    layers without one; ``sampling``: those with one), e.g. a calibration of another model or of other layers:
+    every such layer would be kept dense."""
     if missing and not sampling:
         raise ValueError(f"calibration= holds no Gram for any of the {len(missing)} layers to compress (layers: "
                          f"{missing[:6]}{' ...' if len(missing) > 6 else ''}; calibrated: {calibration.names()[:6]}"

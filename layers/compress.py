@@ -246,9 +246,9 @@ def compress(model, method="svd", *, rank=None, energy=None, tol=None, ratio=Non
              **options):
     """Factorize the Linear/Conv/Conv1D layers of ``model``; returns ``(compressed_model, Report)``.
 
-    ``include``/``exclude``: fnmatch patterns on dotted module names (each must match a
-    layer; ``include=None``: every layer, as in :func:`~layers.calibrate.calibrate`). ``policy``: an ordered ``{pattern: dict(method=..., rank/energy/tol/ratio=...,
-    **options)}``; the first matching pattern wins and layers matching none use the
+    ``include``/``exclude``: fnmatch patterns on dotted module names (each must match a layer; ``include=None``:
+    every layer, as in :func:`~layers.calibrate.calibrate`). ``policy``: an ordered ``{pattern: dict(method=...,
+    rank/energy/tol/ratio=..., **options)}``; the first matching pattern wins and layers matching none use the
     top-level method and spec (without one they are kept dense, with that reason).
     Options that apply to some layer kinds only (``scheme=`` of svd convs) are passed to
     those and the report notes which layers went without them.

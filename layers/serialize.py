@@ -182,7 +182,8 @@ def _buffer_specs(module) -> list:
 
 
 def _manifest_entries(model) -> tuple:
-    """``(modules, plain)``: the manifest entries of the factorized modules and of the plain layers."""
+    """``(modules, plain, identities)``: the manifest entries of the factorized modules and of the plain layers,
+    and the names of the Identity layers (:func:`_identity_names`)."""
     factorized = _factorized_modules(model)
     modules, plain = [], []
     for names, module in factorized:
@@ -195,13 +196,13 @@ def _manifest_entries(model) -> tuple:
         plain.append({"name": names[0], "aliases": names[1:], "class": type(module).__name__,
                       "family": _plain_family(module).__name__, "config": _to_json(_plain_config(module), where),
                       "buffers": _buffer_specs(module)})
-    return modules, plain
+    return modules, plain, _identity_names(model, factorized)
 
 
-def _identity_names(model) -> list:
-    """Every name of an ``nn.Identity`` outside the factorized modules (where ``fold_bn=True`` put one in place of
-    a BatchNorm: loading puts it back over the base model's BatchNorm)."""
-    inside = tuple(n + "." for names, _ in _factorized_modules(model) for n in names)
+def _identity_names(model, factorized) -> list:
+    """Every name of an ``nn.Identity`` outside the ``factorized`` modules (``[(names, module)]``), where
+    ``fold_bn=True`` put one in place of a BatchNorm: loading puts it back over the base model's BatchNorm."""
+    inside = tuple(n + "." for names, _ in factorized for n in names)
     return [n for names, _ in _module_names(model, lambda m: type(m) is nn.Identity) for n in names
             if not n.startswith(inside)]
 
@@ -261,11 +262,11 @@ def save_compressed(model: nn.Module, directory, *, report=None, base=None) -> P
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    modules, plain = _manifest_entries(model)
+    modules, plain, identities = _manifest_entries(model)
     tensors, tied = _deduplicated(model.state_dict())
     manifest = {"format": FORMAT, "version": VERSION, "base": _describe_base(model, base),
                 "base_class": type(model).__name__, "params": sum(p.numel() for p in model.parameters()),
-                "modules": modules, "plain": plain, "identities": _identity_names(model), "tied": tied,
+                "modules": modules, "plain": plain, "identities": identities, "tied": tied,
                 "weights": WEIGHTS,
                 "report": report_to_dict(report) if report is not None else None}
     directory.mkdir(parents=True, exist_ok=True)
