@@ -33,6 +33,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	DECOMP_TEST_THREADS=1 $(BIN)/python -m pytest -q -m slow
 	$(BIN)/python benchmarks/bench_layers.py
+	$(BIN)/python benchmarks/bench_transposed.py
 
 # Reproductions of the papers' tables (papers/README.md); fails if an arithmetic claim differs.
 PAPERS := zhang2016 kim2016 lebedev2015 jaderberg2014 novikov2015 stock2020 svdllm

@@ -84,6 +84,11 @@ def cpu_ms(timing: Timing) -> str:
     return f"{timing.cpu_median * 1e3:.3g}"
 
 
+def rank_label(rank) -> str:
+    """``"64x64"`` for a tuple rank, ``"64"`` for an int."""
+    return "x".join(map(str, rank)) if isinstance(rank, tuple) else str(rank)
+
+
 class Bench:
     """One benchmark run: settings, timing, the sections it prints and the files it writes."""
 

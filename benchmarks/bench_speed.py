@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import Bench, add_bench_args, cpu_ms, ms  # noqa: E402
+from _timing import Bench, add_bench_args, cpu_ms, ms, rank_label  # noqa: E402
 from bench_tensor_layers import largest_rank  # noqa: E402
 
 from decomp_toolkit.layers import BlockTermConv, CPConv, LowRankConv, TuckerConv  # noqa: E402
@@ -107,7 +107,7 @@ def run(bench, quick, only):
                     theory = dense_macs / mod.flops(shape)
                     wall, cpu = bench.ratio(t["dense"], t[name]), bench.ratio(t["dense"], t[name], cpu=True)
                     impl = getattr(mod, "implementation", None)
-                    row += [f"{_rank(mod.rank)}{' ' + impl if impl else ''}", ms(t[name]), cpu_ms(t[name]),
+                    row += [f"{rank_label(mod.rank)}{' ' + impl if impl else ''}", ms(t[name]), cpu_ms(t[name]),
                             f"{theory:.2f}x", str(wall), str(cpu), f"{cpu.median / theory:.2f}",
                             f"{cpu.median / f:.2f}"]
                     if name == "speed":
@@ -129,10 +129,6 @@ def run(bench, quick, only):
         bench.note(f"Worst case (optimize='speed'): eff {eff[0]:.2f} at {eff[2]} {eff[3]} {eff[4]}x; "
                    f"realized/target {tgt[1]:.2f} at {tgt[2]} {tgt[3]} {tgt[4]}x; "
                    f"eff >= 0.9 in {sum(w[0] >= 0.9 for w in worst)}/{len(worst)} cells.")
-
-
-def _rank(rank):
-    return "x".join(map(str, rank)) if isinstance(rank, tuple) else str(rank)
 
 
 def main():

@@ -144,7 +144,7 @@ def _absorb_spatial(blocks, dims):
 
 
 @register("btd", [1, 2, 3], "block-term: 1x1, grouped k x k (groups=n_blocks), 1x1 (Wang & Cheng 2016)",
-          spec_kinds=("rank", "ratio"), rank_tuples=True)
+          spec_kinds=("rank", "ratio"), rank_tuples=True, conv_chain=True)
 def _btd_conv(layer, spec, *, context, n_blocks=4, n_iter_max=50, n_init=2, random_state=None):
     """Options:
         n_blocks: number of Tucker blocks (default 4)

@@ -39,6 +39,7 @@ from ._accounting import CONV_TYPES
 from ._modules import eval_mode
 from .kinds import standard_layer
 from .sample_size import row_correlation
+from .transposed import is_transposed
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 22  # 4M float64 numbers = 32 MiB of patches at a time
 GRAM_PRECISIONS = ("float64", "float32")
@@ -210,9 +211,10 @@ def calibrate(model, data, max_batches=None, include=None, progress=True, *, exc
     ``include`` (alias ``layers``) / ``exclude``: dotted names or fnmatch patterns of the
     layers to calibrate (default: every Linear / Conv1d/2d/3d / Conv1D / registered kind);
     a pattern matching no such layer raises. A module reached by several names is
-    calibrated once, under its first name. Layers the walker cannot factorize (transposed
-    convs, subclasses overriding forward: their weight does not see the input the hook
-    would record) are not calibrated; ``Calibration.skipped`` lists them with the reason.
+    calibrated once, under its first name. Transposed convs (no data-aware fit) and layers
+    the walker cannot factorize (subclasses overriding forward: their weight does not see the
+    input the hook would record) are not calibrated; ``Calibration.skipped`` lists them with
+    the reason.
 
     ``memory_limit`` (bytes; default half of the available RAM): the Grams are refused
     before any allocation when one, or all together, would exceed it, naming the layer.
@@ -865,7 +867,8 @@ def calibrated_plan(plan, layers, calibration, report, held_out=False) -> tuple:
         layer, method = layers[name], settings.get("method", "svd")
         entry = methods.get(method)
         kind = "linear" if isinstance(layer, nn.Linear) else len(layer.kernel_size)
-        if entry is None or kind not in entry.builders or not {"gram", "input_mean"} <= set(entry.options(kind)):
+        if entry is None or kind not in entry.builders or not {"gram", "input_mean"} <= set(entry.options(kind)) \
+                or is_transposed(layer):
             weight_only.append(f"{name} ({method})")
             new_plan[name] = {k: v for k, v in settings.items() if k not in ("center", "shrinkage")}
             continue
@@ -958,14 +961,14 @@ def _count(data, batch_size, max_batches):
 
 def _select_layers(model, include, exclude=()):
     """``(targets [(name, module)], skipped {name: reason})``: every candidate module once, by first name."""
-    from .compress import _is_candidate, unsupported_reason
+    from .compress import _is_candidate, data_aware_reason
     if not isinstance(model, nn.Module):
         raise TypeError(f"calibrate: expected an nn.Module, got {type(model).__name__}")
     seen, candidates, skipped = set(), [], {}
     for name, module in model.named_modules():
         if _is_candidate(module) and id(module) not in seen:  # the root too: calibrate(layer, x) works
             seen.add(id(module))
-            reason = unsupported_reason(module)
+            reason = data_aware_reason(module)
             if reason is None:
                 candidates.append((name, module))
             else:

@@ -35,10 +35,11 @@ from ._modules import (carry_hooks, check_patterns, eval_mode, owners_of_paramet
                        tied_reason)
 from .decompose import WorseThanZeroWarning, decompose, worse_than_zero
 from .errors import UnsupportedLayerError
-from .kinds import (check_dense_equivalent, is_candidate, kind_of, legacy_reparametrization, plain_copy,
+from .kinds import (TRANSPOSED_REASON, check_dense_equivalent, is_candidate, kind_of, legacy_reparametrization, plain_copy,
                     registered_kinds)
 from .report import LayerRecord, Report
 from .speed import check_speed
+from .transposed import budget_profile_of, is_transposed
 SPEC_NAMES = ("rank", "energy", "tol", "ratio")
 # options compress itself (or its calibration / speed plumbing) consumes, valid for every method
 PLUMBING_OPTIONS = {"gram", "input_mean", "calibration", "center", "shrinkage", "optimize", "input_shape",
@@ -115,7 +116,7 @@ def unsupported_reason(module) -> str | None:
     row = kind_of(module)
     if row is None:
         return f"{type(module).__name__} is not a Linear/ConvNd/Conv1D nor a registered layer kind"
-    if row.unsupported is not None:
+    if row.unsupported is not None and not is_transposed(module):
         return row.unsupported
     base = row.module_type
     for method in ("forward", "_conv_forward"):
@@ -125,6 +126,12 @@ def unsupported_reason(module) -> str | None:
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
         return "lazy layer is not initialized yet; run one forward pass first"
     return None
+
+
+def data_aware_reason(module) -> str | None:
+    """Why ``calibrate`` / ``compress_sequential`` cannot fit ``module`` from its inputs; None when they can
+    (:func:`unsupported_reason`, and transposed convs, which ``compress`` factorizes from their weights)."""
+    return TRANSPOSED_REASON if is_transposed(module) else unsupported_reason(module)
 
 
 def carry_over_reason(module) -> str | None:
@@ -730,7 +737,7 @@ def _budget_plan(targets, plan, shapes, budget, method, report, evaluation=None,
     for name in targeted:
         extra = {"fisher": fisher_in_output_scale(calibration, name, dense[name]) / max(calibration.samples[name], 1)
                  } if name in fisher else {}   # per Gram row: see layers.sequential.component_losses
-        profiles[name] = entry.budget_profile(dense[name], **layer_options[name], **extra)
+        profiles[name] = budget_profile_of(entry, dense[name], **layer_options[name], **extra)
         profiles[name].dense_cost = cost_of(name, dense[name])
     targeted_cost = sum(p.dense_cost for p in profiles.values())
     total = targeted_cost if scope == "targeted" else _budget_total(kind, targets, shapes, report)

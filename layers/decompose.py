@@ -22,6 +22,7 @@ from .fit import Fit
 from .kinds import kind_name, layer_kind, layer_label, standard_layer
 from .registry import available_methods, get_method, methods_for
 from .speed import SPEED_OPTIONS, optimize_for_speed
+from .transposed import decompose_transposed, is_transposed
 
 SPEC_NAMES = ("rank", "energy", "tol", "ratio")
 
@@ -80,7 +81,8 @@ def check_request(method, spec: dict, options: dict, context: str = ""):
 
 def decompose(layer, method: str = "svd", *, rank=None, energy=None, tol=None, ratio=None, name=None, factors=None,
               **options):
-    """Replace one ``nn.Linear`` / ``nn.Conv1d/2d/3d`` (or registered layer kind) by its factorized equivalent.
+    """Replace one ``nn.Linear`` / ``nn.Conv1d/2d/3d`` (or registered layer kind) by its factorized equivalent;
+    an ``nn.ConvTranspose1d/2d/3d`` goes through the conv it is the adjoint of (:mod:`layers.transposed`).
 
     Pass exactly one of ``rank`` (int, per-mode tuple, or ``"vbmf"``), ``energy``,
     ``tol``, ``ratio`` (see :mod:`decomp.rank`; what each method accepts is in the table
@@ -99,8 +101,13 @@ def decompose(layer, method: str = "svd", *, rank=None, energy=None, tol=None, r
 
     {methods}
     """
-    kind = layer_kind(layer, name)
     spec_given = dict(rank=rank, energy=energy, tol=tol, ratio=ratio)
+    if is_transposed(layer):   # through the conv it is the adjoint of (layers.transposed)
+        if factors is not None:
+            raise TypeError(f"{layer_label(layer, name)}: factors= is not supported for transposed convs; pass a "
+                            f"rank spec")
+        return carry_marks(layer, decompose_transposed(layer, decompose, method, spec_given, name, **options))
+    kind = layer_kind(layer, name)
     label = layer_label(layer, name)
     context = f"{label} with {describe_request(method, spec_given)}"
     entry = get_method(method, context)

@@ -126,7 +126,8 @@ def eval_driven_plan(model, layers, plan, budget_total, fraction, cost_of, metho
 
 
 def _loss_profile(model, name, dense, method, options, entry, cost_of, eval_fn, baseline, cache, candidates):
-    profile = entry.budget_profile(dense, **options)
+    from .transposed import budget_profile_of
+    profile = budget_profile_of(entry, dense, **options)
     if len(profile.full_ranks) != 1:
         raise ValueError(f"{name}: eval_fn= allocation handles one rank axis (svd); method={method!r} has "
                          f"{len(profile.full_ranks)}")

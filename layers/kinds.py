@@ -15,8 +15,9 @@ of the module's, it is never modified; for a ``"linear"`` kind it defaults to an
 ``nn.Linear`` viewing ``weight(module)`` and ``module.bias``). Every
 method, ``compress``, ``calibrate`` and the FLOP counters then treat the module as that
 layer, and the factorized module replaces it with the same call signature.
-Transposed convolutions are listed (``compress`` reports them as kept dense) but not
-supported.
+Transposed convolutions are listed but are not a conv kind: :mod:`layers.transposed`
+factorizes them through the conv they are the adjoint of (``decompose`` and ``compress``,
+from their weights); the data-aware paths report them with :data:`TRANSPOSED_REASON`.
 """
 from __future__ import annotations
 
@@ -89,8 +90,10 @@ def register_layer_kind(module_type: type, *, kind=None, name: str | None = None
 
 for _key, _type in STANDARD_TYPES.items():
     register_layer_kind(_type, kind=_key)
+TRANSPOSED_REASON = ("transposed convolutions have no data-aware fit (calibrate, compress_sequential); decompose() and "
+                     "compress() factorize them from their weights (layers.transposed)")
 for _dim, _type in ((1, nn.ConvTranspose1d), (2, nn.ConvTranspose2d), (3, nn.ConvTranspose3d)):
-    register_layer_kind(_type, kind=_dim, unsupported="transposed convolutions are not supported")
+    register_layer_kind(_type, kind=_dim, unsupported=TRANSPOSED_REASON)
 
 
 # (module, class, register_layer_kind keywords) of optional packages, added once their module is imported

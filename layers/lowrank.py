@@ -264,7 +264,8 @@ def _svd_linear(layer, spec, *, context, algorithm="exact", random_state=None, w
                                     whitening=whitening, gram=gram, input_mean=input_mean)
 
 
-@register("svd", [1, 2, 3], "truncated SVD: channel (Zhang 2016) or spatial (Jaderberg 2014) scheme", **SVD_SPECS)
+@register("svd", [1, 2, 3], "truncated SVD: channel (Zhang 2016) or spatial (Jaderberg 2014) scheme", **SVD_SPECS,
+          conv_chain=True)
 def _svd_conv(layer, spec, *, context, scheme="channel", algorithm="exact", random_state=None,
               whitening="cholesky", gram=None, input_mean=None):
     """Options:

@@ -25,7 +25,9 @@ Capabilities checked once, before any work, by ``decompose`` and ``compress``:
 ``spec_kinds`` (subset of rank/energy/tol/ratio/vbmf), ``rank_tuples`` (per-mode tuple
 ranks), ``spec_required``, ``data_aware``, the layer kinds with a builder, and
 ``unsupported={kind: reason}`` (a kind the method refuses on purpose: raises
-:class:`~layers.errors.UnsupportedLayerError` with that reason).
+:class:`~layers.errors.UnsupportedLayerError` with that reason), and ``conv_chain=True`` (its
+conv builders return a :class:`~layers.base.FactorizedChain` of plain convs, which makes
+transposed convs factorizable by it, :mod:`layers.transposed`).
 """
 from __future__ import annotations
 
@@ -58,6 +60,7 @@ class MethodEntry:
     unsupported: dict = field(default_factory=dict)
     budget_profile: Callable | None = None  # layer, **options -> layers.budget.BudgetProfile
     from_factors: dict = field(default_factory=dict)  # kind -> fn(layer, factors, *, context) -> FactorizedLayer
+    conv_chain: bool = False  # its conv layers are chains of plain convs, so it factorizes transposed convs too
 
     @property
     def kinds(self) -> tuple:
@@ -108,7 +111,7 @@ _REGISTRY: dict[str, MethodEntry] = {}
 
 def register(name: str, kinds, description: str = "", *, spec_kinds=("rank", "energy", "tol", "ratio", "vbmf"),
              rank_tuples=False, spec_required=True, spec_refusal="", data_aware=False, no_data_aware_reason="",
-             unsupported=None):
+             unsupported=None, conv_chain=False):
     """Decorator: register ``builder`` for method ``name`` and layer ``kinds`` (see the module docstring)."""
     unknown = [k for k in spec_kinds if k not in SPEC_KINDS]
     if unknown:
@@ -121,6 +124,7 @@ def register(name: str, kinds, description: str = "", *, spec_kinds=("rank", "en
         entry.spec_refusal, entry.data_aware = spec_refusal, data_aware
         entry.no_data_aware_reason = no_data_aware_reason or entry.no_data_aware_reason
         entry.unsupported.update(unsupported or {})
+        entry.conv_chain = entry.conv_chain or conv_chain
         for kind in kinds:
             entry.builders[kind] = builder
         return builder

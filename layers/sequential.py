@@ -417,9 +417,9 @@ def _supported_targets(model, targets) -> tuple:
 def _check_supported(name, layer):
     """The layers ``compress`` refuses (:func:`layers.compress.unsupported_reason`: unsupported kinds, a subclass
     that overrides ``forward``; extra parameters or backward hooks a replacement would drop), and grouped convs."""
-    from .compress import carry_over_reason, unsupported_reason
+    from .compress import carry_over_reason, data_aware_reason
 
-    reason = unsupported_reason(layer) or carry_over_reason(layer)
+    reason = data_aware_reason(layer) or carry_over_reason(layer)
     if reason is not None:
         raise UnsupportedLayerError(name, reason)
     if isinstance(layer, CONV_TYPES) and layer.groups != 1:

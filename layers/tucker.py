@@ -182,7 +182,7 @@ TUCKER_SPECS = dict(spec_kinds=("rank", "energy", "tol", "ratio", "vbmf"), rank_
 
 
 @register("tucker", [1, 2, 3], "Tucker-2 on the channel modes: 1x1, k x k core, 1x1 (Kim et al. 2016)",
-          **TUCKER_SPECS)
+          **TUCKER_SPECS, conv_chain=True)
 def _tucker_conv(layer, spec, *, context, algorithm="hooi", n_iter_max=5, gram=None, input_mean=None):
     """Options:
         algorithm: "hooi" (default), "sthosvd" or "hosvd" (decomp.tucker)

@@ -297,12 +297,12 @@ def test_conv_subclass_with_own_forward_is_kept_dense_and_the_rest_compressed():
     assert status["2"] == status["4"] == "replaced"
 
 
-def test_transposed_and_lazy_layers_are_listed_as_kept_dense():
+def test_transposed_layers_are_compressed_and_lazy_ones_listed_as_kept_dense():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ConvTranspose2d(8, 8, 3), nn.LazyLinear(4))
-    small, report = run_checked(model, energy=0.9)
+    small, report = run_checked(model, rank=2)
     status = {r.name: r.status for r in report.layers}
-    assert status["1"] == "skipped: transposed convolutions are not supported"
+    assert status["1"] == "replaced" and type(small[1]).__name__ == "TransposedChain"
     assert "lazy layer is not initialized" in status["2"]
 
 
@@ -580,9 +580,9 @@ def test_every_method_compresses_a_model_that_exports_with_a_dynamic_batch(metho
     (lambda: nn.ConvTranspose1d(6, 9, 4, stride=3, dilation=2, groups=3), (6, 11)),
     (lambda: nn.ConvTranspose3d(4, 2, 2, stride=2), (1, 4, 3, 2, 3)),
 ])
-def test_a_transposed_conv_kept_dense_is_counted_as_the_adjoint_of_its_conv(make, shape):
+def test_a_transposed_conv_is_counted_as_the_adjoint_of_its_conv(make, shape):
     """MACs of ConvTransposeNd = MACs of the ConvNd it is the adjoint of, run on its output; the output shape is
-    the module's own. compress and compress_sequential with example_input= count it (they raised before)."""
+    the module's own. compress (which factorizes it) and compress_sequential (which keeps it dense) count it."""
     torch.manual_seed(0)
     up = make()
     x = torch.randn(shape)
@@ -593,10 +593,12 @@ def test_a_transposed_conv_kept_dense_is_counted_as_the_adjoint_of_its_conv(make
     assert tuple(out_shape[1:]) == tuple(y.shape[-len(out_shape) + 1:])
     assert macs == layer_macs(conv, tuple(y.shape))[0]
     model = nn.Sequential(nn.Identity(), up).eval()
-    for run in (lambda: compress(model, rank=1, example_input=x, progress=False)[1],
-                lambda: compress_sequential(model, [x], ratio=0.5, example_input=x, progress=False)[1]):
-        record = {r.name: r for r in run().layers}["1"]
-        assert not record.replaced and record.flops_before == record.flops_after == macs
+    small, report = compress(model, rank=1, example_input=x, progress=False)
+    record = {r.name: r for r in report.layers}["1"]
+    assert record.replaced and record.flops_before == macs and record.flops_after == small[1].flops(shape) < macs
+    report = compress_sequential(model, [x], ratio=0.5, example_input=x, progress=False)[1]
+    record = {r.name: r for r in report.layers}["1"]
+    assert not record.replaced and record.flops_before == record.flops_after == macs
 
 
 def test_include_none_means_every_layer_as_in_calibrate():
