@@ -27,6 +27,10 @@ CASES = {
     "TTLinear-pairs": (lambda: nn.Linear(64, 48), dict(method="tt", rank=3, d=3), (5, 64)),
     "BlockTermConv": (lambda: nn.Conv1d(6, 8, 3, padding=1), dict(method="btd", rank=2, n_blocks=2, n_iter_max=3,
                                                                   n_init=1), (2, 6, 9)),
+    "TransposedChain": (lambda: nn.ConvTranspose2d(6, 8, 4, stride=2, padding=1), dict(method="svd", rank=3),
+                        (2, 6, 5, 5)),
+    "TransposedChain-patch": (lambda: nn.ConvTranspose2d(6, 8, 2, stride=2), dict(method="tucker", rank=(3, 2)),
+                              (2, 6, 5, 5)),
 }
 
 
@@ -45,6 +49,14 @@ def test_export(name):
     exported = torch.export.export(module, (x,))
     with torch.no_grad():
         torch.testing.assert_close(exported.module()(x), module(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_jit_trace(name):
+    module, x = build(name)
+    traced = torch.jit.trace(module, (x,), check_trace=False)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), module(x), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -70,8 +82,11 @@ def test_compile_inductor_tucker():
 
 ONNX_LAYERS = {"linear": (lambda: nn.Linear(24, 16), (5, 24)), 1: (lambda: nn.Conv1d(6, 8, 3, padding=1), (2, 6, 9)),
                2: (lambda: nn.Conv2d(6, 8, 3, padding=1), (2, 6, 7, 7)),
-               3: (lambda: nn.Conv3d(4, 6, 3, padding=1), (1, 4, 5, 5, 5))}
+               3: (lambda: nn.Conv3d(4, 6, 3, padding=1), (1, 4, 5, 5, 5)),
+               "transposed": (lambda: nn.ConvTranspose2d(6, 8, 4, stride=2, padding=1), (2, 6, 5, 5)),
+               "transposed-patch": (lambda: nn.ConvTranspose2d(6, 8, 2, stride=2), (2, 6, 5, 5))}
 ONNX_VARIANTS = [("svd", 2, dict(rank=2, scheme="spatial")), ("cp", 2, dict(rank=3, implementation="fused")),
+                 ("svd", "transposed", dict(rank=3)), ("tucker", "transposed-patch", dict(rank=(3, 2))),
                  ("pq", "linear", dict(block_size=4, n_centroids=8, forward="lut", random_state=0))]
 ONNX_UNSUPPORTED = {"ldr": "torch's ONNX exporter has no complex-valued unsqueeze (LDR's complex FFT)"}
 
@@ -81,7 +96,7 @@ def onnx_cases(all_kinds=False):
     variants: every factorized class the registry builds, without building any at collection time."""
     cases, seen = [], set()
     for method, kind, spec in registered_requests() + ONNX_VARIANTS:
-        family = (method, kind if all_kinds or kind == "linear" else "conv", tuple(sorted(spec.items())))
+        family = (method, kind if all_kinds or isinstance(kind, str) else "conv", tuple(sorted(spec.items())))
         if family in seen:
             continue
         seen.add(family)
