@@ -178,3 +178,68 @@ def carry_requires_grad(original, replacement):
         is_bias = bias is not None and name.rpartition(".")[2] == "bias"
         parameter.requires_grad_(bias.requires_grad if is_bias else weight_grad)
     return replacement
+
+
+@contextmanager
+def fused_fast_path_off():
+    """torch's fused transformer fast paths (``torch.backends.mha``) off inside the block, restored after: they read
+    the ``.weight`` of Linears that a fit in progress replaces by factorized ones."""
+    import torch
+
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+
+
+def _fast_path_off(module, args):
+    """A no-op forward pre-hook: an nn.TransformerEncoderLayer with any hook attached skips its fused fast path."""
+    return None
+
+
+def keep_off_fused_fast_path(model) -> list:
+    """Names of the ``nn.TransformerEncoderLayer``s whose ``linear1``/``linear2`` were replaced by factorized modules.
+
+    Their fused eval-mode fast paths read ``linear1.weight`` / ``linear2.weight``, which a factorized layer does not
+    have: each such layer gets a no-op forward pre-hook (once; torch skips the fused layer kernel when a hook is
+    attached) and an ``nn.TransformerEncoder`` holding them ``use_nested_tensor = False`` (its nested-tensor path
+    reads the first layer's weights), so they run module by module."""
+    import torch.nn as nn
+
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.TransformerEncoder) and any(map(_factorized_feed_forward, module.layers)):
+            module.use_nested_tensor = False
+        if _factorized_feed_forward(module):
+            if _fast_path_off not in module._forward_pre_hooks.values():
+                module.register_forward_pre_hook(_fast_path_off)
+            names.append(name)
+    return names
+
+
+def _factorized_feed_forward(module) -> bool:
+    import torch.nn as nn
+
+    return isinstance(module, nn.TransformerEncoderLayer) and not all(
+        "weight" in getattr(module, part)._parameters for part in ("linear1", "linear2"))
+
+
+FUSED_READER_REASON = ("nn.MultiheadAttention's fused forward reads out_proj.weight itself (it never calls "
+                       "out_proj), so a factorized out_proj would not run")
+
+
+def fused_weight_readers(model) -> set:
+    """ids of the Linears whose parent reads their weight instead of calling them (nn.MultiheadAttention.out_proj)."""
+    import torch
+
+    return {id(m.out_proj) for m in model.modules() if isinstance(m, torch.nn.MultiheadAttention)}
+
+
+def note_fused_fast_path_off(model, report):
+    """Encoder layers with factorized feed-forward Linears run module by module (:func:`keep_off_fused_fast_path`)."""
+    names = keep_off_fused_fast_path(model)
+    if names:
+        report.notes.append(f"nn.TransformerEncoderLayer fused fast path off (it reads linear1/linear2.weight; a "
+                            f"no-op forward pre-hook makes it run module by module): {', '.join(names)}")

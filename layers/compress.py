@@ -31,12 +31,12 @@ import torch.nn as nn
 from decomp_toolkit.decomp._backend import all_finite
 
 from ._accounting import layer_macs
-from ._modules import (carry_hooks, check_patterns, eval_mode, owners_of_parameters, set_submodule, tied_names,
-                       tied_reason)
+from ._modules import (FUSED_READER_REASON, carry_hooks, check_patterns, eval_mode, fused_weight_readers,
+                       note_fused_fast_path_off, owners_of_parameters, set_submodule, tied_names, tied_reason)
 from .decompose import WorseThanZeroWarning, decompose, worse_than_zero
 from .errors import UnsupportedLayerError
 from .kinds import (TRANSPOSED_REASON, check_dense_equivalent, is_candidate, kind_of, legacy_reparametrization, plain_copy,
-                    registered_kinds)
+                    registered_kinds, unfactorizable_note)
 from .report import LayerRecord, Report
 from .speed import check_speed
 from .transposed import budget_profile_of, is_transposed
@@ -180,9 +180,11 @@ def find_targets(model) -> list:
             continue
         by_id[id(module)] = target = Target(module, [name])
         targets.append(target)
-    owners = owners_of_parameters(model)
+    owners, fused_readers = owners_of_parameters(model), fused_weight_readers(model)
     for target in targets:
         target.reason = unsupported_reason(target.module)
+        if target.reason is None and id(target.module) in fused_readers:
+            target.reason = FUSED_READER_REASON
         if target.reason is not None:
             continue
         _check_weights(target.module, target.name)
@@ -308,7 +310,7 @@ def compress(model, method="svd", *, rank=None, energy=None, tol=None, ratio=Non
                          f"registered layer kind: {sorted(registered_kinds())}); nothing to factorize")
     _check_request(targets, default, policy, budget, include, exclude, example_input)
     report = Report(model_params_before=_model_params(model), model_bits_before=_model_bits(model))
-    report.notes.extend(bn_notes)
+    report.notes.extend(bn_notes + [note for note in [unfactorizable_note(model)] if note])
     names = [n for t in targets for n in t.names]
     shapes = record_input_shapes(target_model, example_input, names) if example_input is not None else {}
     plan = _initial_plan(targets, default, policy, include, exclude, report)
@@ -586,10 +588,12 @@ def _put_at_names(model, names, module):
 def _check_runs(model, targets, example_input, report):
     """Run the compressed ``model`` on ``example_input``; a replaced layer whose ``.weight`` the model's own code
     reads (:class:`layers.base.FactorizedLayer` has none) goes back to dense, with that reason in its record,
-    until the model runs. Any other failure raises ValueError naming it (the model does not run). No-op
-    without an example input."""
+    until the model runs. Any other failure raises ValueError naming it (the model does not run). Encoder layers
+    with factorized Linears are first kept off torch's fused fast path (:func:`note_fused_fast_path_off`)."""
     from .base import FactorizedLayer
     from .calibrate import run_model
+
+    note_fused_fast_path_off(model, report)
 
     if example_input is None:
         return

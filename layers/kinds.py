@@ -134,6 +134,47 @@ def is_candidate(module) -> bool:
     return kind_of(module) is not None
 
 
+def _unfactorizable_reason(module) -> str:
+    if isinstance(module, nn.RNNBase):
+        return "recurrent weights: no factorized recurrent layer"
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return "an embedding table: a lookup, not a product to factorize"
+    if isinstance(module, nn.MultiheadAttention):
+        return "its packed in_proj_weight, read by its fused forward"
+    return "raw parameters its own forward uses, not a Linear / ConvNd"
+
+
+def unfactorizable_weights(model) -> list:
+    """``(name, type name, parameter count, reason)`` for every module of ``model`` holding >= 2-D parameters
+    outside any layer ``compress`` looks at (LSTMs, embeddings, nn.MultiheadAttention's in-projection,
+    fused expert tensors, positional tables ...), largest first; a parameter shared with a candidate
+    layer (a tied embedding) is not counted."""
+    covered = {id(p) for m in model.modules() if is_candidate(m) for p in m.parameters()}
+    rows, seen = [], set(covered)
+    for name, module in model.named_modules():
+        if is_candidate(module):
+            continue
+        own = [p for p in module.parameters(recurse=False) if p.dim() >= 2 and id(p) not in seen]
+        seen.update(id(p) for p in own)
+        if own:
+            rows.append((name or "(model)", type(module).__name__, sum(p.numel() for p in own),
+                         _unfactorizable_reason(module)))
+    return sorted(rows, key=lambda row: -row[2])
+
+
+def unfactorizable_note(model, shown=8) -> str | None:
+    """A report line naming the weights no method factorizes (:func:`unfactorizable_weights`), or None."""
+    rows = unfactorizable_weights(model)
+    if not rows:
+        return None
+    total = sum(p.numel() for p in model.parameters())
+    held = sum(row[2] for row in rows)
+    listed = "; ".join(f"{name} {kind} {count:,} ({why})" for name, kind, count, why in rows[:shown])
+    more = f"; and {len(rows) - shown} more modules" if len(rows) > shown else ""
+    return (f"not factorizable, kept as they are: {held:,} parameters ({held / max(total, 1):.1%} of the model) "
+            f"in {listed}{more}")
+
+
 def is_supported(module) -> bool:
     row = kind_of(module)
     return row is not None and row.unsupported is None
@@ -331,4 +372,5 @@ def pad_like(conv, x):
 __all__ = ["LayerKind", "register_layer_kind", "kind_of", "candidate_types", "is_candidate", "is_supported",
            "standard_layer", "standard_type", "functional", "kind_name", "linear_view", "layer_label", "layer_kind",
            "conv_config", "linear_config", "dense_config", "conv_padding", "pad_input", "pad_like", "registered_kind",
-           "registered_kinds", "check_dense_equivalent", "legacy_reparametrization", "plain_copy"]
+           "registered_kinds", "check_dense_equivalent", "legacy_reparametrization", "plain_copy",
+           "unfactorizable_weights", "unfactorizable_note"]

@@ -77,11 +77,12 @@ from decomp_toolkit.decomp.asymmetric import asymmetric_svd, centered_statistics
 from decomp_toolkit.decomp.whitened import whitened_svd
 
 from ._accounting import CONV_TYPES, count_params, layer_macs
-from ._modules import (carry_marks, check_patterns, eval_mode, is_kv_cache, kv_cache_off, owners_of_parameters,
+from ._modules import (FUSED_READER_REASON, carry_marks, check_patterns, eval_mode, fused_fast_path_off,
+                       fused_weight_readers, is_kv_cache, kv_cache_off, note_fused_fast_path_off, owners_of_parameters,
                        tied_names, tied_reason, weight_readers)
 from ._modules import set_submodule as _set_submodule
 from .batchnorm import prepare_batchnorm
-from .kinds import is_candidate, registered_kind, standard_layer
+from .kinds import is_candidate, registered_kind, standard_layer, unfactorizable_note
 from .calibrate import (attention_mask, drop_padding, gram_and_sum, gram_signature, iter_batches,
                         model_call, pad_input, shrunk_alike, unfold_patches)
 from .errors import UnsupportedLayerError
@@ -398,11 +399,15 @@ def _check_request(ratio, ranks, budget, pair_units, pair_multiple=None):
 
 
 def _supported_targets(model, targets) -> tuple:
-    """``(supported targets, {skipped name: reason})``: unsupported kinds, grouped convs and layers whose weight is
-    tied with another module's parameter (a language model's head and its embeddings) are skipped."""
-    skipped, owners = {}, owners_of_parameters(model)
+    """``(supported targets, {skipped name: reason})``: unsupported kinds, grouped convs, nn.MultiheadAttention's
+    out_proj and layers whose weight is tied with another module's parameter (a language model's head and its
+    embeddings) are skipped."""
+    skipped, owners, fused_readers = {}, owners_of_parameters(model), fused_weight_readers(model)
     for name in targets:
         layer = model.get_submodule(name)
+        if id(layer) in fused_readers:
+            skipped[name] = FUSED_READER_REASON
+            continue
         try:
             _check_supported(name, layer)
         except UnsupportedLayerError as err:
@@ -830,8 +835,9 @@ def compress_sequential(model, data, *, ratio=None, ranks=None, budget=None, inc
     _check_shrinkage(shrinkage)
     target = model if inplace else copy.deepcopy(model)
     report = SequentialReport(model_params_before=count_params(model), notes=[SEQUENTIAL_NOTE])
+    report.notes.extend(note for note in [unfactorizable_note(model)] if note)
     # fits on the running statistics (a train-mode model's BNs are not updated), blocks re-run without a cache
-    with eval_mode(target), kv_cache_off(target):
+    with eval_mode(target), kv_cache_off(target), fused_fast_path_off():
         selected = select_targets(target, include, exclude)
         targets, skipped = _supported_targets(target, selected)
         originals = _standardize(target, targets)
@@ -855,6 +861,7 @@ def compress_sequential(model, data, *, ratio=None, ranks=None, budget=None, inc
         _restore_kept(target, originals, plan)
         _fill_report(report, before, target, targets, plan, skipped, example_input)
         _note_few_rows(report)
+    note_fused_fast_path_off(target, report)
     return target, report
 
 

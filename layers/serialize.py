@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ._modules import carry_hooks
+from ._modules import carry_hooks, keep_off_fused_fast_path
 from ._modules import set_submodule as _set_module
 from .base import FactorizedLayer
 from .kinds import dense_config, kind_of, legacy_reparametrization, standard_layer
@@ -698,6 +698,7 @@ def load_compressed(directory, model: nn.Module | None = None) -> nn.Module:
             _set_module(model, name, carry_hooks(base, module, consumed=legacy_reparametrization(base)))
     model.load_state_dict(state, strict=True, assign=True)
     _retie(model, manifest.get("tied", {}))
+    keep_off_fused_fast_path(model)   # as compress did
     return model.eval()
 
 

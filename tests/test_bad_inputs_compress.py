@@ -306,6 +306,101 @@ def test_transposed_layers_are_compressed_and_lazy_ones_listed_as_kept_dense():
     assert "lazy layer is not initialized" in status["2"]
 
 
+class RecurrentTagger(nn.Module):
+    """Embedding (tied to the output Linear) + LSTM + nn.MultiheadAttention + a raw positional table."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.rnn = nn.LSTM(16, 16, bidirectional=True, batch_first=True)
+        self.mha = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.position = nn.Parameter(torch.randn(12, 32))
+        self.mix = nn.Linear(32, 16)
+        self.out = nn.Linear(16, 50, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, ids):
+        s, _ = self.rnn(self.emb(ids))
+        s = s + self.position[: s.shape[1]]
+        s, _ = self.mha(s, s, s)
+        return self.out(self.mix(s))
+
+
+def test_weights_no_method_factorizes_are_named_with_their_counts_and_reasons():
+    torch.manual_seed(0)
+    model = RecurrentTagger().eval()
+    ids = torch.randint(0, 50, (2, 7))
+    small, report = run_checked(model, rank=4)
+    [note] = [n for n in report.notes if n.startswith("not factorizable")]
+    lstm = sum(p.numel() for p in model.rnn.parameters() if p.dim() == 2)
+    assert f"rnn LSTM {lstm:,} (recurrent weights" in note
+    assert f"mha MultiheadAttention {model.mha.in_proj_weight.numel():,} (its packed in_proj_weight" in note
+    status = {r.name: r.status for r in report.layers}
+    assert status["mix"] == "replaced" and "never calls out_proj" in status["mha.out_proj"]
+    assert type(small.mha.out_proj) is type(model.mha.out_proj)
+    assert f"(model) RecurrentTagger {model.position.numel():,} (raw parameters" in note
+    assert "emb " not in note  # tied to the output Linear, a candidate
+    held = lstm + model.mha.in_proj_weight.numel() + model.position.numel()
+    assert f"{held:,} parameters ({held / model_params(model):.1%} of the model)" in note
+    assert torch.isfinite(small(ids)).all()
+    with pytest.warns(UserWarning, match="fewer than 4 calibration rows"):
+        _, seq_report = compress_sequential(model, [ids], ratio=0.5)
+    assert note in seq_report.notes
+    assert "never calls out_proj" in {r.name: r.status for r in seq_report.layers}["mha.out_proj"]
+
+
+def low_rank_encoder(rank=4):
+    """A 2-layer batch-first nn.TransformerEncoder whose feed-forward weights have rank ``rank``."""
+    torch.manual_seed(0)
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2).eval()
+    with torch.no_grad():
+        for layer in encoder.layers:
+            for linear in (layer.linear1, layer.linear2):
+                out, inp = linear.weight.shape
+                linear.weight.copy_(torch.randn(out, rank) @ torch.randn(rank, inp) / inp)
+    return encoder
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_torch_transformer_encoder_runs_its_factorized_feed_forward_and_reloads(grad, tmp_path):
+    from decomp_toolkit.layers import load_compressed, save_compressed
+
+    encoder, x = low_rank_encoder(), torch.randn(2, 5, 32)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[1, 3:] = True
+    small, report = run_checked(encoder, rank=4)
+    status = {r.name: r.status for r in report.layers}
+    assert status["layers.0.linear1"] == status["layers.1.linear2"] == "replaced"
+    assert "never calls out_proj" in status["layers.0.self_attn.out_proj"]
+    assert any("fused fast path off" in n and "layers.0, layers.1" in n for n in report.notes)
+    save_compressed(small, tmp_path)
+    back = load_compressed(tmp_path, model=nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64,
+                                                                                            batch_first=True), 2))
+    with torch.set_grad_enabled(grad):
+        for kwargs in ({}, dict(src_key_padding_mask=mask)):   # the fused layer path, the nested-tensor path
+            kept = ~mask   # the nested-tensor path zeroes the padded positions; the module path does not
+            torch.testing.assert_close(small(x, **kwargs)[kept], encoder(x, **kwargs)[kept], rtol=1e-4, atol=1e-5)
+            assert torch.equal(back(x, **kwargs), small(x, **kwargs))
+
+
+def test_compress_sequential_fits_a_torch_transformer_encoder_with_its_fast_path_off():
+    encoder = low_rank_encoder()
+    batches = [torch.randn(4, 6, 32) for _ in range(3)]
+    with pytest.warns(UserWarning, match="fewer than 4 calibration rows"):
+        small, report = compress_sequential(encoder, batches, include=["*linear*"],
+                                            ranks={f"layers.{i}.linear{j}": 4 for i in (0, 1) for j in (1, 2)})
+    status = {r.name: r.status for r in report.layers}
+    assert all(status[f"layers.{i}.linear{j}"] == "replaced" for i in (0, 1) for j in (1, 2)), status
+    assert torch.backends.mha.get_fastpath_enabled()
+    with torch.no_grad():
+        torch.testing.assert_close(small(batches[0]), encoder(batches[0]), rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_of_linears_and_convs_only_gets_no_unfactorizable_note():
+    _, report = run_checked(convnet(), rank=2)
+    assert not any(n.startswith("not factorizable") for n in report.notes)
+
+
 def test_spatial_scheme_applies_to_convs_and_says_what_happened_to_linears():
     small, report = run_checked(convnet(), rank=2, scheme="spatial")
     assert type(small[0]).__name__ == type(small[2]).__name__ == "SpatialLowRankConv"
