@@ -1,4 +1,5 @@
-"""Convolutions followed by BatchNorm: find the pairs, fold them, or make decomposition see the BN's scale.
+"""Convolutions (plain or transposed) followed by BatchNorm: find the pairs, fold them, or make decomposition see
+the BN's scale.
 
 In eval mode ``BN(y) = s * (y - mean) + beta`` per output channel, ``s = gamma / sqrt(var + eps)``.
 What the next layer sees is ``s * y``: a channel with a small ``s`` matters little, one with a
@@ -33,13 +34,15 @@ import torch.nn as nn
 from ._modules import name_counts, set_submodule as _set_submodule
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 def _compatible(conv, bn) -> bool:
-    return (isinstance(conv, CONV_TYPES) and isinstance(bn, BN_TYPES) and bn.num_features == conv.out_channels
-            and bn.track_running_stats and bn.running_mean is not None and type(conv).forward is CONV_TYPES[
-                len(conv.kernel_size) - 1].forward)
+    if not isinstance(conv, CONV_TYPES) or not isinstance(bn, BN_TYPES):
+        return False
+    base = next(t for t in CONV_TYPES if isinstance(conv, t))
+    return (bn.num_features == conv.out_channels and bn.track_running_stats and bn.running_mean is not None
+            and type(conv).forward is base.forward)
 
 
 def _fx_reason(conv_node, bn_node, calls, attrs) -> str | None:
@@ -157,8 +160,15 @@ def _bn_scale(bn) -> torch.Tensor:
     return gamma / torch.sqrt(var + bn.eps)
 
 
-def _view_channels(t, conv):
-    return t.reshape(-1, *([1] * (conv.weight.ndim - 1)))
+def _scaled_outputs(conv, s) -> torch.Tensor:
+    """``conv``'s weight (float64) with each output channel's filter times ``s[channel]``: rows of a conv's
+    ``(C_out, C_in/g, *k)`` weight; for a transposed conv's ``(C_in, C_out/g, *k)`` weight, dim 1 within each group."""
+    w = conv.weight.double()
+    if not isinstance(conv, nn.modules.conv._ConvTransposeNd):
+        return w * s.reshape(-1, *([1] * (w.ndim - 1)))
+    g = conv.groups
+    grouped = w.reshape(g, w.shape[0] // g, *w.shape[1:])
+    return (grouped * s.reshape(g, 1, -1, *([1] * (w.ndim - 2)))).reshape(w.shape)
 
 
 @torch.no_grad()
@@ -173,7 +183,7 @@ def fold_batchnorm(model, pairs=None) -> list:
         s = _bn_scale(bn)
         shift = (bn.bias.detach().double() if bn.affine else torch.zeros_like(s)) - s * bn.running_mean.double()
         bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(s)
-        conv.weight.copy_((conv.weight.double() * _view_channels(s, conv)).to(conv.weight.dtype))
+        conv.weight.copy_(_scaled_outputs(conv, s).to(conv.weight.dtype))
         if conv.bias is None:
             conv.bias = nn.Parameter(torch.zeros(conv.out_channels, dtype=conv.weight.dtype,
                                                  device=conv.weight.device))
@@ -190,7 +200,7 @@ def scale_for_batchnorm(model, pairs=None) -> list:
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
         var = bn.running_var.double()
         c = torch.maximum(_bn_scale(bn).abs(), torch.sqrt(2 * bn.eps / (var + bn.eps)))
-        conv.weight.copy_((conv.weight.double() * _view_channels(c, conv)).to(conv.weight.dtype))
+        conv.weight.copy_(_scaled_outputs(conv, c).to(conv.weight.dtype))
         if conv.bias is not None:
             conv.bias.copy_((conv.bias.double() * c).to(conv.bias.dtype))
         bn.running_mean.copy_((bn.running_mean.double() * c).to(bn.running_mean.dtype))

@@ -39,7 +39,7 @@ from .kinds import (TRANSPOSED_REASON, check_dense_equivalent, is_candidate, kin
                     registered_kinds, unfactorizable_note)
 from .report import LayerRecord, Report
 from .speed import check_speed
-from .transposed import budget_profile_of, is_transposed
+from .transposed import TRANSPOSED_TYPES, budget_profile_of, is_transposed
 SPEC_NAMES = ("rank", "energy", "tol", "ratio")
 # options compress itself (or its calibration / speed plumbing) consumes, valid for every method
 PLUMBING_OPTIONS = {"gram", "input_mean", "calibration", "center", "shrinkage", "optimize", "input_shape",
@@ -155,7 +155,7 @@ def _dense_equivalent(module, label):
         return dense
     from torch.nn.utils import parametrize
     if parametrize.is_parametrized(module) or legacy_reparametrization(module) is not None:
-        return plain_copy(module, row.standard_type)
+        return plain_copy(module, TRANSPOSED_TYPES[row.key] if is_transposed(module) else row.standard_type)
     return module
 
 

@@ -212,15 +212,26 @@ def legacy_reparametrization(module):
     return next((h for h in module._forward_pre_hooks.values() if isinstance(h, (WeightNorm, SpectralNorm))), None)
 
 
-def plain_copy(module, base_type):
-    """A plain ``base_type`` layer holding ``module``'s effective weight and bias (parametrizations applied)."""
+def effective_weight(module) -> torch.Tensor:
+    """``module``'s weight with its parametrizations or legacy ``weight_norm``/``spectral_norm`` hook applied, as its
+    eval-mode forward uses it (spectral norm without a power iteration)."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+
     legacy = legacy_reparametrization(module)
+    if isinstance(legacy, SpectralNorm):
+        return legacy.compute_weight(module, do_power_iteration=False)
+    return legacy.compute_weight(module) if legacy is not None else module.weight
+
+
+def plain_copy(module, base_type):
+    """A plain ``base_type`` layer (a Linear, ConvNd or ConvTransposeNd) holding ``module``'s effective weight and bias
+    (:func:`effective_weight`)."""
     with torch.no_grad():
-        weight = (legacy.compute_weight(module) if legacy is not None else module.weight).detach().clone()
+        weight = effective_weight(module).detach().clone()
         bias = module.bias.detach().clone() if module.bias is not None else None
     if base_type is nn.Linear:
         return linear_view(weight, bias)
-    cfg = conv_config(module)
+    cfg = transposed_config(module) if isinstance(module, nn.modules.conv._ConvTransposeNd) else conv_config(module)
     cfg.pop("dim")
     conv = base_type(**cfg, bias=bias is not None, device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
@@ -333,6 +344,13 @@ def conv_config(conv) -> dict:
                 dim=len(conv.kernel_size))
 
 
+def transposed_config(conv) -> dict:
+    """Constructor keywords of a dense transposed conv (without bias), plus ``dim``."""
+    return dict(in_channels=conv.in_channels, out_channels=conv.out_channels, kernel_size=tuple(conv.kernel_size),
+                stride=tuple(conv.stride), padding=tuple(conv.padding), output_padding=tuple(conv.output_padding),
+                groups=conv.groups, dilation=tuple(conv.dilation), dim=len(conv.kernel_size))
+
+
 def linear_config(linear) -> dict:
     """Constructor keywords of a dense Linear (without bias)."""
     return dict(in_features=linear.in_features, out_features=linear.out_features)
@@ -373,4 +391,4 @@ __all__ = ["LayerKind", "register_layer_kind", "kind_of", "candidate_types", "is
            "standard_layer", "standard_type", "functional", "kind_name", "linear_view", "layer_label", "layer_kind",
            "conv_config", "linear_config", "dense_config", "conv_padding", "pad_input", "pad_like", "registered_kind",
            "registered_kinds", "check_dense_equivalent", "legacy_reparametrization", "plain_copy",
-           "unfactorizable_weights", "unfactorizable_note"]
+           "unfactorizable_weights", "unfactorizable_note", "transposed_config", "effective_weight"]

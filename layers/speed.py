@@ -13,7 +13,8 @@ With ``optimize="speed"``, after decomposing as asked, :func:`optimize_for_speed
 1. builds rank candidates near the rank the spec gave -- the same rounding applied to
    every mode: the nearest multiple of 8 (at least 8), the rank itself, and the
    multiples of 8, 16, 32 and 64 just below and above, those kept only within
-   ``[0.8 r, 1.25 r]`` of that mode's rank ``r`` (GEMM/conv kernels run full vector widths on such multiples; which
+   ``[0.8 r, 1.25 r]`` of that mode's rank ``r``, and none whose layer would hold more parameters than the dense
+   one (GEMM/conv kernels run full vector widths on such multiples; which
    one a given shape likes is measured, not assumed: a k x 1 conv can run 2x slower at
    rank 104 than at 113);
 2. crosses them with the module's forward implementations (``module.implementations``:
@@ -148,15 +149,16 @@ def _with_rank(module, rank):
         return None
 
 
-def _variants(module, tune_rank: bool) -> dict:
-    """``{(rank, implementation): module}`` to time (module docstring, steps 1-2)."""
+def _variants(module, tune_rank: bool, max_params: int) -> dict:
+    """``{(rank, implementation): module}`` to time (module docstring, steps 1-2); a candidate rank other than the
+    built one whose layer would hold more than ``max_params`` parameters (the dense layer's) is not offered."""
     rank = getattr(module, "rank", None)
     ranks = rank_candidates(rank) if tune_rank and rank is not None and hasattr(module, "config") else [rank]
     impls = tuple(getattr(module, "implementations", ())) or (getattr(module, "implementation", None),)
     variants = {}
     for r, impl in itertools.product(ranks, impls):
         twin = _with_rank(module, r)
-        if twin is None:
+        if twin is None or (r != rank and sum(p.numel() for p in twin.parameters()) > max_params):
             continue
         if impl is not None and len(impls) > 1:
             twin = copy.copy(twin)  # shallow: shares the parameters, own implementation flag
@@ -183,7 +185,7 @@ def optimize_for_speed(module, layer, *, optimize=None, input_shape=None, on_slo
     if optimize is None:
         return module
     shape = default_input_shape(layer, input_shape, context)
-    variants = _variants(module, tune_rank=rebuild is not None)
+    variants = _variants(module, tune_rank=rebuild is not None, max_params=sum(p.numel() for p in layer.parameters()))
     x = _random_input(layer, shape)
     dense = copy.deepcopy(layer)
     times = time_modules({"dense": dense, **variants}, x)

@@ -36,7 +36,7 @@ from decomp_toolkit.decomp._backend import all_finite
 from ._accounting import conv_transpose_macs
 from .base import FactorizedChain, FactorizedLayer
 from .errors import UnsupportedLayerError
-from .kinds import STANDARD_TYPES, layer_label, legacy_reparametrization
+from .kinds import STANDARD_TYPES, layer_label, legacy_reparametrization, plain_copy, transposed_config
 from .speed import SPEED_OPTIONS, optimize_for_speed
 
 TRANSPOSED_TYPES = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -48,13 +48,6 @@ DATA_AWARE_KEYS = ("gram", "input_mean", "calibration", "center")
 def is_transposed(module) -> bool:
     """True for an ``nn.ConvTranspose1d/2d/3d`` (or a subclass)."""
     return isinstance(module, nn.modules.conv._ConvTransposeNd)
-
-
-def transposed_config(conv) -> dict:
-    """Constructor keywords of a dense transposed conv (without bias), plus ``dim``."""
-    return dict(in_channels=conv.in_channels, out_channels=conv.out_channels, kernel_size=tuple(conv.kernel_size),
-                stride=tuple(conv.stride), padding=tuple(conv.padding), output_padding=tuple(conv.output_padding),
-                groups=conv.groups, dilation=tuple(conv.dilation), dim=len(conv.kernel_size))
 
 
 def adjoint_conv(conv) -> nn.Module:

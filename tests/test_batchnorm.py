@@ -43,13 +43,23 @@ def _sequential():
                                        nn.Conv2d(12, 12, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(12)))
 
 
+def _generator():
+    """A DCGAN-style decoder: transposed convs (one grouped, one without bias) each followed by BatchNorm."""
+    torch.manual_seed(0)
+    return _randomize_bn(nn.Sequential(nn.ConvTranspose2d(3, 12, 4, stride=2, padding=1, bias=False),
+                                       nn.BatchNorm2d(12), nn.ReLU(),
+                                       nn.ConvTranspose2d(12, 8, 4, stride=2, padding=1, groups=4), nn.BatchNorm2d(8),
+                                       nn.ReLU(), nn.Conv2d(8, 3, 3, padding=1)))
+
+
 def test_pairs_fx_and_sequential():
     assert conv_bn_pairs(_randomize_bn(_Block())) == [("conv1", "bn1"), ("conv2", "bn2")]
     assert conv_bn_pairs(_sequential()) == [("0", "1")]  # the ReLU between conv 3 and BN 5 breaks the pair
+    assert conv_bn_pairs(_generator()) == [("0", "1"), ("3", "4")]
 
 
 @pytest.mark.parametrize("transform", [fold_batchnorm, scale_for_batchnorm])
-@pytest.mark.parametrize("build", [_Block, _sequential])
+@pytest.mark.parametrize("build", [_Block, _sequential, _generator])
 def test_exact_in_eval_mode(transform, build):
     model = _randomize_bn(build()) if build is _Block else build()
     x = torch.randn(2, model.conv1.in_channels if build is _Block else 3, 9, 7)
@@ -90,6 +100,28 @@ def test_bn_aware_weighs_channels_by_bn_scale():
         err_aware = float((aware(x) - reference).norm() / reference.norm())
     assert err_aware < 1e-2 < err_plain
     assert any("bn_aware" in n and "1 into 0" in n for n in report.notes)
+
+
+@pytest.mark.parametrize("method", ["svd", "tucker"])
+def test_bn_aware_weighs_the_channels_of_a_transposed_conv_by_bn_scale(method):
+    """The transposed twin: the BN after ConvTranspose2d amplifies output channel 1 1000x; rank 1 keeps it."""
+    conv, bn = nn.ConvTranspose2d(4, 2, 1, bias=False), nn.BatchNorm2d(2)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([[1.0, 0], [0, 0.5], [0, 0], [0, 0]])[:, :, None, None])   # (C_in, C_out)
+        bn.weight.copy_(torch.tensor([1e-3, 1.0]))
+    model = nn.Sequential(conv, bn).eval()
+    x = torch.randn(8, 4, 3, 3)
+    rank = 1 if method == "svd" else (1, 1)
+    with torch.no_grad():
+        reference = model(x)
+        plain, _ = compress(model, method=method, rank=rank, bn_aware=False, progress=False)
+        aware, report = compress(model, method=method, rank=rank, progress=False)
+        err_plain = float((plain(x) - reference).norm() / reference.norm())
+        err_aware = float((aware(x) - reference).norm() / reference.norm())
+    assert err_aware < 1e-2 < err_plain
+    assert any("bn_aware" in n and "1 into 0" in n for n in report.notes)
+    folded, report = compress(model, method=method, rank=rank, fold_bn=True, progress=False)
+    assert isinstance(folded[1], nn.Identity) and any(n.startswith("fold_bn: folded 1") for n in report.notes)
 
 
 def test_compress_fold_bn_reports_and_counts():

@@ -74,6 +74,24 @@ def test_lift_layers_restores_modules_with_the_same_outputs(files):
     torch.testing.assert_close(loaded.model(X), model(X), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("make, shape", [
+    (lambda: nn.ConvTranspose1d(4, 6, 8, stride=4, padding=2, output_padding=1), (2, 4, 9)),
+    (lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2, dilation=2), (2, 4, 5, 7)),
+    (lambda: nn.ConvTranspose3d(4, 6, 2, stride=2, bias=False), (1, 4, 3, 4, 5)),
+])
+def test_lift_layers_restores_transposed_convs(make, shape):
+    torch.manual_seed(0)
+    model, x = nn.Sequential(make(), nn.ReLU()).eval(), torch.randn(shape)
+    gm = torch.export.export(model, (x,)).module()
+    assert model_io.lift_layers(gm) == ["0"]
+    lifted, original = gm.get_submodule("0"), model[0]
+    assert type(lifted) is type(original)
+    for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "output_padding", "groups",
+                 "dilation"):
+        assert getattr(lifted, attr) == getattr(original, attr), attr
+    torch.testing.assert_close(gm(x), model(x), rtol=0, atol=1e-6)
+
+
 def test_lift_layers_skips_weights_used_elsewhere():
     class Tied(nn.Module):
         def __init__(self):

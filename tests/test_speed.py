@@ -127,6 +127,15 @@ def test_a_rank_the_layer_cannot_take_is_skipped(fake):
     _same_function(module, torch.randn(1, 6, 5, 5))
 
 
+def test_no_candidate_holds_more_parameters_than_the_dense_layer(fake):
+    fake.cost = lambda rank, impl: 0.1 if rank == 8 else 1.0   # rank 8 would be the fastest
+    dense = nn.Linear(12, 12)   # 156 parameters; rank 8 would hold 204
+    module = decompose(dense, method="svd", rank=2, optimize="speed", input_shape=(64, 12))
+    assert module.rank == 2 and list(speed_info(module)["candidates"]) == ["rank=2"]
+    roomy = decompose(nn.Linear(40, 40), method="svd", rank=6, optimize="speed", input_shape=(64, 40))
+    assert roomy.rank == 8   # 8 * 80 + 40 = 680 <= 1,640
+
+
 def test_optimize_speed_picks_the_fastest_implementation(fake):
     torch.manual_seed(0)
     fake.cost = lambda rank, impl: 0.5 if impl == "fused" else 1.0

@@ -320,3 +320,34 @@ def test_sequential_compression_keeps_transposed_convs_dense_with_the_reason():
     assert type(small.up) is nn.ConvTranspose2d
     assert "transposed convolutions have no data-aware fit" in status["up"]
     assert copy.deepcopy(small)(batches[0]).shape == model(batches[0]).shape
+
+
+REPARAMETRIZED = {
+    "weight_norm": lambda m: nn.utils.parametrizations.weight_norm(m),
+    "spectral_norm": lambda m: nn.utils.parametrizations.spectral_norm(m),
+    "legacy weight_norm": lambda m: nn.utils.weight_norm(m),
+    "legacy spectral_norm": lambda m: nn.utils.spectral_norm(m),
+}
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")
+@pytest.mark.parametrize("how", sorted(REPARAMETRIZED))
+@pytest.mark.parametrize("layer", ["transposed", "conv", "linear"])
+def test_compress_decomposes_reparametrized_layers_from_their_effective_weight(how, layer):
+    torch.manual_seed(0)
+    make = {"transposed": lambda: nn.ConvTranspose2d(16, 8, 4, stride=2, padding=1),
+            "conv": lambda: nn.Conv2d(16, 8, 3), "linear": lambda: nn.Linear(16, 8)}[layer]
+    model = nn.Sequential(REPARAMETRIZED[how](make()), nn.ReLU()).eval()
+    x = torch.randn(2, 16) if layer == "linear" else torch.randn(2, 16, 7, 7)
+    with torch.no_grad():   # the eval-mode weight (spectral norm: no power iteration), as the model computes it
+        plain, expected = make(), model[0](x)   # the forward sets a legacy hook's .weight
+        plain.weight.copy_(model[0].weight)
+        plain.bias.copy_(model[0].bias)
+        torch.testing.assert_close(plain(x), expected)
+    saved = snapshot(model)
+    small, report = compress(model, method="svd", rank=3, progress=False)
+    assert_unchanged(model, saved)
+    assert report.layers[0].status == "replaced" and report.layers[0].rank == 3
+    with torch.no_grad():
+        torch.testing.assert_close(small[0](x), decompose(plain, "svd", rank=3)(x), rtol=1e-5, atol=1e-5)
+    assert report.model_params_after == sum(p.numel() for p in small.parameters())

@@ -2,8 +2,8 @@
 
 ``compress`` walks ``nn.Linear`` / ``nn.ConvNd`` modules. A ``torch.export`` program (and a
 TorchScript module, converted to one) has none: its layers are ``aten.linear`` /
-``aten.conv*`` calls on parameter attributes. :func:`lift_layers` turns each such call
-back into a real ``nn.Linear`` / ``nn.ConvNd`` submodule (sharing the same parameter
+``aten.conv*`` / ``aten.conv_transpose*`` calls on parameter attributes. :func:`lift_layers` turns each such call
+back into a real ``nn.Linear`` / ``nn.ConvNd`` / ``nn.ConvTransposeNd`` submodule (sharing the same parameter
 tensors, named after them: ``features.0.weight`` -> module ``features.0``), so that the
 program's ``.module()`` can be compressed like any eager model and exported again with
 the same example inputs.
@@ -123,7 +123,21 @@ def _aten():
         overload = getattr(getattr(ops, name), "padding", None)
         if overload is not None:
             convs[overload] = n
+    for n in (1, 2, 3):   # conv_transposeNd(input, weight, bias, stride, padding, output_padding, groups, dilation)
+        packet = getattr(ops, f"conv_transpose{n}d")
+        for overload in packet.overloads():   # 1-D: "default", 2-D / 3-D: "input"
+            convs[getattr(packet, overload)] = -n
     return ops.linear.default, convs, ops.convolution.default
+
+
+def _conv_transpose_call(args, dims):
+    """``(kind, dims, x, w, b, kwargs)`` of an ``aten.conv_transposeNd`` call (defaults per torch's signature)."""
+    defaults = [1, 0, 0, 1, 1]   # stride, padding, output_padding, groups, dilation
+    stride, padding, output_padding, groups, dilation = [v if v is not None else d
+                                                         for v, d in zip(args[3:8], defaults)]
+    kw = dict(stride=_tuple(stride, dims), padding=_tuple(padding, dims), output_padding=_tuple(output_padding, dims),
+              groups=int(groups), dilation=_tuple(dilation, dims))
+    return "transposed", dims, args[0], args[1], args[2], kw
 
 
 def _tuple(value, n):
@@ -137,6 +151,8 @@ def _layer_from_call(node, linear_op, conv_ops, convolution_op):
     args = list(node.args) + [None] * 9
     if node.target is linear_op:
         return "linear", None, args[0], args[1], args[2], {}
+    if node.target in conv_ops and conv_ops[node.target] < 0:
+        return _conv_transpose_call(args, -conv_ops[node.target])
     if node.target in conv_ops:
         dims = conv_ops[node.target]
         stride, padding = args[3] if args[3] is not None else 1, args[4] if args[4] is not None else 0
@@ -145,11 +161,11 @@ def _layer_from_call(node, linear_op, conv_ops, convolution_op):
                   padding=padding if isinstance(padding, str) else _tuple(padding, dims))
         return "conv", dims, args[0], args[1], args[2], kw
     if node.target is convolution_op:
-        if args[6]:  # transposed
-            return None
         dims = len(args[3])
         kw = dict(stride=_tuple(args[3], dims), padding=_tuple(args[4], dims), dilation=_tuple(args[5], dims),
                   groups=int(args[8]))
+        if args[6]:   # transposed
+            return "transposed", dims, args[0], args[1], args[2], dict(kw, output_padding=_tuple(args[7], dims))
         return "conv", dims, args[0], args[1], args[2], kw
     return None
 
@@ -161,8 +177,8 @@ def _attr(gm, target):
 
 
 def lift_layers(gm: torch.fx.GraphModule) -> list:
-    """Replace ``aten.linear`` / ``aten.conv*`` calls on parameter attributes by ``nn.Linear`` / ``nn.ConvNd``
-    submodules (in place); returns the lifted module names.
+    """Replace ``aten.linear`` / ``aten.conv*`` / ``aten.conv_transpose*`` calls on parameter attributes by
+    ``nn.Linear`` / ``nn.ConvNd`` / ``nn.ConvTransposeNd`` submodules (in place); returns the lifted module names.
 
     A call is lifted only when its weight (and bias) are ``get_attr`` nodes used by no
     other kind of node, so that replacing the module later cannot break another use.
@@ -191,6 +207,11 @@ def lift_layers(gm: torch.fx.GraphModule) -> list:
                 if weight.dim() != 2:
                     continue
                 module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+            elif kind == "transposed":   # weight (C_in, C_out / groups, *k)
+                in_ch, out_per_group, *kernel = weight.shape
+                cls = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[dims]
+                module = cls(in_ch, out_per_group * conv_kw["groups"], tuple(kernel), bias=bias is not None,
+                             device="meta", **conv_kw)
             else:
                 out_ch, in_per_group, *kernel = weight.shape
                 cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
