@@ -13,9 +13,9 @@ import glob
 import numpy as np
 
 from decomp_toolkit.layers import available_methods, compress
-from decomp_toolkit.layers.kinds import layer_kind
+from decomp_toolkit.layers.kinds import kind_of
 
-from .spectra import LAYER_TYPES
+from .spectra import as_standard, named_layers
 from .tables import Table
 
 SPECS = ("energy", "ratio", "tol", "rank")
@@ -54,7 +54,7 @@ def _select(model, layers) -> list:
     """``[(name, module)]`` of the Linear/Conv layers named (or fnmatch-matched) by ``layers``."""
     import fnmatch
 
-    available = [(n, m) for n, m in model.named_modules() if n and isinstance(m, LAYER_TYPES)]
+    available = [(n, m) for n, m in named_layers(model) if m is not model]
     if not available:
         raise ValueError(f"{type(model).__name__} has no Linear/Conv sub-layer to scan")
     if layers is None:
@@ -74,7 +74,7 @@ def _options_for(method, layer, options) -> dict:
     entry = available_methods().get(method)
     if entry is None:
         raise ValueError(f"unknown method={method!r}; available: {sorted(available_methods())}")
-    accepted = set(entry.options(layer_kind(layer)))
+    accepted = set(entry.options(kind_of(layer).key))
     return {k: v for k, v in options.items() if k in accepted}
 
 
@@ -139,7 +139,7 @@ def sensitivity(model, eval_fn, method: str = "svd", grid=None, layers=None, spe
     columns = table.grid_columns()
     table.columns = ["layer", "type", "shape"] + columns
     for i, (name, layer) in enumerate(chosen):
-        row = dict(layer=name, type=type(layer).__name__, shape=tuple(layer.weight.shape))
+        row = dict(layer=name, type=type(layer).__name__, shape=tuple(as_standard(layer).weight.shape))
         row.update({c: (None if np.isnan(v) else float(v)) for c, v in zip(columns, values[i])})
         table.append(row)
         table.notes += [f"{name} {c}: {s}" for c, s in zip(columns, status[i]) if s != "replaced"]

@@ -6,6 +6,9 @@ rank ``decompose(layer, method="svd", ...)`` picks):
 
 * ``nn.Linear`` / a raw 2-D array: the weight ``(out, in)``;
 * conv, ``scheme="channel"`` (Zhang et al. 2016): per group the ``(N/g, C/g*k*k)`` matrix;
+* transposed conv (``nn.ConvTranspose1d/2d/3d``, weight ``(C_in, C_out/g, k...)``): the matrices of
+  the conv it is the adjoint of (:func:`layers.transposed.adjoint_conv`, ``C_out -> C_in``), the
+  ones ``decompose`` factorizes for it;
 * Conv2d, ``scheme="spatial"`` (Jaderberg et al. 2014): per group the ``(C/g*kh, N/g*kw)``
   matrix ``M[(c, y), (n, x)] = W[n, c, y, x]``;
 * ``modes=True`` (or ``unfoldings=True``): the spectra of the mode-n unfoldings of the
@@ -25,12 +28,14 @@ import torch.nn as nn
 
 from decomp_toolkit.decomp.rank import parse_rank_spec, select_rank
 from decomp_toolkit.layers import count_params
-from decomp_toolkit.layers.kinds import conv_config, linear_config
+from decomp_toolkit.layers.kinds import conv_config, is_supported, linear_config, registered_kind, standard_layer
 from decomp_toolkit.layers.lowrank import SCHEMES, LowRankLinear
+from decomp_toolkit.layers.transposed import adjoint_conv, is_transposed
 
 from .tables import Table
 
-LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+               nn.ConvTranspose3d)
 DEFAULT_THRESHOLDS = (0.8, 0.9, 0.95, 0.99)
 
 
@@ -39,14 +44,26 @@ def _check_scheme(scheme):
         raise ValueError(f"scheme={scheme!r} is not one of {sorted(SCHEMES)}")
 
 
+def as_standard(layer):
+    """The ``nn.Linear`` / ``nn.ConvNd`` / ``nn.ConvTransposeNd`` the svd method sees for ``layer``: the layer
+    itself, the equivalent layer of a kind added with ``register_layer_kind`` (transformers' GPT-2 ``Conv1D``
+    as the Linear of its transposed weight), or None for any other module."""
+    if isinstance(layer, LAYER_TYPES):
+        return layer
+    if isinstance(layer, nn.Module) and registered_kind(layer) is not None and is_supported(layer):
+        return standard_layer(layer)
+    return None
+
+
 def _weight_of(layer_or_weight, groups=None):
     """``(weight float64 cpu tensor, groups, label)`` of a layer or a raw array."""
     if isinstance(layer_or_weight, nn.Module):
-        if not isinstance(layer_or_weight, LAYER_TYPES):
-            raise TypeError(f"spectrum() takes an nn.Linear, nn.Conv1d/2d/3d or an array, "
-                            f"got {type(layer_or_weight).__name__}")
-        weight = layer_or_weight.weight
-        groups = getattr(layer_or_weight, "groups", 1)
+        standard = as_standard(layer_or_weight)
+        if standard is None:
+            raise TypeError(f"spectrum() takes an nn.Linear, nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d, a layer kind "
+                            f"added with register_layer_kind or an array, got {type(layer_or_weight).__name__}")
+        weight = standard.weight
+        groups = getattr(standard, "groups", 1)
         label = f"{type(layer_or_weight).__name__} weight {tuple(weight.shape)}"
     else:
         weight = layer_or_weight if isinstance(layer_or_weight, torch.Tensor) else torch.as_tensor(
@@ -105,7 +122,8 @@ def spectrum(layer_or_weight, scheme: str = "channel", *, modes=None, unfoldings
     if unfoldings and modes is None:
         modes = True
     if modes is not None:
-        weight = layer_or_weight.weight if isinstance(layer_or_weight, nn.Module) else layer_or_weight
+        standard = as_standard(layer_or_weight) if isinstance(layer_or_weight, nn.Module) else None
+        weight = standard.weight if standard is not None else layer_or_weight
         return unfolding_spectra(weight, modes)
     s = torch.linalg.svdvals(svd_matrix(layer_or_weight, scheme, groups)).numpy()
     return s[0] if s.shape[0] == 1 else s
@@ -122,10 +140,11 @@ def energy_curve(s) -> np.ndarray:
 
 
 def named_layers(model) -> list:
-    """``[(dotted name, module)]`` of the Linear/Conv layers of ``model`` (the model itself if it is one)."""
-    if isinstance(model, LAYER_TYPES):
+    """``[(dotted name, module)]`` of the Linear/Conv layers of ``model`` (the model itself if it is one):
+    every module :func:`as_standard` maps to a plain layer, registered kinds included."""
+    if as_standard(model) is not None:
         return [(type(model).__name__, model)]
-    return [(name, m) for name, m in model.named_modules() if name and isinstance(m, LAYER_TYPES)]
+    return [(name, m) for name, m in model.named_modules() if name and as_standard(m) is not None]
 
 
 def spectra(model, scheme: str = "channel", *, modes=None) -> dict:
@@ -149,8 +168,11 @@ def spectra(model, scheme: str = "channel", *, modes=None) -> dict:
 
 def _not_applicable(layer, scheme) -> str | None:
     """Why the svd method cannot factorize ``layer`` with ``scheme`` (None if it can)."""
+    layer = as_standard(layer)
     if isinstance(layer, nn.Linear):
         return None
+    if is_transposed(layer):
+        return _not_applicable(adjoint_conv(layer), scheme)
     if scheme == "spatial" and len(layer.kernel_size) != 2:
         return "scheme='spatial' applies to Conv2d only"
     if scheme == "channel" and layer.groups > 1 and layer.in_channels // layer.groups == 1:
@@ -164,7 +186,10 @@ def svd_layer_params(layer, rank: int, scheme: str = "channel") -> int:
     Read off the real module class (LowRankLinear / LowRankConv / SpatialLowRankConv)
     built on the ``meta`` device, so it is exactly ``decompose(layer, "svd", rank=rank).num_params``.
     """
+    layer = as_standard(layer)
     bias = layer.bias is not None
+    if is_transposed(layer):  # the adjoint's factors (no bias) + the transposed conv's own bias
+        return svd_layer_params(adjoint_conv(layer), rank, scheme) + (layer.out_channels if bias else 0)
     if isinstance(layer, nn.Linear):
         module = LowRankLinear(**linear_config(layer), rank=rank, bias=bias, device="meta")
     else:
@@ -180,7 +205,7 @@ def _label(t) -> str:
 def energy_table(model, thresholds=DEFAULT_THRESHOLDS, scheme: str = "channel") -> Table:
     """Rank and parameters needed per layer to keep each energy fraction (svd method).
 
-    One row per Linear/Conv layer: ``name``, ``type``, ``shape``, ``max_rank``,
+    One row per Linear/Conv/ConvTranspose layer: ``name``, ``type``, ``shape``, ``max_rank``,
     ``dense_params`` (weight + bias), then for each threshold ``t`` the columns
     ``rank@t`` (the rank ``decompose(layer, "svd", energy=t, scheme=scheme)`` picks: the same
     rule, :func:`decomp.rank.select_rank`) and ``params@t`` (that module's ``num_params``,
@@ -191,7 +216,7 @@ def energy_table(model, thresholds=DEFAULT_THRESHOLDS, scheme: str = "channel") 
     specs = [parse_rank_spec(energy=t, context="energy_table threshold") for t in thresholds]
     rows, notes, over = [], [], []
     for name, layer in named_layers(model):
-        row = dict(name=name, type=type(layer).__name__, shape=tuple(layer.weight.shape), max_rank=None,
+        row = dict(name=name, type=type(layer).__name__, shape=tuple(as_standard(layer).weight.shape), max_rank=None,
                    dense_params=count_params(layer))
         reason = _not_applicable(layer, scheme)
         if reason:
@@ -219,4 +244,4 @@ def energy_table(model, thresholds=DEFAULT_THRESHOLDS, scheme: str = "channel") 
 
 
 __all__ = ["spectrum", "spectra", "svd_matrix", "unfolding_spectra", "energy_curve", "energy_table",
-           "named_layers", "svd_layer_params", "LAYER_TYPES"]
+           "named_layers", "svd_layer_params", "as_standard", "LAYER_TYPES"]

@@ -35,11 +35,11 @@ from ._modules import (FUSED_READER_REASON, carry_hooks, check_patterns, eval_mo
                        note_fused_fast_path_off, owners_of_parameters, set_submodule, tied_names, tied_reason)
 from .decompose import WorseThanZeroWarning, decompose, worse_than_zero
 from .errors import UnsupportedLayerError
-from .kinds import (TRANSPOSED_REASON, check_dense_equivalent, is_candidate, kind_of, legacy_reparametrization, plain_copy,
-                    registered_kinds, unfactorizable_note)
+from .kinds import (TRANSPOSED_REASON, check_dense_equivalent, is_candidate, kind_of, legacy_reparametrization,
+                    registered_kinds, unfactorizable_note, without_reparametrization)
 from .report import LayerRecord, Report
 from .speed import check_speed
-from .transposed import TRANSPOSED_TYPES, budget_profile_of, is_transposed
+from .transposed import budget_profile_of, is_transposed
 SPEC_NAMES = ("rank", "energy", "tol", "ratio")
 # options compress itself (or its calibration / speed plumbing) consumes, valid for every method
 PLUMBING_OPTIONS = {"gram", "input_mean", "calibration", "center", "shrinkage", "optimize", "input_shape",
@@ -153,10 +153,7 @@ def _dense_equivalent(module, label):
             dense = row.dense(module)
         check_dense_equivalent(module, dense, label)
         return dense
-    from torch.nn.utils import parametrize
-    if parametrize.is_parametrized(module) or legacy_reparametrization(module) is not None:
-        return plain_copy(module, TRANSPOSED_TYPES[row.key] if is_transposed(module) else row.standard_type)
-    return module
+    return without_reparametrization(module)
 
 
 def _check_weights(module, name):

@@ -19,7 +19,7 @@ from ._modules import carry_marks
 from .data_aware import DATA_AWARE_OPTIONS, resolve_statistics
 from .errors import UnsupportedLayerError
 from .fit import Fit
-from .kinds import kind_name, layer_kind, layer_label, standard_layer
+from .kinds import kind_name, layer_kind, layer_label, standard_layer, without_reparametrization
 from .registry import available_methods, get_method, methods_for
 from .speed import SPEED_OPTIONS, optimize_for_speed
 from .transposed import decompose_transposed, is_transposed
@@ -82,7 +82,9 @@ def check_request(method, spec: dict, options: dict, context: str = ""):
 def decompose(layer, method: str = "svd", *, rank=None, energy=None, tol=None, ratio=None, name=None, factors=None,
               **options):
     """Replace one ``nn.Linear`` / ``nn.Conv1d/2d/3d`` (or registered layer kind) by its factorized equivalent;
-    an ``nn.ConvTranspose1d/2d/3d`` goes through the conv it is the adjoint of (:mod:`layers.transposed`).
+    an ``nn.ConvTranspose1d/2d/3d`` goes through the conv it is the adjoint of (:mod:`layers.transposed`). A
+    layer with a parametrization (``weight_norm``, ``spectral_norm``, ``torch.nn.utils.parametrize``) is factorized
+    from its effective weight, as its eval-mode forward uses it; the returned layer holds no parametrization.
 
     Pass exactly one of ``rank`` (int, per-mode tuple, or ``"vbmf"``), ``energy``,
     ``tol``, ``ratio`` (see :mod:`decomp.rank`; what each method accepts is in the table
@@ -102,6 +104,7 @@ def decompose(layer, method: str = "svd", *, rank=None, energy=None, tol=None, r
     {methods}
     """
     spec_given = dict(rank=rank, energy=energy, tol=tol, ratio=ratio)
+    layer = without_reparametrization(layer)  # weight_norm / spectral_norm / parametrize: its effective weight
     if is_transposed(layer):   # through the conv it is the adjoint of (layers.transposed)
         if factors is not None:
             raise TypeError(f"{layer_label(layer, name)}: factors= is not supported for transposed convs; pass a "

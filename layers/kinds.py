@@ -223,6 +223,20 @@ def effective_weight(module) -> torch.Tensor:
     return legacy.compute_weight(module) if legacy is not None else module.weight
 
 
+PLAIN_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def without_reparametrization(module):
+    """``module`` itself, or, for a Linear / ConvNd / ConvTransposeNd with a ``torch.nn.utils.parametrize``
+    parametrization or a legacy ``weight_norm`` / ``spectral_norm`` hook, a plain layer of its base type holding its
+    effective weight (:func:`plain_copy`; what its eval-mode forward computes). ``module`` is not modified."""
+    if not isinstance(module, PLAIN_TYPES):
+        return module
+    if not (parametrize.is_parametrized(module) or legacy_reparametrization(module) is not None):
+        return module
+    return plain_copy(module, next(t for t in PLAIN_TYPES if isinstance(module, t)))
+
+
 def plain_copy(module, base_type):
     """A plain ``base_type`` layer (a Linear, ConvNd or ConvTransposeNd) holding ``module``'s effective weight and bias
     (:func:`effective_weight`)."""

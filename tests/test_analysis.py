@@ -331,3 +331,49 @@ def test_plots_name_the_extra_when_matplotlib_is_missing(net, monkeypatch):
     with pytest.raises(ImportError, match=r"pip install decomp-toolkit\[plots\]"):
         plot_energy(net)
     assert math.isfinite(energy_table(net)[0]["dense_params"])  # the rest works without matplotlib
+
+
+# ---------------------------------------------------------------- layer kinds beyond Linear / ConvNd
+
+class KindsNet(nn.Module):
+    """GPT-2's Conv1D (weight (in, out)) and transposed convs, plain and grouped: layers compress factorizes."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+        self.attn = Conv1D(12, 8)
+        self.up = nn.ConvTranspose2d(6, 4, 3, stride=2)
+        self.up_grouped = nn.ConvTranspose2d(4, 8, 2, stride=2, groups=2, bias=False)
+
+    def forward(self, x):
+        return self.up_grouped(self.up(x))
+
+
+@pytest.mark.parametrize("scheme", ["channel", "spatial"])
+def test_energy_table_lists_registered_kinds_and_transposed_convs_as_decompose_sees_them(scheme):
+    pytest.importorskip("transformers")
+    net = _seeded(KindsNet()).double().eval()
+    table = energy_table(net, THRESHOLDS, scheme=scheme)
+    assert [row["name"] for row in table] == ["attn", "up", "up_grouped"]
+    layers = dict(net.named_modules())
+    assert list(table)[0]["shape"] == (12, 8)  # the (out, in) Linear it computes, not Conv1D's (in, out) storage
+    for row in table:
+        layer = layers[row["name"]]
+        assert row["dense_params"] == sum(p.numel() for p in layer.parameters())
+        options = {"scheme": scheme} if row["name"] != "attn" else {}
+        for t in THRESHOLDS:
+            small = decompose(layer, "svd", energy=t, **options)
+            assert (row[f"rank@{t:g}"], row[f"params@{t:g}"]) == (small.rank, small.num_params), (row["name"], t)
+    np.testing.assert_allclose(spectrum(net.attn), torch.linalg.svdvals(net.attn.weight.detach().T).numpy(), rtol=1e-12)
+
+
+def test_sensitivity_scans_registered_kinds_and_transposed_convs():
+    pytest.importorskip("transformers")
+    net = _seeded(KindsNet()).eval()
+    x = torch.randn(2, 6, 5, 5)
+    reference = net(x).detach()
+    table = sensitivity(net, lambda m: float((m(x) - reference).norm()), grid=(0.5,), progress=False,
+                        layers=["up*"])
+    assert table.layers == ["up", "up_grouped"]
+    assert all(status == "replaced" for row in table.status for status in row)
+    assert (table.values > 0).all()

@@ -213,8 +213,6 @@ class ForwardOverride(nn.ConvTranspose2d):
     (lambda: nn.ConvTranspose2d(6, 8, 3), dict(method="svd", rank=9), ValueError, r"rank=9 is outside \[1, 6\]"),
     (lambda: ForwardOverride(6, 8, 3), dict(method="svd", rank=2), TypeError,
      r"ForwardOverride overrides forward\(\) of ConvTranspose2d"),
-    (lambda: nn.utils.parametrizations.weight_norm(nn.ConvTranspose2d(6, 8, 3)), dict(method="svd", rank=2),
-     TypeError, r"parametrized layers"),
     (lambda: _nan(nn.ConvTranspose2d(6, 8, 3)), dict(method="tucker", rank=2), ValueError,
      LABEL + r": weight contains NaN or Inf"),
 ])
@@ -333,7 +331,7 @@ REPARAMETRIZED = {
 @pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")
 @pytest.mark.parametrize("how", sorted(REPARAMETRIZED))
 @pytest.mark.parametrize("layer", ["transposed", "conv", "linear"])
-def test_compress_decomposes_reparametrized_layers_from_their_effective_weight(how, layer):
+def test_compress_and_decompose_factorize_reparametrized_layers_from_their_effective_weight(how, layer):
     torch.manual_seed(0)
     make = {"transposed": lambda: nn.ConvTranspose2d(16, 8, 4, stride=2, padding=1),
             "conv": lambda: nn.Conv2d(16, 8, 3), "linear": lambda: nn.Linear(16, 8)}[layer]
@@ -351,3 +349,8 @@ def test_compress_decomposes_reparametrized_layers_from_their_effective_weight(h
     with torch.no_grad():
         torch.testing.assert_close(small[0](x), decompose(plain, "svd", rank=3)(x), rtol=1e-5, atol=1e-5)
     assert report.model_params_after == sum(p.numel() for p in small.parameters())
+    alone = decompose(model[0], "svd", rank=3)   # one layer: the same factorization, no parametrization left
+    assert_unchanged(model, saved)
+    assert not nn.utils.parametrize.is_parametrized(alone) and not alone._forward_pre_hooks
+    with torch.no_grad():
+        torch.testing.assert_close(alone(x), small[0](x), rtol=1e-5, atol=1e-5)
