@@ -83,7 +83,8 @@ def is_kv_cache(value) -> bool:
 
 
 class _WeightReadProbe:
-    """Stands in for a layer during one forward and records whether code outside it reads its ``.weight``."""
+    """Stands in for a layer during one forward and records whether code outside it computes with its ``.weight``
+    (reading its dtype, device or shape is not: a factorized layer's stand-in answers those, :mod:`layers._standin`)."""
 
     def __init__(self, layer):
         self.layer, self.weight_read = layer, False
@@ -92,15 +93,17 @@ class _WeightReadProbe:
         return self.layer(*args, **kwargs)
 
     def __getattr__(self, name):
-        if name == "weight":
-            self.weight_read = True
-        return getattr(self.layer, name)
+        value = getattr(self.layer, name)
+        if name != "weight":
+            return value
+        from ._standin import WeightStandIn
+        return WeightStandIn(tensor=value, on_use=lambda: setattr(self, "weight_read", True))
 
 
 def weight_readers(model, names, run) -> list:
-    """The layers among ``names`` whose ``.weight`` ``model``'s own code reads (not the layer's own forward)
-    during ``run(model)``, such as transformers' T5 feed-forward reading ``wo.weight.dtype``: a factorized
-    replacement has no ``.weight``. Each layer is swapped for a probe in its parent's ``__dict__`` for the one
+    """The layers among ``names`` whose ``.weight`` ``model``'s own code computes with (not the layer's own
+    forward) during ``run(model)`` (nn.MultiheadAttention-style fused forwards; reading ``wo.weight.dtype``
+    as transformers' T5 does is not computing): a factorized replacement has no weight values. Each layer is swapped for a probe in its parent's ``__dict__`` for the one
     run (outputs unchanged), then put back."""
     probes = {}
     for name in names:

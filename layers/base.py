@@ -14,8 +14,9 @@ A factorized layer is an ``nn.Module`` with the call signature of the layer it r
                       (None for a module built directly from its constructor).
 
 The dense layer's configuration reads as on the dense layer (``layer.in_features``, ``conv.stride``:
-``dense_config``). It has no ``weight``: reading it raises an AttributeError that says so (and marks the layer
-``weight_read``, which ``compress`` uses to keep dense the layers a model's own code reads the
+``dense_config``). Its ``weight`` is a :class:`layers._standin.WeightStandIn`: the dense weight's ``dtype``,
+``device`` and ``shape``, and no values: computing with it raises an AttributeError that says so (and marks the
+layer ``weight_read``, which ``compress`` uses to keep dense the layers a model's own code computes with the
 weight of).
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from ._accounting import layer_macs
+from ._standin import dense_weight_stand_in
 from .kinds import standard_type
 
 
@@ -45,13 +47,17 @@ class FactorizedLayer(nn.Module, metaclass=abc.ABCMeta):
         if name != "weight" or any(name in self.__dict__.get(store, ()) for store in
                                    ("_parameters", "_buffers", "_modules")):
             return super().__getattr__(name)
-        # code written for the dense layer (e.g. transformers' T5 reads ``wo.weight.dtype``) cannot run on this one;
-        # ``weight_read`` lets ``compress`` find such layers on its example input and keep them dense
-        self.__dict__["weight_read"] = True
-        raise AttributeError(f"{type(self).__name__}({self.extra_repr()}) has no .weight: it stores factors, and "
-                             f"code that reads layer.weight of the dense layer cannot use it; compress with "
-                             f"example_input= keeps such layers dense (or exclude= it), and dense_weight() / "
-                             f"to_dense() give the reconstructed weight")
+        # code written for the dense layer reads its weight's metadata (transformers' T5: ``wo.weight.dtype``): a
+        # stand-in answers those; any other use raises and marks ``weight_read``, which ``compress`` uses to find
+        # such layers on its example input and keep them dense
+        return dense_weight_stand_in(self, self._no_weight_error)
+
+    def _no_weight_error(self, what) -> AttributeError:
+        return AttributeError(f"{type(self).__name__}({self.extra_repr()}) has no .weight values ({what}): it stores "
+                              f"factors, and code that computes with layer.weight of the dense layer cannot use it; "
+                              f"compress with example_input= keeps such layers dense (or exclude= it), and "
+                              f"dense_weight() / to_dense() give the reconstructed weight (.weight.dtype, .device, "
+                              f".shape answer as the dense layer's)")
 
     @abc.abstractmethod
     def dense_weight(self) -> torch.Tensor:

@@ -120,7 +120,7 @@ def test_layers_too_small_for_the_request_are_kept_dense_with_the_reason():
 
 
 class _ReadsWeight(nn.Module):
-    """A block whose forward reads ``out.weight.dtype``, as transformers' T5 feed-forward does."""
+    """A block whose forward computes with ``out.weight`` (a tied-style product), which no factorized layer holds."""
 
     def __init__(self):
         super().__init__()
@@ -128,7 +128,24 @@ class _ReadsWeight(nn.Module):
         self.inner, self.out = nn.Linear(32, 64), nn.Linear(64, 32)
 
     def forward(self, x):
-        return self.out(torch.relu(self.inner(x)).to(self.out.weight.dtype))
+        h = torch.relu(self.inner(x))
+        return self.out(h) + 0.1 * nn.functional.linear(h, self.out.weight)
+
+
+class _ReadsWeightMetadata(nn.Module):
+    """A block whose forward reads ``out.weight.dtype`` / ``.device`` / ``.shape``, as transformers' T5 feed-forward
+    and CLIP's patch embedding do."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner, self.out = nn.Linear(32, 64), nn.Linear(64, 32)
+
+    def forward(self, x):
+        weight = self.out.weight
+        h = torch.relu(self.inner(x)).to(dtype=weight.dtype, device=weight.device)
+        assert h.shape[-1] == weight.shape[1] and weight.ndim == 2 and weight.size(0) == 32
+        return self.out(h)
 
 
 def test_layers_whose_weight_the_model_reads_are_kept_dense_when_an_example_input_is_given():
@@ -140,8 +157,25 @@ def test_layers_whose_weight_the_model_reads_are_kept_dense_when_an_example_inpu
     assert any("reads their .weight: out" in note for note in report.notes)
     small(x)
     blind, _ = compress(model, method="svd", ratio=0.5, progress=False, time_layers=False)
-    with pytest.raises(AttributeError, match=r"LowRankLinear\(.*\) has no \.weight.*example_input="):
+    with pytest.raises(AttributeError, match=r"LowRankLinear\(.*\) has no \.weight values \(linear.*example_input="):
         blind(x)
+
+
+@pytest.mark.parametrize("example", [False, True])
+def test_layers_whose_weight_metadata_the_model_reads_are_factorized_and_run(example):
+    model, x = _ReadsWeightMetadata().eval(), torch.randn(4, 32)
+    small, report = compress(model, method="svd", ratio=0.5, example_input=x if example else None, progress=False,
+                             time_layers=False)
+    assert all(r.replaced for r in report.layers) and not any(".weight" in note for note in report.notes)
+    weight = small.out.weight
+    assert (weight.dtype, weight.device, tuple(weight.shape)) == (torch.float32, x.device, (32, 64))
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), small.out(small.inner(x).relu()))
+    exported = torch.export.export(small, (x,)).module()   # the metadata reads trace as constants
+    torch.testing.assert_close(exported(x), small(x))
+    small_seq, report = compress_sequential(model, x, ratio=0.5, blocks=[""], progress=False)
+    assert all(r.replaced for r in report.layers)
+    small_seq(x)
 
 
 def _tiny_decoder(kind):
@@ -264,3 +298,17 @@ def test_falcon_linear_layers_are_compressed_by_both_entry_points():
     assert seq_report.model_params_after == sum(p.numel() for p in paired.parameters())
     with torch.no_grad():
         assert torch.isfinite(paired(input_ids=ids).logits).all() and torch.isfinite(small(input_ids=ids).logits).all()
+
+
+def test_clip_vision_compresses_its_patch_embedding_whose_weight_dtype_it_reads():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.CLIPVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        intermediate_size=64, image_size=32, patch_size=8)
+    model, pixels = transformers.CLIPVisionModel(cfg).eval(), torch.randn(2, 3, 32, 32)
+    small, report = compress(model, method="svd", ratio=0.5, progress=False, time_layers=False)
+    records = {r.name: r for r in report.layers}
+    assert records["embeddings.patch_embedding"].replaced
+    assert report.model_params_after == sum(p.numel() for p in small.parameters()) < report.model_params_before
+    with torch.no_grad():
+        assert torch.isfinite(small(pixel_values=pixels).last_hidden_state).all()
