@@ -29,22 +29,25 @@ class WeightStandIn:
     __slots__ = ("_meta", "_tensor", "_on_use", "_explain")
 
     def __init__(self, meta=None, *, tensor=None, on_use=None, explain=None):
-        """``meta``: ``(meta-device tensor of the dense weight's shape, dtype and requires_grad, real device)``
-        (stand-in form), or ``tensor``: the real weight (probe form); ``on_use()`` is called on any
-        non-metadata use; ``explain(what)`` returns the error raised then (stand-in form)."""
+        """``meta``: ``(shape, dtype, device, requires_grad)`` of the dense weight (stand-in form), or ``tensor``:
+        the real weight (probe form); ``on_use()`` is called on any non-metadata use; ``explain(what)`` returns
+        the error raised then (stand-in form)."""
         self._meta, self._tensor, self._on_use, self._explain = meta, tensor, on_use, explain
 
     def _metadata(self, name):
         if self._tensor is not None:
             return getattr(self._tensor, name)
-        meta, device = self._meta
-        if name == "device":
-            return device
-        if name in ("is_cuda", "is_meta"):
-            return device.type == ("cuda" if name == "is_cuda" else "meta")
-        if name == "get_device":
-            return lambda: device.index if device.type != "cpu" else -1
-        return getattr(meta, name)
+        shape, dtype, device, requires_grad = self._meta
+        values = dict(dtype=dtype, device=device, shape=shape, ndim=len(shape), requires_grad=requires_grad,
+                      is_cuda=device.type == "cuda", is_meta=device.type == "meta", is_sparse=False,
+                      layout=torch.strided)
+        if name in values:
+            return values[name]
+        methods = dict(size=lambda dim=None: shape if dim is None else shape[dim], dim=lambda: len(shape),
+                       numel=shape.numel, is_floating_point=lambda: dtype.is_floating_point,
+                       is_complex=lambda: dtype.is_complex, element_size=lambda: dtype.itemsize,
+                       get_device=lambda: device.index if device.type != "cpu" else -1)
+        return methods[name]
 
     def _used(self, what):
         if self._on_use is not None:
@@ -87,13 +90,16 @@ for _name in _OPERATORS:
 
 
 def dense_weight_stand_in(layer, explain) -> WeightStandIn:
-    """The :class:`WeightStandIn` of factorized ``layer`` (a FactorizedLayer): the dense weight's shape, the
-    dtype and device of its first floating-point parameter; ``explain(what)`` builds the error of a use."""
+    """The :class:`WeightStandIn` of factorized ``layer`` (a FactorizedLayer): the dense weight's shape (worked out
+    once per layer), the dtype, device and requires_grad of its first floating-point parameter; ``explain(what)``
+    builds the error of a use."""
+    shape = layer.__dict__.get("_dense_weight_shape")
+    if shape is None:
+        shape = layer.dense_type(**layer._dense_kwargs(), bias=False, device="meta").weight.shape
+        layer.__dict__["_dense_weight_shape"] = shape
     floating = next((p for p in layer.parameters() if p.is_floating_point()), None)
-    dtype = floating.dtype if floating is not None else torch.get_default_dtype()
-    device = floating.device if floating is not None else torch.device("cpu")
-    shape = layer.dense_type(**layer._dense_kwargs(), bias=False, device="meta").weight.shape
-    meta = torch.empty(shape, dtype=dtype, device="meta").requires_grad_(
-        floating is not None and floating.requires_grad)
-    return WeightStandIn((meta, device), on_use=lambda: layer.__dict__.__setitem__("weight_read", True),
-                         explain=explain)
+    if floating is None:
+        meta = (shape, torch.get_default_dtype(), torch.device("cpu"), False)
+    else:
+        meta = (shape, floating.dtype, floating.device, floating.requires_grad)
+    return WeightStandIn(meta, on_use=lambda: layer.__dict__.__setitem__("weight_read", True), explain=explain)
