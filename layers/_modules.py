@@ -103,8 +103,8 @@ class _WeightReadProbe:
 def weight_readers(model, names, run) -> list:
     """The layers among ``names`` whose ``.weight`` ``model``'s own code computes with (not the layer's own
     forward) during ``run(model)`` (nn.MultiheadAttention-style fused forwards; reading ``wo.weight.dtype``
-    as transformers' T5 does is not computing): a factorized replacement has no weight values. Each layer is swapped for a probe in its parent's ``__dict__`` for the one
-    run (outputs unchanged), then put back."""
+    as transformers' T5 does is not computing): a factorized replacement has no weight values. Each layer is
+    swapped for a probe in its parent's ``__dict__`` for the one run (outputs unchanged), then put back."""
     probes = {}
     for name in names:
         parent_name, _, child = name.rpartition(".")

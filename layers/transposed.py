@@ -36,7 +36,7 @@ from decomp_toolkit.decomp._backend import all_finite
 from ._accounting import conv_transpose_macs
 from .base import FactorizedChain, FactorizedLayer
 from .errors import UnsupportedLayerError
-from .kinds import STANDARD_TYPES, layer_label, legacy_reparametrization, plain_copy, transposed_config
+from .kinds import STANDARD_TYPES, layer_label, legacy_reparametrization, transposed_config
 from .speed import SPEED_OPTIONS, optimize_for_speed
 
 TRANSPOSED_TYPES = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}

@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from decomp_toolkit.layers.transposed import TRANSPOSED_TYPES
+
 from ..zoo import ZOO, ZooEntry
 
 FORMATS = ("export", "torchscript", "pickle")
@@ -209,7 +211,7 @@ def lift_layers(gm: torch.fx.GraphModule) -> list:
                 module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
             elif kind == "transposed":   # weight (C_in, C_out / groups, *k)
                 in_ch, out_per_group, *kernel = weight.shape
-                cls = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[dims]
+                cls = TRANSPOSED_TYPES[dims]
                 module = cls(in_ch, out_per_group * conv_kw["groups"], tuple(kernel), bias=bias is not None,
                              device="meta", **conv_kw)
             else:
